@@ -200,7 +200,249 @@ async def _as_coroutine(awaitable):
 # 2. Values: the codec
 # ###########################################################################################
 
-# (filled in below)
+# What travels is JSON in the 0.3.7 layout: basic values as they are, lists, dicts, and any
+# other object as the dict of its public attributes.  Types that JSON loses (tuple, set,
+# bytes, dates, Decimal, UUID, registered classes) are sent in that degraded JSON form too,
+# so a 0.3.7 peer reads them as lists, strings and dicts, and beside it goes a list of
+# "type notes" (path, tag) that lets an mconnector peer restore them.  Notes come children
+# first, so that restoring a note never has to look inside an already restored value.
+# Nothing is unpickled or evaluated: a note can only build the fixed types below or a class
+# that the receiving side registered itself.
+
+_PLAIN = (str, int, float, bool, type(None))
+_MAX_DEPTH = 200
+_registry = {}           # name -> class, for classes restored by type notes
+_registered_names = {}   # class -> name
+
+
+def register(cls, name=None):
+    """Let instances of `cls` travel as themselves between mconnector peers.
+
+    Both sides register the class under the same name (default: its ``__qualname__``).
+    Unregistered objects still travel, as the dict of their public attributes (0.3.7).
+    Can be used as a class decorator.  Returns `cls`.
+    """
+    if not isinstance(cls, type):
+        raise TypeError('register() takes a class, got %r' % (cls,))
+    name = name or cls.__qualname__
+    _registry[name] = cls
+    _registered_names[cls] = name
+    return cls
+
+
+def _public_attributes(obj):
+    """The 0.3.7 view of an object: names from dir() without dunders or methods."""
+    out = {}
+    for name in dir(obj):
+        if name.startswith('__'):
+            continue
+        try:
+            value = getattr(obj, name)
+        except Exception:       # a property that raises is left out, as 0.3.7 would fail
+            continue
+        if not callable(value):
+            out[name] = value
+    return out
+
+
+def _instance_state(obj):
+    try:
+        return dict(vars(obj))
+    except TypeError:           # __slots__ classes have no __dict__
+        return {n: getattr(obj, n) for n in _slot_names(type(obj)) if hasattr(obj, n)}
+
+
+def _slot_names(cls):
+    names = []
+    for klass in cls.__mro__:
+        slots = klass.__dict__.get('__slots__', ())
+        names.extend([slots] if isinstance(slots, str) else slots)
+    return [n for n in names if n not in ('__dict__', '__weakref__')]
+
+
+def to_wire(value, notes=None):
+    """Return `value` as JSON-ready data; append type notes to `notes` when it is a list.
+
+    Raises CodecError for values that cannot travel (cycles, over-deep nesting).
+    """
+    try:
+        return _encode(value, notes, (), 0)
+    except RecursionError:
+        raise CodecError('value nested too deeply to encode') from None
+
+
+def _encode(value, notes, path, depth):
+    kind = type(value)
+    if kind in _PLAIN_TYPES:
+        return value
+    if depth > _MAX_DEPTH:
+        raise CodecError('value nested deeper than %d levels (a cycle?)' % _MAX_DEPTH)
+    depth += 1
+    if kind is list or kind is tuple:
+        out = [v if type(v) in _PLAIN_TYPES else _encode(v, notes, path + (i,), depth)
+               for i, v in enumerate(value)]
+        if kind is tuple and notes is not None:
+            notes.append([list(path), 'tuple'])
+        return out
+    if kind is dict:
+        return {(k if type(k) is str else _dict_key(k)):
+                (v if type(v) in _PLAIN_TYPES else _encode(v, notes, path + (_dict_key(k),), depth))
+                for k, v in value.items()}
+    if isinstance(value, _PLAIN):          # subclasses: bool, IntEnum, str subclasses
+        return value
+    tag = None
+    if isinstance(value, (set, frozenset)):
+        try:
+            items = sorted(value)
+        except TypeError:
+            items = list(value)
+        out = [_encode(v, notes, path + (i,), depth) for i, v in enumerate(items)]
+        tag = 'frozenset' if isinstance(value, frozenset) else 'set'
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        out = base64.b64encode(bytes(value)).decode('ascii')
+        tag = 'bytes'
+    elif isinstance(value, datetime.datetime):
+        out, tag = value.isoformat(), 'datetime'
+    elif isinstance(value, datetime.date):
+        out, tag = value.isoformat(), 'date'
+    elif isinstance(value, datetime.time):
+        out, tag = value.isoformat(), 'time'
+    elif isinstance(value, datetime.timedelta):
+        out, tag = value.total_seconds(), 'timedelta'
+    elif isinstance(value, decimal.Decimal):
+        out, tag = str(value), 'decimal'
+    elif isinstance(value, uuid.UUID):
+        out, tag = str(value), 'uuid'
+    elif isinstance(value, (list, tuple)):   # subclasses, namedtuples: as plain sequences
+        out = [_encode(v, notes, path + (i,), depth) for i, v in enumerate(value)]
+    elif isinstance(value, dict):
+        out = {_dict_key(k): _encode(v, notes, path + (_dict_key(k),), depth)
+               for k, v in value.items()}
+    else:
+        attributes = _public_attributes(value)
+        out = {k: _encode(v, notes, path + (k,), depth) for k, v in attributes.items()}
+        name = _registered_names.get(type(value))
+        if name is not None and notes is not None:
+            state = _instance_state(value)
+            notes.append([list(path), ['object', name, sorted(state)]])
+            for k in state:
+                if k not in out:        # private or callable state still has to travel
+                    out[k] = _encode(state[k], notes, path + (k,), depth)
+        return out
+    if notes is not None:
+        notes.append([list(path), tag])
+    return out
+
+
+_PLAIN_TYPES = frozenset({str, int, float, bool, type(None)})
+
+
+def _dict_key(key):
+    # JSON keys are strings; json.dumps would turn None/bool/number keys into text anyway,
+    # and fail on others.  Doing it here keeps sorted output possible.
+    if isinstance(key, str):
+        return key
+    if key is None or isinstance(key, (bool, int, float)):
+        return json.dumps(key)
+    return str(key)
+
+
+def _restore_scalar(tag, value):
+    if tag == 'tuple':
+        return tuple(value)
+    if tag == 'set':
+        return set(value)
+    if tag == 'frozenset':
+        return frozenset(value)
+    if tag == 'bytes':
+        return base64.b64decode(value.encode('ascii'), validate=True)
+    if tag == 'datetime':
+        return datetime.datetime.fromisoformat(value)
+    if tag == 'date':
+        return datetime.date.fromisoformat(value)
+    if tag == 'time':
+        return datetime.time.fromisoformat(value)
+    if tag == 'timedelta':
+        return datetime.timedelta(seconds=value)
+    if tag == 'decimal':
+        return decimal.Decimal(value)
+    if tag == 'uuid':
+        return uuid.UUID(value)
+    raise CodecError('unknown type note %r' % (tag,))
+
+
+def _restore_object(spec, value):
+    if not (isinstance(spec, list) and len(spec) == 3 and isinstance(value, dict)):
+        raise CodecError('malformed object note')
+    _, name, keys = spec
+    cls = _registry.get(name)
+    if cls is None:
+        return value            # not registered here: keep the 0.3.7 dict form
+    obj = cls.__new__(cls)
+    # Set state directly, as pickle does, so that __init__ and __setattr__ hooks of the
+    # class are not run with wire data.
+    state = getattr(obj, '__dict__', None)
+    for key in keys:
+        if key in value:
+            if state is not None:
+                state[key] = value[key]
+            else:
+                object.__setattr__(obj, key, value[key])
+    return obj
+
+
+def from_wire(data, notes=None):
+    """Undo to_wire(): restore the values that `notes` describe, in place where possible.
+
+    `data` is what json.loads returned.  Raises CodecError for notes that do not fit it.
+    """
+    if not notes:
+        return data
+    if not isinstance(notes, list):
+        raise CodecError('type notes must be a list')
+    root = [data]
+    for note in notes:
+        try:
+            path, tag = note
+            parent, key = root, 0
+            for step in path:
+                parent, key = parent[key], step
+            value = parent[key]
+            if isinstance(tag, list):
+                restored = _restore_object(tag, value)
+            elif tag in ('tuple', 'set', 'frozenset') and not isinstance(value, list):
+                raise CodecError('a %s note points at %s' % (tag, type(value).__name__))
+            else:
+                restored = _restore_scalar(tag, value)
+            parent[key] = restored
+        except CodecError:
+            raise
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, binascii.Error) as exc:
+            raise CodecError('type note %r does not fit the value: %s' % (note, exc)) from None
+    return root[0]
+
+
+def dumps(value, notes=None, sort_keys=False):
+    """JSON text (as bytes) of `value` converted by to_wire()."""
+    try:
+        return json.dumps(to_wire(value, notes), sort_keys=sort_keys,
+                          separators=(', ', ': ')).encode('utf-8')
+    except (TypeError, ValueError) as exc:
+        raise CodecError('cannot encode value: %s' % exc) from None
+
+
+def loads(body):
+    """Parse a JSON body (bytes or str).  Raises CodecError with a clear message."""
+    try:
+        if isinstance(body, (bytes, bytearray)):
+            body = body.decode('utf-8')
+        return json.loads(body)
+    except UnicodeDecodeError:
+        raise CodecError('body is not UTF-8') from None
+    except RecursionError:
+        raise CodecError('JSON nested too deeply') from None
+    except ValueError as exc:
+        raise CodecError('body is not valid JSON: %s' % exc) from None
 
 
 # ###########################################################################################
