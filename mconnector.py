@@ -32,13 +32,7 @@ Map of this file, in the order data flows:
 
 import base64
 import binascii
-import datetime
-import decimal
 import functools
-import hashlib
-import hmac
-import inspect
-import io
 import json
 import logging
 import os
@@ -49,10 +43,11 @@ import socketserver
 import sys
 import threading
 import time
-import uuid
 
-# asyncio, ssl, multiprocessing, http.client and concurrent.futures are imported where
-# they are first needed: importing this module must stay cheap (under 30 ms).
+# Heavier modules (asyncio, ssl, http.client, inspect, hashlib, uuid, decimal, datetime,
+# concurrent.futures, multiprocessing) are imported where they are first needed: importing
+# this module must stay cheap (under 30 ms).  The codec asks sys.modules for datetime,
+# decimal and uuid: a value of those types cannot exist before its module is imported.
 
 __version__ = '1.0.0'
 
@@ -187,7 +182,7 @@ def _run_coroutine(coro, timeout=None):
 def _call(func, *args, **kwargs):
     """Call a plain or an async function from a worker thread; return its result."""
     result = func(*args, **kwargs)
-    if inspect.isawaitable(result):
+    if hasattr(result, '__await__'):
         result = _run_coroutine(_as_coroutine(result))
     return result
 
@@ -301,17 +296,17 @@ def _encode(value, notes, path, depth):
     elif isinstance(value, (bytes, bytearray, memoryview)):
         out = base64.b64encode(bytes(value)).decode('ascii')
         tag = 'bytes'
-    elif isinstance(value, datetime.datetime):
+    elif _is_instance(value, 'datetime', 'datetime'):
         out, tag = value.isoformat(), 'datetime'
-    elif isinstance(value, datetime.date):
+    elif _is_instance(value, 'datetime', 'date'):
         out, tag = value.isoformat(), 'date'
-    elif isinstance(value, datetime.time):
+    elif _is_instance(value, 'datetime', 'time'):
         out, tag = value.isoformat(), 'time'
-    elif isinstance(value, datetime.timedelta):
+    elif _is_instance(value, 'datetime', 'timedelta'):
         out, tag = value.total_seconds(), 'timedelta'
-    elif isinstance(value, decimal.Decimal):
+    elif _is_instance(value, 'decimal', 'Decimal'):
         out, tag = str(value), 'decimal'
-    elif isinstance(value, uuid.UUID):
+    elif _is_instance(value, 'uuid', 'UUID'):
         out, tag = str(value), 'uuid'
     elif isinstance(value, (list, tuple)):   # subclasses, namedtuples: as plain sequences
         out = [_encode(v, notes, path + (i,), depth) for i, v in enumerate(value)]
@@ -337,6 +332,11 @@ def _encode(value, notes, path, depth):
 _PLAIN_TYPES = frozenset({str, int, float, bool, type(None)})
 
 
+def _is_instance(value, module, name):
+    loaded = sys.modules.get(module)
+    return loaded is not None and isinstance(value, getattr(loaded, name))
+
+
 def _dict_key(key):
     # JSON keys are strings; json.dumps would turn None/bool/number keys into text anyway,
     # and fail on others.  Doing it here keeps sorted output possible.
@@ -348,6 +348,9 @@ def _dict_key(key):
 
 
 def _restore_scalar(tag, value):
+    import datetime
+    import decimal
+    import uuid
     if tag == 'tuple':
         return tuple(value)
     if tag == 'set':
@@ -461,7 +464,7 @@ _PARAM_TYPES = {
     'alpha': (r'[A-Za-z]+', str),
     'path': (r'[^/].*?', str),
     'uuid': (r'[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}',
-             uuid.UUID),
+             lambda text: __import__('uuid').UUID(text)),
 }
 _FLASK_CONVERTERS = {'string', 'int', 'float', 'path', 'uuid'}
 _PARAM = re.compile(r'<([^<>]+)>')
@@ -582,21 +585,1128 @@ class Router:
 # 4. HTTP: sans-I/O request heads and responses
 # ###########################################################################################
 
-# (filled in below)
+# Limits on what a peer may send, as named constants (settable per Microservice).  8 KiB per
+# line and 100 header lines follow common servers (nginx's default buffer, Apache's
+# LimitRequestFields); 16 MiB of body is generous for calls that carry JSON arguments.
+MAX_LINE = 8192
+MAX_HEADERS = 100
+MAX_BODY = 16 * 1024 * 1024
+
+_STATUS_TEXT = {
+    100: 'Continue', 200: 'OK', 204: 'No Content', 400: 'Bad Request', 401: 'Unauthorized',
+    403: 'Forbidden', 404: 'Not Found', 405: 'Method Not Allowed', 408: 'Request Timeout', 414: 'URI Too Long',
+    411: 'Length Required', 413: 'Content Too Large', 415: 'Unsupported Media Type',
+    426: 'Upgrade Required', 431: 'Request Header Fields Too Large',
+    500: 'Internal Server Error', 501: 'Not Implemented', 503: 'Service Unavailable',
+    505: 'HTTP Version Not Supported',
+}
+_TOKEN_CHARS = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")   # RFC 9110 token
+_METHOD_OK = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+
+
+class HTTPError(MConnectorError):
+    """A request the listener refuses; `status` is the HTTP status to answer with."""
+
+    def __init__(self, status, message, headers=()):
+        self.status = status
+        self.message = message
+        self.headers = list(headers)
+        super().__init__(status, message)
+
+    def __str__(self):
+        return '%d %s' % (self.status, self.message)
+
+
+def parse_request_line(line):
+    """b'POST /rule?x=1 HTTP/1.1\\r\\n' -> ('POST', '/rule?x=1', (1, 1)).
+
+    Raises HTTPError (400, or 505 for an HTTP major version other than 1).
+    """
+    try:
+        text = line.decode('ascii').rstrip('\r\n')
+    except UnicodeDecodeError:
+        raise HTTPError(400, 'request line is not ASCII') from None
+    parts = text.split(' ')
+    if len(parts) != 3:
+        raise HTTPError(400, 'malformed request line %r' % text[:100])
+    method, target, version = parts
+    if not _METHOD_OK.match(method):
+        raise HTTPError(400, 'malformed method %r' % method[:20])
+    if not version.startswith('HTTP/') or len(version) != 8 or version[6] != '.' \
+            or not (version[5].isdigit() and version[7].isdigit()):
+        raise HTTPError(400, 'malformed HTTP version %r' % version[:20])
+    if version[5] != '1':
+        raise HTTPError(505, 'only HTTP/1.x is served')
+    if not target or not (target.startswith('/') or target == '*'
+                          or target.startswith(('http://', 'https://'))):
+        raise HTTPError(400, 'malformed request target %r' % target[:100])
+    return method, target, (1, int(version[7]))
+
+
+def parse_header_line(line, headers):
+    """Add one b'Name: value\\r\\n' line to `headers` (lower-case names -> str values).
+
+    Repeated fields are joined with ', ' (RFC 9110 5.3).  Raises HTTPError(400).
+    """
+    name, sep, value = line.partition(b':')
+    if not sep or not _TOKEN_CHARS.match(name):
+        # Obsolete line folding and spaces before the colon are refused, as RFC 9112
+        # 5.1-5.2 asks of servers: they are how request smuggling starts.
+        raise HTTPError(400, 'malformed header line %r' % line[:100])
+    key = name.decode('ascii').lower()
+    text = value.strip(b' \t\r\n').decode('latin-1')
+    if '\r' in text or '\n' in text or '\x00' in text:
+        raise HTTPError(400, 'control character in header %r' % key)
+    old = headers.get(key)
+    headers[key] = text if old is None else old + ', ' + text
+
+
+def split_target(target):
+    """'/a%20b?x=1&y=2' -> ('/a b', {'x': '1', 'y': '2'})."""
+    from urllib.parse import parse_qsl, unquote
+    if target.startswith(('http://', 'https://')):
+        target = '/' + target.split('/', 3)[-1] if target.count('/') >= 3 else '/'
+    path, _, query = target.partition('?')
+    path = unquote(path) if '%' in path else path
+    return path, (dict(parse_qsl(query, keep_blank_values=True)) if query else {})
+
+
+_date_cache = [0, b'']
+
+
+def _http_date():
+    now = int(time.time())
+    if _date_cache[0] != now:
+        t = time.gmtime(now)
+        _date_cache[:] = [now, ('%s, %02d %s %04d %02d:%02d:%02d GMT' % (
+            ('Mon', 'Tue', 'Wed', 'Thu', 'Fri', 'Sat', 'Sun')[t.tm_wday], t.tm_mday,
+            ('Jan', 'Feb', 'Mar', 'Apr', 'May', 'Jun', 'Jul', 'Aug', 'Sep', 'Oct', 'Nov',
+             'Dec')[t.tm_mon - 1], t.tm_year, t.tm_hour, t.tm_min, t.tm_sec)).encode('ascii')]
+    return _date_cache[1]
+
+
+def build_response_head(status, headers, length=None, keep_alive=True):
+    """The status line and headers of a response, as bytes, ending with the blank line.
+
+    `length` None means the body follows in chunked transfer coding.
+    """
+    lines = [b'HTTP/1.1 %d %s\r\nServer: mconnector/%s\r\nDate: %s\r\n' % (
+        status, _STATUS_TEXT.get(status, 'Unknown').encode('ascii'),
+        __version__.encode('ascii'), _http_date())]
+    for name, value in headers:
+        lines.append(b'%s: %s\r\n' % (name.encode('ascii'), value.encode('latin-1')))
+    if length is None:
+        lines.append(b'Transfer-Encoding: chunked\r\n')
+    else:
+        lines.append(b'Content-Length: %d\r\n' % length)
+    if not keep_alive:
+        lines.append(b'Connection: close\r\n')
+    lines.append(b'\r\n')
+    return b''.join(lines)
+
+
+def encode_chunk(data):
+    """One chunk of chunked transfer coding; b'' gives the last chunk."""
+    return b'%x\r\n%s\r\n' % (len(data), data) if data else b'0\r\n\r\n'
+
+
+class Response:
+    """What a handler answers: a status, headers, and a body (bytes, or an iterable of
+    bytes to send chunked)."""
+
+    __slots__ = ('status', 'headers', 'body')
+
+    def __init__(self, status=200, body=b'', headers=(), content_type='application/json'):
+        self.status = status
+        self.body = body
+        self.headers = [('Content-Type', content_type)] if content_type else []
+        self.headers.extend(headers)
+
+    @classmethod
+    def error(cls, status, type_name, message, headers=(), traceback=None):
+        error = {'status': status, 'type': type_name, 'message': message}
+        if traceback:
+            error['traceback'] = traceback
+        return cls(status, json.dumps({'error': error}).encode('utf-8'), headers)
+
+
+def read_chunked(rfile, limit):
+    """Read a chunked request body from a binary file; raises HTTPError (400, 413)."""
+    parts = []
+    total = 0
+    while True:
+        line = rfile.readline(MAX_LINE + 1)
+        if not line.endswith(b'\n'):
+            raise HTTPError(400, 'truncated chunk size line')
+        size_text = line.split(b';', 1)[0].strip()
+        try:
+            if not size_text or size_text.startswith((b'-', b'+', b'0x')):
+                raise ValueError
+            size = int(size_text, 16)
+        except ValueError:
+            raise HTTPError(400, 'malformed chunk size %r' % line[:40]) from None
+        if size == 0:
+            break
+        total += size
+        if total > limit:
+            raise HTTPError(413, 'body larger than %d bytes' % limit)
+        data = rfile.read(size)
+        if len(data) != size or rfile.read(2) != b'\r\n':
+            raise HTTPError(400, 'truncated chunk')
+        parts.append(data)
+    for _ in range(MAX_HEADERS + 1):          # trailer fields: read and ignored
+        line = rfile.readline(MAX_LINE + 1)
+        if line in (b'\r\n', b'\n'):
+            return b''.join(parts)
+        if not line.endswith(b'\n'):
+            break
+    raise HTTPError(400, 'malformed chunked trailer')
 
 
 # ###########################################################################################
 # 5. Listener: Microservice
 # ###########################################################################################
 
-# (filled in below)
+_MODES = ('reply', 'json', 'dict', 'stream', 'raw')
+_ALL_RULES = '*'          # the token key that guards every rule
+
+
+class _Endpoint:
+    """One function behind one rule: how its request becomes arguments, and its answer
+    becomes a body (the mode), and its signature for clear 400s."""
+
+    __slots__ = ('rule', 'func', 'mode', 'methods', 'signature', 'name')
+
+    def __init__(self, rule, func, mode, methods):
+        self.rule = rule
+        self.func = func
+        self.mode = mode
+        self.methods = methods
+        self.name = getattr(func, '__name__', repr(func))
+        import inspect
+        try:
+            self.signature = inspect.signature(func)
+        except (TypeError, ValueError):    # some builtins have none: calls are not pre-checked
+            self.signature = None
+
+    def check_arguments(self, args, kwargs):
+        """Raise HTTPError(400) naming the signature when the call would not bind."""
+        if self.signature is not None:
+            try:
+                self.signature.bind(*args, **kwargs)
+            except TypeError as exc:
+                raise HTTPError(400, '%s%s: %s' % (self.name, self.signature, exc)) from None
+
+
+def _mark(func, mode):
+    """Wrap `func` so that typing() knows its mode; the wrapper still calls it locally."""
+    @functools.wraps(func)
+    def endpoint(*args, **kwargs):
+        return func(*args, **kwargs)
+    endpoint._mconnector_mode = mode
+    if hasattr(func, '__await__') or _is_coroutine_function(func):
+        # Keep `await helloworld()` working for local callers of an async endpoint.
+        endpoint._mconnector_async = True
+    return endpoint
+
+
+def _is_coroutine_function(func):
+    code = getattr(getattr(func, '__wrapped__', func), '__code__', None)
+    return code is not None and bool(code.co_flags & 0x80)   # CO_COROUTINE
+
+
+def _normalise_token(token):
+    if token is None:
+        return None
+    if not isinstance(token, str):
+        raise TypeError('a token is a string, got %r' % (token,))
+    return token.encode('utf-8')
+
+
+def _token_matches(expected, given):
+    if not isinstance(given, str):
+        return False
+    import hmac
+    return hmac.compare_digest(expected, given.encode('utf-8'))
+
+
+def _query_value(text):
+    """Query and command-line values are JSON where they parse, else the text itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+class Microservice:
+    """A listener: functions decorated with typing()/route() answer calls from Friends.
+
+    Microservice(name, port=5000, host='0.0.0.0', debug=None, token=None, secretKey=None)
+
+    `token` is {rule: token} for per-rule tokens ({'*': token} or a plain string guards
+    every rule).  Rules added with `@M.typing(rule, token=...)` get their own.  A call
+    without the right token is refused with 401 and the function is not run.
+    `timeout` (seconds) drops a connection that stays idle or silent that long;
+    `max_body` bounds request bodies (413 above it).
+    """
+
+    def __init__(self, name, port=5000, host='0.0.0.0', debug=None, token=None,
+                 secretKey=None, timeout=15.0, max_body=MAX_BODY):
+        self.name = name
+        self.host = host
+        self.port = port
+        self.debug = bool(debug)
+        self.secretKey = secretKey
+        self.timeout = timeout
+        self.max_body = max_body
+        self._tokens = {}
+        if isinstance(token, str):
+            token = {_ALL_RULES: token}
+        for rule, value in (token or {}).items():
+            self.setToken(rule, value)
+        self._router = Router()
+        self._rules = {}            # rule text -> {METHOD: _Endpoint}
+        self._server = None
+        self._thread = None
+        self._app = None
+
+    def __repr__(self):
+        return '<Microservice %r at %s>' % (self.name, self.url)
+
+    # -- registering functions ---------------------------------------------------------
+
+    def typing(self, rule, token=None, methods=('POST',)):
+        """Decorator: calls to `rule` run the function below.
+
+        Put a mode decorator under it (@M.reply, @M.json, @M.dict, @M.stream); without
+        one the function is served as by @M.reply.  `methods` are the HTTP methods
+        accepted ('POST' by default; add 'GET' to take arguments from the query string
+        too).  `token`, when given, must come with every call.  Raises RouteError for a
+        malformed rule.
+        """
+        if isinstance(methods, str):
+            methods = (methods,)
+        methods = tuple(m.upper() for m in methods)
+        compiled = Rule(rule)
+
+        def decorator(func):
+            mode = getattr(func, '_mconnector_mode', 'reply')
+            self._add(compiled, func, mode, methods)
+            if token is not None:
+                self.setToken(rule, token)
+            return func
+        return decorator
+
+    route = typing
+
+    def _add(self, compiled, func, mode, methods):
+        table = self._rules.get(compiled.rule)
+        if table is None:
+            table = self._rules[compiled.rule] = {}
+            self._router.add(compiled, table)
+        endpoint = _Endpoint(compiled.rule, func, mode, methods)
+        for method in methods:
+            table[method] = endpoint
+
+    @staticmethod
+    def reply(func):
+        """Mode decorator: the body is {"args": [...], "kwargs": {...}, "token": ...};
+        the answer is a JSON list of the returned values (a tuple gives several)."""
+        return _mark(func, 'reply')
+
+    @staticmethod
+    def json(func):
+        """Mode decorator: the JSON object of the body is the keyword arguments; the answer
+        is wrapped in a list as with reply."""
+        return _mark(func, 'json')
+
+    async_json = json
+
+    @staticmethod
+    def dict(func):
+        """Mode decorator: like json, but the answer is the converted value itself."""
+        return _mark(func, 'dict')
+
+    @staticmethod
+    def stream(func):
+        """Mode decorator: like dict, sent in chunks; a generator's items are streamed as
+        the elements of a JSON list as they are produced."""
+        return _mark(func, 'stream')
+
+    def setToken(self, rule, token):
+        """Require `token` for calls to `rule` ('*' for every rule)."""
+        if rule != _ALL_RULES:
+            Rule(rule)
+        self._tokens[rule] = _normalise_token(token)
+
+    def removeToken(self, rule):
+        """Stop requiring a token for `rule`; returns whether one was set."""
+        return self._tokens.pop(rule, None) is not None
+
+    set_token = setToken
+    remove_token = removeToken
+
+    @property
+    def rules(self):
+        """{rule: sorted methods} of everything this listener answers."""
+        return {rule: sorted(table) for rule, table in self._rules.items()}
+
+    # -- answering a request (shared by every server shell) ----------------------------
+
+    def handle(self, method, target, headers, body):
+        """Answer one request: the whole of the listener's logic, with no I/O.
+
+        `headers` maps lower-case names to values; `body` is bytes.  Returns a Response;
+        never raises for anything a peer can send.
+        """
+        try:
+            return self._dispatch(method, target, headers, body)
+        except HTTPError as exc:
+            return Response.error(exc.status, _error_names.get(exc.status, 'HTTPError'),
+                                  exc.message, exc.headers)
+
+    def _dispatch(self, method, target, headers, body):
+        path, query = split_target(target)
+        table, params = self._router.find(path)
+        if table is None:
+            raise HTTPError(404, 'no rule %s on %s' % (path, self.name))
+        endpoint = table.get(method) or (table.get('GET') if method == 'HEAD' else None)
+        if endpoint is None:
+            allowed = ', '.join(sorted(table))
+            raise HTTPError(405, '%s takes %s, not %s' % (path, allowed, method),
+                            [('Allow', allowed)])
+        mode = endpoint.mode
+        data = self._parse_body(body, headers) if body else {}
+        if mode == 'raw':
+            args, kwargs, given_token = [], {}, None
+        elif mode == 'reply':
+            args, kwargs, given_token = self._reply_arguments(data)
+        else:
+            if not isinstance(data, dict):
+                raise HTTPError(400, '%s takes a JSON object of keyword arguments' % path)
+            args, kwargs, given_token = [], data, None
+        self._check_token(endpoint.rule, headers, given_token, kwargs, mode)
+        for name, value in query.items():
+            kwargs.setdefault(name, _query_value(value) if mode != 'raw' else value)
+        kwargs.update(params)
+        endpoint.check_arguments(args, kwargs)
+        try:
+            result = _call(endpoint.func, *args, **kwargs)
+        except Exception as exc:
+            return self._failure(endpoint, exc)
+        typed = mode != 'raw' and 'x-mconnector' in headers
+        return self._answer(mode, result, typed)
+
+    def _parse_body(self, body, headers):
+        try:
+            return loads(body)
+        except CodecError as exc:
+            raise HTTPError(400, str(exc)) from None
+
+    @staticmethod
+    def _reply_arguments(data):
+        if not isinstance(data, dict):
+            raise HTTPError(400, 'body must be {"args": [...], "kwargs": {...}}')
+        args = data.get('args') or []
+        kwargs = data.get('kwargs') or {}
+        if not isinstance(args, list) or not isinstance(kwargs, dict):
+            raise HTTPError(400, '"args" must be a list and "kwargs" an object')
+        notes = data.get('types')
+        if notes:
+            try:
+                args, kwargs = from_wire([args, kwargs], notes)
+            except CodecError as exc:
+                raise HTTPError(400, str(exc)) from None
+        return args, kwargs, data.get('token')
+
+    def _check_token(self, rule, headers, given, kwargs, mode):
+        expected = self._tokens.get(rule) or self._tokens.get(_ALL_RULES)
+        if expected is None:
+            return
+        auth = headers.get('authorization', '')
+        if auth[:7].lower() == 'bearer ':
+            given = auth[7:].strip()
+        elif mode != 'reply' and given is None and 'token' in kwargs:
+            given = kwargs.pop('token')
+        if not _token_matches(expected, given):
+            raise HTTPError(401, 'missing or wrong token for %s' % rule,
+                            [('WWW-Authenticate', 'Bearer')])
+        if mode != 'reply':
+            kwargs.pop('token', None)
+
+    def _failure(self, endpoint, exc):
+        type_name = type(exc).__name__
+        log.log(logging.ERROR if self.debug else logging.WARNING,
+                '%s raised %s: %s', endpoint.rule, type_name, exc,
+                exc_info=self.debug)
+        trace = None
+        if self.debug:
+            import traceback
+            trace = ''.join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        return Response.error(500, type_name, str(exc), traceback=trace)
+
+    @staticmethod
+    def _answer(mode, result, typed):
+        if mode == 'raw':
+            return _raw_answer(result)
+        notes = [] if typed else None
+        if mode == 'stream':
+            return Response(200, _stream_json(result))
+        if mode != 'dict':
+            result = list(result) if type(result) is tuple else [result]
+        try:
+            body = dumps(result, notes, sort_keys=True)
+        except CodecError as exc:
+            return Response.error(500, 'CodecError', str(exc))
+        if notes:
+            body = b'{"result": %s, "types": %s}' % (body, json.dumps(notes).encode('utf-8'))
+            return Response(200, body, [('X-MConnector-Types', '1')])
+        return Response(200, body)
+
+    # -- serving -----------------------------------------------------------------------
+
+    def start(self, port=None, host=None, debug=None):
+        """Serve in a background thread and return self; `port=0` picks a free port,
+        readable afterwards as `M.port` (and `M.url`).  Raises OSError if the address
+        is taken."""
+        self._bind(port, host, debug)
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        name='mconnector-%s' % self.name, daemon=True)
+        self._thread.start()
+        return self
+
+    def run(self, port=None, host=None, debug=None):
+        """Serve until Ctrl+C (or stop() from another thread), then return cleanly."""
+        _default_logging()
+        self._bind(port, host, debug)
+        try:
+            self._server.serve_forever()
+        except KeyboardInterrupt:
+            log.info('%s: stopping (Ctrl+C)', self.name)
+        finally:
+            self._close()
+
+    def stop(self):
+        """Stop serving, close every connection and wait for the serving thread."""
+        server = self._server
+        if server is None:
+            return
+        server.stop()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        self._thread = None
+        self._close()
+
+    def _close(self):
+        server, self._server = self._server, None
+        if server is not None:
+            server.close_all()
+            log.info('%s: stopped', self.name)
+
+    def __enter__(self):
+        if self._server is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+    def _bind(self, port, host, debug):
+        if self._server is not None:
+            raise RuntimeError('%s is already serving at %s' % (self.name, self.url))
+        if port is not None:
+            self.port = port
+        if host is not None:
+            self.host = host
+        if debug is not None:
+            self.debug = bool(debug)
+        self._server = _make_server(self, (self.host, int(self.port)))
+        self.port = self._server.server_address[1]
+        log.info('%s: listening on %s (%d rules)', self.name, self.url, len(self._rules))
+
+    @property
+    def url(self):
+        host = self.host or '0.0.0.0'
+        return 'http://%s:%s' % ('[%s]' % host if ':' in host else host, self.port)
+
+    @property
+    def address(self):
+        """(host, port) actually bound while serving, else as configured."""
+        return self._server.server_address[:2] if self._server else (self.host, self.port)
+
+    # -- other shells ------------------------------------------------------------------
+
+    def wsgi(self, environ, start_response):
+        """A WSGI application serving the same rules (for gunicorn, uwsgi, wsgiref)."""
+        headers = {key[5:].replace('_', '-').lower(): value
+                   for key, value in environ.items() if key.startswith('HTTP_')}
+        for key in ('CONTENT_TYPE', 'CONTENT_LENGTH'):
+            if environ.get(key):
+                headers[key.replace('_', '-').lower()] = environ[key]
+        try:
+            length = int(environ.get('CONTENT_LENGTH') or 0)
+        except ValueError:
+            length = -1
+        if length < 0:
+            response = Response.error(400, 'BadRequest', 'malformed Content-Length')
+        elif length > self.max_body:
+            response = Response.error(413, 'PayloadTooLarge', 'body over %d bytes' % self.max_body)
+        else:
+            from urllib.parse import quote
+            target = quote(environ.get('PATH_INFO', '') or '/', safe='/:@!$&\'()*+,;=-._~')
+            if environ.get('QUERY_STRING'):
+                target += '?' + environ['QUERY_STRING']
+            body = environ['wsgi.input'].read(length) if length else b''
+            response = self.handle(environ['REQUEST_METHOD'], target, headers, body)
+        start_response('%d %s' % (response.status, _STATUS_TEXT.get(response.status, '')),
+                       response.headers)
+        body = response.body
+        return [body] if isinstance(body, bytes) else body
+
+    @property
+    def app(self):
+        """A Flask-like view of this listener: `@app.route(rule)` serves GET by default and
+        gives the function the route's parameters and query string as keyword arguments;
+        `app.run()` serves."""
+        if self._app is None:
+            self._app = _FlaskLike(self)
+        return self._app
+
+
+SanicApp = Microservice
+
+_error_names = {400: 'BadRequest', 401: 'AuthError', 404: 'NotFound', 405: 'MethodNotAllowed',
+                408: 'RequestTimeout', 411: 'LengthRequired', 413: 'PayloadTooLarge',
+                431: 'HeadersTooLarge', 505: 'VersionNotSupported'}
+
+
+class _FlaskLike:
+    def __init__(self, service):
+        self.service = service
+        self.name = service.name
+
+    def route(self, rule, methods=('GET',), **options):
+        """Decorator, as Flask's: the return value is the response (str as HTML, bytes,
+        dict or list as JSON, or a (body, status) tuple)."""
+        def decorator(func):
+            self.service._add(Rule(rule), func, 'raw', tuple(m.upper() for m in methods))
+            return func
+        return decorator
+
+    def run(self, host=None, port=None, debug=None, **options):
+        self.service.run(port=port, host=host, debug=debug)
+
+
+def _raw_answer(result):
+    status = 200
+    if type(result) is tuple and len(result) == 2 and isinstance(result[1], int):
+        result, status = result
+    if isinstance(result, str):
+        return Response(status, result.encode('utf-8'), content_type='text/html; charset=utf-8')
+    if isinstance(result, (bytes, bytearray)):
+        return Response(status, bytes(result), content_type='application/octet-stream')
+    if isinstance(result, Response):
+        return result
+    return Response(status, dumps(result))
+
+
+def _stream_json(result, chunk=64 * 1024):
+    if result is not None and not isinstance(result, (str, bytes, dict, list, tuple)) \
+            and hasattr(result, '__iter__') and not hasattr(result, '__dict__'):
+        # A generator: the items become a JSON list, sent as they are produced.
+        yield b'['
+        first = True
+        for item in result:
+            yield (b'' if first else b', ') + dumps(item)
+            first = False
+        yield b']'
+        return
+    body = dumps(result)
+    for start in range(0, len(body), chunk):
+        yield body[start:start + chunk]
+
+
+def _default_logging():
+    """Show INFO lines from run() when the application configured no logging (as Flask does)."""
+    root = logging.getLogger()
+    if not root.handlers and not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(message)s'))
+        log.addHandler(handler)
+        if log.level == logging.NOTSET:
+            log.setLevel(logging.INFO)
+
+
+class _ConnectionHandler:
+    """Serves the requests of one connection: lean head parsing, one write per response.
+
+    Mixed into http.server.BaseHTTPRequestHandler (see _make_server), whose handle()
+    loops over handle_one_request() until close_connection is set.
+    """
+
+    protocol_version = 'HTTP/1.1'
+    disable_nagle_algorithm = True      # each response is one write; never wait for ACKs
+
+    def setup(self):
+        self.timeout = self.server.service.timeout
+        super().setup()
+
+    def handle_one_request(self):
+        service = self.server.service
+        self.close_connection = True
+        try:
+            line = self.rfile.readline(MAX_LINE + 1)
+            if not line:
+                return
+            if line in (b'\r\n', b'\n'):        # RFC 9112 2.2: ignore a blank line first
+                line = self.rfile.readline(MAX_LINE + 1)
+            if len(line) > MAX_LINE:
+                raise HTTPError(414 if b' ' in line[:20] else 400, 'request line too long')
+            method, target, version = parse_request_line(line)
+            headers = {}
+            for _ in range(MAX_HEADERS + 1):
+                line = self.rfile.readline(MAX_LINE + 1)
+                if line in (b'\r\n', b'\n'):
+                    break
+                if not line.endswith(b'\n'):
+                    raise HTTPError(431 if len(line) > MAX_LINE else 400,
+                                    'header line too long' if line else 'truncated request head')
+                parse_header_line(line, headers)
+            else:
+                raise HTTPError(431, 'more than %d header lines' % MAX_HEADERS)
+            connection = headers.get('connection', '').lower()
+            keep_alive = ('close' not in connection if version >= (1, 1)
+                          else 'keep-alive' in connection)
+            body = self._read_body(headers, service.max_body)
+            self.command, self.path = method, target
+            response = service.handle(method, target, headers, body)
+        except HTTPError as exc:
+            response = Response.error(exc.status, _error_names.get(exc.status, 'HTTPError'),
+                                      exc.message, exc.headers)
+            keep_alive = False
+            method = None
+        except (socket.timeout, ConnectionError):
+            return
+        self._write(response, keep_alive, method == 'HEAD')
+        self.close_connection = not keep_alive
+        if service.debug:
+            log.info('%s %s "%s %s" %d', service.name, self.client_address[0],
+                     method, getattr(self, 'path', ''), response.status)
+
+    def _read_body(self, headers, limit):
+        if 'transfer-encoding' in headers:
+            if headers['transfer-encoding'].lower() != 'chunked' or 'content-length' in headers:
+                raise HTTPError(400, 'unsupported Transfer-Encoding')
+            self._continue(headers)
+            return read_chunked(self.rfile, limit)
+        text = headers.get('content-length')
+        if text is None:
+            return b''
+        if not text.isdigit():
+            raise HTTPError(400, 'malformed Content-Length %r' % text[:20])
+        length = int(text)
+        if length > limit:
+            raise HTTPError(413, 'body of %d bytes, over the %d allowed' % (length, limit))
+        if not length:
+            return b''
+        self._continue(headers)
+        body = self.rfile.read(length)
+        if len(body) != length:
+            raise HTTPError(400, 'body shorter than its Content-Length')
+        return body
+
+    def _continue(self, headers):
+        # curl waits a second for this before sending bodies over 1 KiB.
+        if headers.get('expect', '').lower() == '100-continue':
+            self.wfile.write(b'HTTP/1.1 100 Continue\r\n\r\n')
+
+    def _write(self, response, keep_alive, head_only):
+        body = response.body
+        try:
+            if isinstance(body, (bytes, bytearray)):
+                head = build_response_head(response.status, response.headers, len(body), keep_alive)
+                self.wfile.write(head if head_only else head + body)
+                return
+            head = build_response_head(response.status, response.headers, None, keep_alive)
+            if head_only:
+                self.wfile.write(head)
+                return
+            pending = head
+            for data in body:
+                if data:
+                    self.wfile.write(pending + encode_chunk(data))
+                    pending = b''
+            self.wfile.write(pending + encode_chunk(b''))
+        except (ConnectionError, socket.timeout):
+            self.close_connection = True
+        except Exception as exc:        # a generator that failed halfway: cut the stream
+            log.warning('stream failed: %s: %s', type(exc).__name__, exc)
+            self.close_connection = True
+
+    def log_message(self, format, *args):
+        log.debug(format, *args)
+
+
+class _ServerMixin:
+    """Instant stop (no poll interval), no reverse DNS at bind, open connections closed
+    on stop.  Mixed into http.server.ThreadingHTTPServer."""
+
+    daemon_threads = True
+    request_queue_size = 128
+    allow_reuse_address = True
+
+    def server_bind(self):
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def init_mconnector(self, service):
+        self.service = service
+        self._connections = set()
+        self._lock = threading.Lock()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._stopping = False
+        self._stopped = threading.Event()
+
+    def serve_forever(self, poll_interval=None):
+        import selectors
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(self.socket, selectors.EVENT_READ)
+                selector.register(self._wake_r, selectors.EVENT_READ)
+                while not self._stopping:
+                    for key, _ in selector.select():
+                        if key.fileobj is self.socket and not self._stopping:
+                            self._handle_request_noblock()
+        finally:
+            self._stopped.set()
+
+    def stop(self):
+        self._stopping = True
+        try:
+            self._wake_w.send(b'x')
+        except OSError:
+            pass
+
+    def process_request(self, request, client_address):
+        with self._lock:
+            self._connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request):
+        with self._lock:
+            self._connections.discard(request)
+        super().shutdown_request(request)
+
+    def close_all(self):
+        self.server_close()
+        with self._lock:
+            connections = list(self._connections)
+        for conn in connections:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def handle_error(self, request, client_address):
+        log.exception('error while serving %s', client_address)
+
+
+_server_classes = []
+
+
+def _make_server(service, address):
+    """A bound ThreadingHTTPServer for `service` (http.server is imported on first use)."""
+    if not _server_classes:
+        import http.server
+        handler = type('ListenerHandler', (_ConnectionHandler, http.server.BaseHTTPRequestHandler), {})
+        server = type('ListenerServer', (_ServerMixin, http.server.ThreadingHTTPServer), {})
+        _server_classes[:] = [server, handler]
+    server_class, handler_class = _server_classes
+    if ':' in address[0]:
+        server_class = type('ListenerServer6', (server_class,), {'address_family': socket.AF_INET6})
+    server = server_class(address, handler_class, bind_and_activate=False)
+    server.init_mconnector(service)
+    try:
+        server.server_bind()
+        server.server_activate()
+    except BaseException:
+        server.close_all()
+        raise
+    return server
 
 
 # ###########################################################################################
 # 6. Sender: Friend
 # ###########################################################################################
 
-# (filled in below)
+_USER_AGENT = 'mconnector/%s' % __version__
+
+
+class _Reply:
+    """The last raw answer a Friend got: status, headers (lower-case names), body."""
+
+    __slots__ = ('status', 'headers', 'body')
+
+    def __init__(self, status, headers, body):
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def __repr__(self):
+        return '<reply %d, %d bytes>' % (self.status, len(self.body))
+
+
+def _unwrap(value):
+    """One value for a one-item list, a tuple for several, as a local call returns them."""
+    if type(value) is list:
+        return value[0] if len(value) == 1 else tuple(value)
+    return value
+
+
+def _connection_is_stale(sock):
+    # A keep-alive connection the listener closed (idle timeout, restart) reads as EOF.
+    # Finding that out before writing means no request is ever re-sent after it may have
+    # run: a request is only retried when it could not have been written.
+    import select
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
+class Friend:
+    """A sender: calls the rules of a listener at `address` like local functions.
+
+    Friend(name, address, token=None, ruleMethods=None, timeout=30.0)
+
+    `token` is {rule: token} (or one string for every rule); `ruleMethods` is
+    {rule: 'GET'|'PUT'|...} (POST otherwise).  Connections are kept alive, one per
+    thread, so one Friend may be used from many threads.  Remote failures raise:
+    RemoteError (the function raised), AuthError, NotFound/MethodNotAllowed, BadRequest,
+    CallTimeout, Unreachable (all MConnectorError; the last two also ConnectionError).
+    For https:// addresses the certificate is verified (`cafile=` adds a CA file;
+    `verify=False` turns checking off).
+    """
+
+    def __init__(self, name, address, token=None, ruleMethods=None, timeout=30.0,
+                 secretKey=None, cafile=None, verify=True, ssl_context=None):
+        from urllib.parse import urlsplit
+        self.name = name
+        if '://' not in address:
+            address = 'http://' + address
+        parts = urlsplit(address)
+        if parts.scheme not in ('http', 'https') or not parts.hostname:
+            raise ValueError('address must look like http://host:port, got %r' % address)
+        self.address = address.rstrip('/')
+        self._scheme = parts.scheme
+        self._host = parts.hostname
+        self._port = parts.port or (443 if parts.scheme == 'https' else 80)
+        self._prefix = parts.path.rstrip('/')
+        self.timeout = timeout
+        self.secretKey = secretKey
+        self._ssl = ssl_context
+        self._cafile = cafile
+        self._verify = verify
+        self._rules = {}
+        if isinstance(token, str):
+            self._default_token = token
+        else:
+            self._default_token = None
+            for rule, value in (token or {}).items():
+                self.setRule(rule, token=value)
+        for rule, method in (ruleMethods or {}).items():
+            self.setRule(rule, method=method)
+        self._local = threading.local()
+        self.lastMessage = None
+        self.lastreply = None
+
+    def __repr__(self):
+        return '<Friend %r at %s>' % (self.name, self.address)
+
+    # -- per-rule settings ----------------------------------------------------------------
+
+    def setRule(self, rule, method=None, token=None):
+        """Remember the HTTP method and/or the token to use for `rule`."""
+        settings = self._rules.setdefault(rule, {})
+        if method is not None:
+            settings['method'] = method.upper()
+        if token is not None:
+            settings['token'] = token
+
+    def removeToken(self, rule):
+        """Stop sending a token with calls to `rule`; returns whether one was set."""
+        return self._rules.get(rule, {}).pop('token', None) is not None
+
+    set_rule = setRule
+    remove_token = removeToken
+
+    def _method(self, rule):
+        return self._rules.get(rule, {}).get('method', 'POST')
+
+    def _token(self, rule):
+        return self._rules.get(rule, {}).get('token', self._default_token)
+
+    # -- calls ------------------------------------------------------------------------------
+
+    def send(self, rule, *args, **kwargs):
+        """Call the function behind `rule` with these arguments and return its result:
+        one value as itself, several as a tuple.  Raises what the call met (see class)."""
+        notes = []
+        wire_args, wire_kwargs = to_wire([list(args), kwargs], notes)
+        token = self._token(rule)
+        payload = {'args': wire_args, 'kwargs': wire_kwargs, 'token': token}
+        if notes:
+            payload['types'] = notes
+        try:
+            body = json.dumps(payload).encode('utf-8')
+        except (TypeError, ValueError) as exc:
+            raise CodecError('cannot encode the arguments: %s' % exc) from None
+        return self._call(self._method(rule), rule, body, token)
+
+    def json(self, rule, method=None, **kwargs):
+        """Send `kwargs` as one JSON object (for @M.json, @M.dict, @M.async_json rules) and
+        return the answer, unwrapped as send() does.  `method` defaults to the rule's."""
+        body = dumps(kwargs)
+        return self._call((method or self._method(rule)).upper(), rule, body, self._token(rule))
+
+    async def send_async(self, rule, *args, **kwargs):
+        """send() for asyncio code: runs in the loop's default executor."""
+        import asyncio
+        call = functools.partial(self.send, rule, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(None, call)
+
+    async def json_async(self, rule, method=None, **kwargs):
+        """json() for asyncio code."""
+        import asyncio
+        call = functools.partial(self.json, rule, method, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(None, call)
+
+    def close(self):
+        """Close this thread's connection (others close when their thread ends)."""
+        conn = getattr(self._local, 'conn', None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def _call(self, method, rule, body, token):
+        headers = {'Content-Type': 'application/json', 'X-MConnector': __version__,
+                   'User-Agent': _USER_AGENT}
+        if token is not None:
+            headers['Authorization'] = 'Bearer ' + token
+        reply = self._exchange(method, rule, body, headers)
+        self.lastreply = reply
+        value = self._decode(rule, reply)
+        self.lastMessage = value
+        return value
+
+    def _decode(self, rule, reply):
+        content_type = reply.headers.get('content-type', '')
+        data = reply.body
+        if 'json' in content_type or (data[:1] in (b'[', b'{') and not content_type):
+            try:
+                data = loads(data)
+            except CodecError:
+                data = reply.body.decode('utf-8', 'replace')
+        else:
+            data = data.decode('utf-8', 'replace')
+        if reply.status >= 400 or reply.status < 200:
+            raise self._error(rule, reply.status, data)
+        if reply.headers.get('x-mconnector-types') and isinstance(data, dict):
+            try:
+                data = from_wire(data['result'], data['types'])
+            except (KeyError, TypeError):
+                raise CodecError('malformed typed reply from %s%s' % (self.address, rule)) from None
+        return _unwrap(data)
+
+    def _error(self, rule, status, data):
+        error = data.get('error') if isinstance(data, dict) else None
+        if isinstance(error, dict):
+            message = str(error.get('message', ''))
+            type_name = str(error.get('type', 'Exception'))
+        else:
+            message = str(data)[:500] or _STATUS_TEXT.get(status, 'error')
+            type_name = 'Exception'
+        if status == 500:
+            return RemoteError(type_name, message, rule, self.address,
+                               error.get('traceback') if error else None)
+        cls = {400: BadRequest, 401: AuthError, 403: AuthError, 404: NotFound,
+               405: MethodNotAllowed}.get(status, CallError)
+        return cls(message, status, rule, self.address)
+
+    # -- the connection -------------------------------------------------------------------
+
+    def _connection(self):
+        conn = getattr(self._local, 'conn', None)
+        if conn is not None and conn.sock is not None and _connection_is_stale(conn.sock):
+            conn.close()
+        if conn is None:
+            import http.client
+            if self._scheme == 'https':
+                conn = http.client.HTTPSConnection(self._host, self._port, timeout=self.timeout,
+                                                   context=self._ssl_context())
+            else:
+                conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
+            self._local.conn = conn
+        conn.timeout = self.timeout
+        return conn
+
+    def _ssl_context(self):
+        if self._ssl is None:
+            import ssl
+            context = ssl.create_default_context(cafile=self._cafile)
+            if not self._verify:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            self._ssl = context
+        return self._ssl
+
+    def _exchange(self, method, rule, body, headers):
+        where = '%s%s' % (self.address, rule)
+        for attempt in (1, 2):
+            conn = self._connection()
+            reused = conn.sock is not None
+            try:
+                conn.request(method, self._prefix + rule, body, headers)
+            except socket.timeout:
+                conn.close()
+                raise CallTimeout('no connection to %s within %ss' % (where, self.timeout)) from None
+            except (ConnectionRefusedError, socket.gaierror) as exc:
+                conn.close()
+                raise Unreachable('cannot reach %s: %s' % (where, exc)) from None
+            except OSError as exc:
+                conn.close()
+                if reused and attempt == 1:
+                    continue        # the request was not written: safe to send again
+                raise NetworkError('cannot send to %s: %s' % (where, exc)) from None
+            break
+        try:
+            response = conn.getresponse()
+            data = response.read()
+        except socket.timeout:
+            conn.close()
+            raise CallTimeout('%s did not answer within %ss' % (where, self.timeout)) from None
+        except (OSError, _http_exceptions()) as exc:
+            conn.close()
+            raise NetworkError('connection to %s lost after the call was sent (it may have run):'
+                               ' %s' % (where, exc or type(exc).__name__)) from None
+        reply_headers = {k.lower(): v for k, v in response.getheaders()}
+        if response.will_close:
+            conn.close()
+        return _Reply(response.status, reply_headers, data)
+
+
+def _http_exceptions():
+    import http.client
+    return http.client.HTTPException
 
 
 # ###########################################################################################
