@@ -51,6 +51,21 @@ import time
 
 __version__ = '1.0.0'
 
+__all__ = [
+    # listener and sender
+    'Microservice', 'SanicApp', 'Friend', 'Response',
+    # values
+    'register', 'to_wire', 'from_wire', 'dumps', 'loads',
+    # routing and HTTP pieces
+    'Rule', 'Router', 'parse_request_line', 'parse_header_line', 'build_response_head',
+    # errors
+    'MConnectorError', 'CodecError', 'RouteError', 'HTTPError', 'RemoteError', 'CallError',
+    'BadRequest', 'AuthError', 'NotFound', 'MethodNotAllowed', 'NetworkError', 'Unreachable',
+    'CallTimeout',
+    # command line
+    'main',
+]
+
 log = logging.getLogger('mconnector')
 
 
@@ -1734,4 +1749,184 @@ def _http_exceptions():
 # 10. Command line
 # ###########################################################################################
 
-# (filled in below)
+def _load_target(target):
+    """Import TARGET ('app1', 'pkg.app', 'path/app1.py', each optionally ':attribute')."""
+    import importlib
+    import importlib.util
+    target, _, attribute = target.partition(':') if not os.path.exists(target) else (target, '', '')
+    if target.endswith('.py') or os.path.sep in target:
+        path = os.path.abspath(target)
+        if not os.path.isfile(path):
+            raise SystemExit('mconnector: no such file: %s' % target)
+        directory, filename = os.path.split(path)
+        sys.path.insert(0, directory)
+        name = os.path.splitext(filename)[0]
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    else:
+        if '' not in sys.path and os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        module = importlib.import_module(target)
+    return module, attribute
+
+
+def _find_servers(module, attribute):
+    """The Microservice and websocket servers that `module` defines (or the one named)."""
+    if attribute:
+        try:
+            values = [getattr(module, attribute)]
+        except AttributeError:
+            raise SystemExit('mconnector: %s has no attribute %r' % (module.__name__, attribute))
+    else:
+        values = list(vars(module).values())
+    services, sockets, seen = [], [], set()
+    socket_class = globals().get('SocketServer')
+    for value in values:
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if isinstance(value, _FlaskLike):
+            value = value.service
+        if isinstance(value, Microservice):
+            services.append(value)
+        elif socket_class is not None and isinstance(value, socket_class):
+            sockets.append(value)
+    return services, sockets
+
+
+def _serve_command(options):
+    module, attribute = _load_target(options.target)
+    services, sockets = _find_servers(module, attribute)
+    if not services and not sockets:
+        raise SystemExit('mconnector: %s defines no Microservice (nor SocketServer)' % options.target)
+    if len(services) > 1:
+        names = ', '.join(sorted(k for k, v in vars(module).items() if v in services))
+        raise SystemExit('mconnector: %s defines several Microservices (%s): name one as %s:NAME'
+                         % (options.target, names, options.target))
+    _default_logging()
+    if options.debug:
+        log.setLevel(logging.DEBUG if options.debug > 1 else logging.INFO)
+    for server in sockets:
+        kwargs = {} if options.ws_port is None else {'port': options.ws_port}
+        if options.host is not None:
+            kwargs['host'] = options.host
+        server.run(**kwargs)
+    try:
+        if services:
+            services[0].run(port=options.port, host=options.host,
+                            debug=True if options.debug else None)
+        else:
+            threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for server in sockets:
+            server.stop()
+    return 0
+
+
+def _argument(text):
+    """Command-line values are JSON where they parse ('1', '[1, 2]', '"x"'), else text."""
+    return _query_value(text)
+
+
+def _call_command(options):
+    args, kwargs = [], {}
+    for item in options.args:
+        name, sep, value = item.partition('=')
+        if sep and _IDENTIFIER.match(name):
+            kwargs[name] = _argument(value)
+        else:
+            args.append(_argument(item))
+    friend = Friend('cli', options.url, timeout=options.timeout,
+                    verify=not options.insecure, cafile=options.cafile)
+    rule = options.rule if options.rule.startswith('/') else '/' + options.rule
+    friend.setRule(rule, method=options.method, token=options.token)
+    try:
+        if options.json:
+            if args:
+                raise SystemExit('mconnector: --json takes NAME=VALUE arguments only')
+            result = friend.json(rule, **kwargs)
+        else:
+            result = friend.send(rule, *args, **kwargs)
+    except MConnectorError as exc:
+        sys.stderr.write('mconnector: %s: %s\n' % (type(exc).__name__, exc))
+        return 1
+    finally:
+        friend.close()
+    sys.stdout.write(json.dumps(to_wire(result), indent=2, ensure_ascii=False, default=str) + '\n')
+    return 0
+
+
+def _ws_cli(options):
+    command = globals().get('_ws_command')
+    if command is None:
+        raise SystemExit('mconnector: this build has no websocket client')
+    return command(options.url, timeout=options.timeout)
+
+
+def _parser():
+    import argparse
+    parser = argparse.ArgumentParser(
+        prog='mconnector',
+        description='Services that call each other like local functions (standard library only).')
+    parser.add_argument('--version', action='version', version='mconnector ' + __version__)
+    commands = parser.add_subparsers(dest='command', metavar='COMMAND')
+    commands.required = True
+
+    serve = commands.add_parser(
+        'serve', help='run the Microservice (and websocket servers) that a module defines',
+        description='Import TARGET and serve the Microservice it defines, plus any '
+                    'SocketServer, until Ctrl+C.')
+    serve.add_argument('target', metavar='TARGET',
+                       help='module name (app1), file (path/app1.py), optionally :NAME')
+    serve.add_argument('--host', help="address to bind (default: the service's own, 0.0.0.0)")
+    serve.add_argument('--port', type=int, help="port (default: the service's own, 5000)")
+    serve.add_argument('--ws-port', type=int, help='port for the websocket server')
+    serve.add_argument('--debug', action='count', default=0,
+                       help='log every request, return tracebacks (twice: debug logging)')
+    serve.set_defaults(run=_serve_command)
+
+    call = commands.add_parser(
+        'call', help='call a rule and print the answer as JSON',
+        description='Call RULE on the listener at URL.  ARGS are positional arguments and '
+                    'NAME=VALUE keyword arguments; each value is JSON where it parses '
+                    '(1, 2.5, true, [1,2], {"a":1}) and a string otherwise.')
+    call.add_argument('url', metavar='URL', help='listener address, e.g. http://127.0.0.1:5000')
+    call.add_argument('rule', metavar='RULE', help='the rule, e.g. /helloworld')
+    call.add_argument('args', metavar='ARGS', nargs='*', help='VALUE or NAME=VALUE')
+    call.add_argument('--token', help='token for the rule')
+    call.add_argument('--method', help='HTTP method (default POST)')
+    call.add_argument('--json', action='store_true',
+                      help='send NAME=VALUE pairs as one JSON object (for @M.json rules)')
+    call.add_argument('--timeout', type=float, default=30.0, help='seconds (default 30)')
+    call.add_argument('--cafile', help='CA certificates for https:// listeners')
+    call.add_argument('--insecure', action='store_true', help='do not verify https certificates')
+    call.set_defaults(run=_call_command)
+
+    ws = commands.add_parser(
+        'ws', help='interactive websocket client',
+        description='Connect to a websocket URL; lines read from standard input are sent, '
+                    'messages received are printed.')
+    ws.add_argument('url', metavar='URL', help='e.g. ws://127.0.0.1:8765/hello')
+    ws.add_argument('--timeout', type=float, default=10.0, help='connect timeout in seconds')
+    ws.set_defaults(run=_ws_cli)
+    return parser
+
+
+def main(argv=None):
+    """Entry point of `python -m mconnector` and of the `mconnector` console script."""
+    options = _parser().parse_args(argv)
+    try:
+        return options.run(options)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == '__main__':
+    # User code run by `serve` imports mconnector: give it this very module, not a second
+    # copy whose classes would not be the ones the command looks for.
+    sys.modules.setdefault('mconnector', sys.modules[__name__])
+    sys.exit(main())

@@ -15,6 +15,7 @@ import time
 import unittest
 
 import mconnector
+from mconnector import Friend, Microservice
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -60,7 +61,673 @@ class RuleTest(unittest.TestCase):
 # Values, HTTP, listener, sender, command line (issue 2)
 # ==========================================================================================
 
-# (core tests)
+class Service:
+    """A live listener on 127.0.0.1, port 0, for one test; stopped by the test's cleanup."""
+
+    @staticmethod
+    def start(test, service, **friend_options):
+        service.start(port=0, host='127.0.0.1')
+        test.addCleanup(service.stop)
+        friend = Friend('test', service.url, **friend_options)
+        test.addCleanup(friend.close)
+        return friend
+
+
+def raw_request(port, data, read_until_close=True, timeout=5):
+    """Send raw bytes to 127.0.0.1:port and return what comes back (until close)."""
+    with socket.create_connection(('127.0.0.1', port), timeout=timeout) as sock:
+        sock.sendall(data)
+        chunks = []
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except socket.timeout:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+            if not read_until_close and b'\r\n\r\n' in b''.join(chunks):
+                break
+        return b''.join(chunks)
+
+
+def load_example(name):
+    """Import examples/NAME.py as a module (its prints silenced), as `serve` would."""
+    import contextlib
+    import importlib.util
+    import io
+    spec = importlib.util.spec_from_file_location('example_' + name,
+                                                  os.path.join(HERE, 'examples', name + '.py'))
+    module = importlib.util.module_from_spec(spec)
+    with contextlib.redirect_stdout(io.StringIO()):
+        spec.loader.exec_module(module)
+    return module
+
+
+class CodecTest(unittest.TestCase):
+    """Values on the wire: the 0.3.7 layout, and type notes between mconnector peers."""
+
+    def round_trip(self, value):
+        notes = []
+        data = json.loads(json.dumps(mconnector.to_wire(value, notes)))
+        return mconnector.from_wire(data, json.loads(json.dumps(notes)))
+
+    def test_plain_values_pass_unchanged(self):
+        value = {'s': 'x', 'i': 1, 'f': 2.5, 'b': True, 'n': None, 'l': [1, [2]], 'd': {'k': {}}}
+        notes = []
+        self.assertEqual(mconnector.to_wire(value, notes), value)
+        self.assertEqual(notes, [])
+
+    def test_objects_travel_as_their_public_attributes(self):
+        class Thing:
+            kind = 'k'
+            empty = None
+            def __init__(self, value):
+                self.value = value
+            def method(self):
+                pass
+        wire = mconnector.to_wire([Thing(Thing(1))])
+        self.assertEqual(wire, [{'empty': None, 'kind': 'k',
+                                 'value': {'empty': None, 'kind': 'k', 'value': 1}}])
+
+    def test_types_json_loses_are_restored(self):
+        import datetime
+        import decimal
+        import uuid
+        value = {'t': (1, (2, 3)), 's': {1, 2}, 'fs': frozenset({(1, 2)}), 'b': b'\x00\xff',
+                 'dt': datetime.datetime(2020, 1, 2, 3, 4, 5, 6), 'd': datetime.date(2020, 1, 2),
+                 'tm': datetime.time(1, 2, 3), 'td': datetime.timedelta(seconds=1.5),
+                 'dec': decimal.Decimal('1.10'), 'u': uuid.UUID(int=5), 'l': [(1,), {'x': (2,)}]}
+        self.assertEqual(self.round_trip(value), value)
+        self.assertIsInstance(self.round_trip(value)['l'][0], tuple)
+
+    def test_registered_class_is_rebuilt_recursively(self):
+        @mconnector.register
+        class Point:
+            def __init__(self, x, y):
+                self.x, self.y = x, y
+            def __eq__(self, other):
+                return type(other) is Point and (self.x, self.y) == (other.x, other.y)
+        value = [Point(1, Point(2, 3)), {'p': Point((4,), None)}]
+        self.assertEqual(self.round_trip(value), value)
+
+    def test_degraded_form_for_plain_json_peers(self):
+        import datetime
+        wire = mconnector.to_wire({'t': (1, 2), 'b': b'hi', 'd': datetime.date(2020, 1, 2)})
+        self.assertEqual(wire, {'t': [1, 2], 'b': 'aGk=', 'd': '2020-01-02'})
+
+    def test_bad_notes_and_cycles_are_clear_errors(self):
+        for data, notes in (([1], [[[0], 'tuple']]), ([1], [[[5], 'set']]), ({}, 'x'),
+                            (['x'], [[[0], 'bytes']]), ([1], [[[0], 'pickle']])):
+            with self.assertRaises(mconnector.CodecError, msg=notes):
+                mconnector.from_wire(data, notes)
+        loop = []
+        loop.append(loop)
+        with self.assertRaises(mconnector.CodecError):
+            mconnector.to_wire(loop)
+        for body in (b'{', b'\xff', b'[' * 100000):
+            with self.assertRaises(mconnector.CodecError):
+                mconnector.loads(body)
+
+
+class HTTPCoreTest(unittest.TestCase):
+    """The sans-I/O HTTP pieces, on bytes."""
+
+    def test_request_line(self):
+        self.assertEqual(mconnector.parse_request_line(b'POST /a?b=1 HTTP/1.1\r\n'),
+                         ('POST', '/a?b=1', (1, 1)))
+        for bad, status in ((b'GET /\r\n', 400), (b'GET  / HTTP/1.1\r\n', 400),
+                            (b'GET / HTTP/2.0\r\n', 505), (b'G(T / HTTP/1.1\r\n', 400),
+                            (b'GET x HTTP/1.1\r\n', 400), (b'GET / HTTP/1.10\r\n', 400),
+                            (b'\xff / HTTP/1.1\r\n', 400)):
+            with self.assertRaises(mconnector.HTTPError, msg=bad) as caught:
+                mconnector.parse_request_line(bad)
+            self.assertEqual(caught.exception.status, status)
+
+    def test_header_lines(self):
+        headers = {}
+        mconnector.parse_header_line(b'Content-Type: application/json\r\n', headers)
+        mconnector.parse_header_line(b'X-A: 1\r\n', headers)
+        mconnector.parse_header_line(b'x-a:2 \r\n', headers)
+        self.assertEqual(headers, {'content-type': 'application/json', 'x-a': '1, 2'})
+        for bad in (b'no colon\r\n', b' folded: x\r\n', b'Bad Name: x\r\n', b'X: a\x00b\r\n'):
+            with self.assertRaises(mconnector.HTTPError, msg=bad):
+                mconnector.parse_header_line(bad, {})
+
+    def test_response_head_and_chunks(self):
+        head = mconnector.build_response_head(200, [('Content-Type', 'text/plain')], 5)
+        self.assertTrue(head.startswith(b'HTTP/1.1 200 OK\r\n'))
+        self.assertIn(b'Content-Length: 5\r\n', head)
+        self.assertTrue(head.endswith(b'\r\n\r\n'))
+        chunked = mconnector.build_response_head(200, [], None, keep_alive=False)
+        self.assertIn(b'Transfer-Encoding: chunked\r\n', chunked)
+        self.assertIn(b'Connection: close\r\n', chunked)
+
+    def test_read_chunked(self):
+        import io
+        read = mconnector.read_chunked
+        self.assertEqual(read(io.BytesIO(b'3\r\nabc\r\n2;x=y\r\nde\r\n0\r\nT: 1\r\n\r\n'), 100),
+                         b'abcde')
+        for bad, status in ((b'zz\r\n', 400), (b'3\r\nab', 400), (b'-1\r\n', 400),
+                            (b'ff\r\n' + b'a' * 255 + b'\r\n0\r\n\r\n', 413)):
+            with self.assertRaises(mconnector.HTTPError) as caught:
+                read(io.BytesIO(bad), 100)
+            self.assertEqual(caught.exception.status, status)
+
+
+class SeedTutorialTest(unittest.TestCase):
+    """The seed's chapters 3-6 through the example files, with the outputs the seed shows."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.module = load_example('tutorial_listener')
+        cls.service = cls.module.Micro
+        cls.service.start(port=0, host='127.0.0.1')
+        cls.friend = Friend('app1', cls.service.url)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.friend.close()
+        cls.service.stop()
+
+    def test_quickstart(self):
+        app1 = load_example('app1')
+        friend = Service.start(self, app1.Micro)
+        self.assertEqual(friend.send('/helloworld', 'Mr. Developer'), 'Welcome Mr. Developer')
+
+    def test_strings_and_numbers(self):
+        f = self.friend
+        self.assertEqual(f.send('/str', 'A variable value', key='A keyword variable value'),
+                         'A variable value-A keyword variable value')
+        self.assertEqual(f.send('/str2', 'a', key='b'), ('a', 'b', 'a-b'))
+        x = f.send('/int', 2018, key=312)
+        self.assertEqual((x, type(x)), (2330, int))
+        self.assertAlmostEqual(f.send('/float', 2.018, key=3.12), 5.138)
+        x, y, z = f.send('/int3', 3.1427, key=1000000000)
+        self.assertEqual((x, y), (1000000003.1427, 1000000000000000000))
+        self.assertAlmostEqual(z, 9.87656329)
+
+    def test_lists_and_dicts(self):
+        f = self.friend
+        self.assertEqual(f.send('/list', [12, 34, 45], key=['abc', 'zyz']),
+                         [12, 34, 45, 'abc', 'zyz'])
+        x = f.send('/dict', {'keyword': ['anything']}, key={'int': 20, 'str': 'adfafsa', 'float': 0.2323})
+        self.assertEqual(str(x), "{'dict': {'keyword': ['anything']}, 'float': 0.2323, "
+                                 "'int': 20, 'str': 'adfafsa'}")
+        self.assertEqual(f.send('/list3', {'keyword': ['anything']}, key=['abc', 'zyz']),
+                         ({'keyword': ['anything']}, ['abc', 'zyz', 'other value'], None))
+
+    def test_none_classes_and_tokens(self):
+        f = Friend('app1', self.service.url)
+        self.addCleanup(f.close)
+        self.assertIsNone(f.send('/None', [12, 34, 45], key=['abc', 'zyz']))
+        with self.assertRaises(mconnector.AuthError):
+            f.send('/class', {'keyword': ['anything']}, key={})
+        f.setRule('/class', token='123456')
+        x = f.send('/class', {'keyword': ['anything']}, key={'int': 20})
+        self.assertEqual(str(x), "{'Purpose': 'For test only', 'empty': None, 'name': 'test', "
+                                 "'value': {'keyword': ['anything']}}")
+        f.setRule('/class3', token='123456')
+        t1, t2 = self.module.testservice('value1'), self.module.testservice('value2')
+        x, y, z = f.send('/class3', [t1, t2], key={'t1': t1, 't2': t2, 'list': [t1, t2]})
+        one = {'Purpose': 'For test only', 'empty': None, 'name': 'test', 'value': 'value1'}
+        two = dict(one, value='value2')
+        self.assertEqual(y, dict(one, value=[one, two]))
+        self.assertEqual(z, [y, x])
+        self.assertEqual(x['value']['list'], [one, two])
+
+    def test_json_and_async_json(self):
+        f = self.friend
+        self.assertEqual(f.json('/json', a=12, b='This is a text', c={'dict': 'a dict'}),
+                         {'1': 12, '2': 'This is a text', '3': {'dict': 'a dict'}})
+        self.assertEqual(f.json('/json1', method='GET', a={'dict': 'a only dict'}),
+                         {'dict': 'a only dict'})
+        self.assertEqual(f.json('/json1', a={'dict': 'a only dict'}), {'dict': 'a only dict'})
+
+    def test_sender_example_prints_the_seed_results(self):
+        out = subprocess.run([sys.executable, os.path.join(HERE, 'examples', 'tutorial_sender.py'),
+                              self.service.url], capture_output=True, text=True, timeout=30,
+                             env=dict(os.environ, PYTHONPATH=HERE))
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertIn("x= 2330 <class 'int'>", out.stdout)
+        self.assertIn("y= 1000000000000000000 <class 'int'>", out.stdout)
+        self.assertIn("Asynchonous GET: {'dict': 'a only dict'}", out.stdout)
+
+
+class ListenerTest(unittest.TestCase):
+    """Rules, modes, errors and statuses as a sender and curl see them."""
+
+    def setUp(self):
+        self.calls = []
+        M = self.M = Microservice('svc', token={'/secret': 's3cret'})
+
+        @M.typing('/echo', methods=['GET', 'POST'])
+        @M.reply
+        def echo(*args, **kwargs):
+            self.calls.append('echo')
+            return args, kwargs
+
+        @M.typing('/add')
+        @M.reply
+        def add(a, b=1):
+            return a + b
+
+        @M.typing('/boom')
+        @M.reply
+        def boom(x):
+            raise KeyError('no such thing: %s' % x)
+
+        @M.typing('/secret')
+        @M.reply
+        def secret():
+            self.calls.append('secret')
+            return 'in'
+
+        @M.typing('/user/<name>/<id:int>', methods=['GET', 'POST'])
+        @M.reply
+        def user(name, id, extra=None):
+            return name, id, extra
+
+        @M.route('/flask/<int:n>/<v:number>')
+        @M.reply
+        def flask_style(n, v):
+            return n, v
+
+        @M.typing('/guarded', token='t0k')
+        @M.json
+        def guarded(a):
+            self.calls.append('guarded')
+            return a
+
+        @M.typing('/d')
+        @M.dict
+        def as_dict(a=1):
+            return {'a': a}
+
+        @M.typing('/stream')
+        @M.stream
+        def streamed(n):
+            return {'items': list(range(n))}
+
+        @M.typing('/gen')
+        @M.stream
+        def generated(n):
+            for i in range(n):
+                yield {'i': i}
+
+        @M.typing('/async')
+        @M.reply
+        async def asynchronous(x):
+            import asyncio
+            await asyncio.sleep(0)
+            return x * 2, id(asyncio.get_running_loop())
+
+        @M.app.route('/page/<name>')
+        def page(name, q='none'):
+            return '<b>%s %s</b>' % (name, q)
+
+        self.friend = Service.start(self, M)
+        self.port = M.port
+
+    def test_several_values_come_back_as_a_tuple(self):
+        self.assertEqual(self.friend.send('/echo', 1, 'two', k=[3]), ((1, 'two'), {'k': [3]}))
+        self.assertEqual(self.friend.send('/add', 2, b=3), 5)
+
+    def test_unknown_rule_404_and_wrong_method_405(self):
+        with self.assertRaises(mconnector.NotFound) as caught:
+            self.friend.send('/nowhere')
+        self.assertEqual(caught.exception.status, 404)
+        self.assertIn('/nowhere', str(caught.exception))
+        self.friend.setRule('/add', method='DELETE')
+        with self.assertRaises(mconnector.MethodNotAllowed) as caught:
+            self.friend.send('/add', 1)
+        self.assertEqual(caught.exception.status, 405)
+        self.assertEqual(self.friend.lastreply.headers['allow'], 'POST')
+
+    def test_wrong_arguments_400_names_the_signature(self):
+        with self.assertRaises(mconnector.BadRequest) as caught:
+            self.friend.send('/add', 1, 2, 3)
+        self.assertIn('add(a, b=1)', str(caught.exception))
+        with self.assertRaises(mconnector.BadRequest):
+            self.friend.send('/add', c=1)
+
+    def test_bad_bodies_400_and_service_goes_on(self):
+        for body in (b'{not json', b'[1, 2]', b'{"args": 5}', b'{"kwargs": []}', b'\xff\xfe',
+                     b'{"args": [1], "types": [[[0, 0], "set"]]}', b'{"types": "x", "args": [1]}'):
+            reply = raw_request(self.port, b'POST /add HTTP/1.1\r\nHost: x\r\nConnection: close\r\n'
+                                b'Content-Length: %d\r\n\r\n%s' % (len(body), body))
+            self.assertTrue(reply.startswith(b'HTTP/1.1 400 '), (body, reply))
+            self.assertEqual(json.loads(reply.split(b'\r\n\r\n', 1)[1])['error']['status'], 400)
+        self.assertEqual(self.friend.send('/add', 1), 2)
+
+    def test_exception_in_function_is_500_remote_error(self):
+        with self.assertLogs('mconnector', 'WARNING') as logs, \
+                self.assertRaises(mconnector.RemoteError) as caught:
+            self.friend.send('/boom', 'x')
+        error = caught.exception
+        self.assertEqual((error.type, error.message), ('KeyError', "'no such thing: x'"))
+        self.assertIsNone(error.remote_traceback)
+        self.assertIn('/boom raised KeyError', logs.output[0])
+        self.M.debug = True
+        with self.assertLogs('mconnector', 'ERROR'), \
+                self.assertRaises(mconnector.RemoteError) as caught:
+            self.friend.send('/boom', 'y')
+        self.assertIn('Traceback', caught.exception.remote_traceback)
+
+    def test_token_refused_without_running_the_function(self):
+        for token in (None, 'wrong', ''):
+            friend = Friend('t', self.M.url, token={'/secret': token} if token is not None else None)
+            self.addCleanup(friend.close)
+            with self.assertRaises(mconnector.AuthError) as caught:
+                friend.send('/secret')
+            self.assertEqual(caught.exception.status, 401)
+        self.assertEqual(self.calls, [])
+        self.friend.setRule('/secret', token='s3cret')
+        self.assertEqual(self.friend.send('/secret'), 'in')
+        self.assertTrue(self.friend.removeToken('/secret'))
+        with self.assertRaises(mconnector.AuthError):
+            self.friend.send('/secret')
+        self.assertTrue(self.M.removeToken('/secret'))
+        self.assertEqual(self.friend.send('/secret'), 'in')
+
+    def test_token_by_bearer_header_and_json_body(self):
+        with self.assertRaises(mconnector.AuthError):
+            self.friend.json('/guarded', a=1)
+        self.assertEqual(self.calls, [])
+        body = b'{"a": 5, "token": "t0k"}'
+        reply = raw_request(self.port, b'POST /guarded HTTP/1.1\r\nHost: x\r\nConnection: close\r\n'
+                            b'Content-Length: %d\r\n\r\n%s' % (len(body), body))
+        self.assertTrue(reply.startswith(b'HTTP/1.1 200 '), reply)
+        self.assertTrue(reply.endswith(b'[5]'), reply)
+        self.friend.setRule('/guarded', token='t0k')
+        self.assertEqual(self.friend.json('/guarded', a=2), 2)
+
+    def test_listener_wide_token(self):
+        M = Microservice('locked', token='all')
+
+        @M.typing('/x')
+        def x():
+            return 1
+        friend = Service.start(self, M)
+        with self.assertRaises(mconnector.AuthError):
+            friend.send('/x')
+        self.assertEqual(Friend('ok', M.url, token='all').send('/x'), 1)
+
+    def test_route_parameters_and_query_string(self):
+        self.assertEqual(self.friend.send('/user/bob/7', extra=[1]), ('bob', 7, [1]))
+        self.assertEqual(self.friend.send('/flask/3/2.5'), (3, 2.5))
+        with self.assertRaises(mconnector.NotFound):
+            self.friend.send('/user/bob/seven')
+        reply = raw_request(self.port, b'GET /user/ann/2?extra=%7B%22a%22%3A1%7D HTTP/1.1\r\n'
+                            b'Host: x\r\nConnection: close\r\n\r\n')
+        self.assertTrue(reply.endswith(b'["ann", 2, {"a": 1}]'), reply)
+        reply = raw_request(self.port, b'GET /echo?a=1&b=text HTTP/1.1\r\nConnection: close\r\n\r\n')
+        self.assertTrue(reply.endswith(b'[[], {"a": 1, "b": "text"}]'), reply)
+
+    def test_dict_stream_and_generator_modes(self):
+        self.assertEqual(self.friend.json('/d', a=5), {'a': 5})
+        self.assertEqual(self.friend.json('/stream', n=3), {'items': [0, 1, 2]})
+        self.assertEqual(self.friend.lastreply.headers['transfer-encoding'], 'chunked')
+        self.assertEqual(self.friend.json('/gen', n=3), ({'i': 0}, {'i': 1}, {'i': 2}))
+
+    def test_async_functions_share_one_loop(self):
+        (x, loop1), (_, loop2) = self.friend.send('/async', 2), self.friend.send('/async', 3)
+        self.assertEqual(x, 4)
+        self.assertEqual(loop1, loop2)
+
+    def test_flask_like_app(self):
+        reply = raw_request(self.port, b'GET /page/ann?q=1 HTTP/1.1\r\nConnection: close\r\n\r\n')
+        self.assertIn(b'Content-Type: text/html', reply)
+        self.assertTrue(reply.endswith(b'<b>ann 1</b>'), reply)
+
+    def test_head_keep_alive_and_expect_continue(self):
+        with socket.create_connection(('127.0.0.1', self.port), timeout=5) as sock:
+            body = b'{"args": [1, 2]}'
+            sock.sendall(b'POST /add HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n'
+                         b'Content-Length: %d\r\n\r\n' % len(body))
+            self.assertEqual(sock.recv(100), b'HTTP/1.1 100 Continue\r\n\r\n')
+            sock.sendall(body)
+            first = sock.recv(4096)
+            self.assertTrue(first.startswith(b'HTTP/1.1 200') and first.endswith(b'[3]'), first)
+            sock.sendall(b'HEAD /echo HTTP/1.1\r\nHost: x\r\n\r\n')
+            second = sock.recv(4096)
+            self.assertTrue(second.startswith(b'HTTP/1.1 200') and second.endswith(b'\r\n\r\n'))
+
+    def test_malformed_requests_get_400_and_service_goes_on(self):
+        for data in (b'garbage\r\n\r\n', b'GET / HTTP/1.1\r\nBad Header\r\n\r\n',
+                     b'POST /add HTTP/1.1\r\nContent-Length: x\r\n\r\n',
+                     b'POST /add HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n',
+                     b'GET /' + b'a' * 10000 + b' HTTP/1.1\r\n\r\n'):
+            reply = raw_request(self.port, data)
+            self.assertRegex(reply[:12], rb'HTTP/1.1 4\d\d', data[:40])
+        reply = raw_request(self.port, b'POST /add HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n')
+        self.assertTrue(reply.startswith(b'HTTP/1.1 413'), reply)
+        self.assertEqual(self.friend.send('/add', 41), 42)
+
+    def test_wsgi_shell_serves_the_same_rules(self):
+        from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+        class Quiet(WSGIRequestHandler):
+            def log_message(self, *args):
+                pass
+        server = make_server('127.0.0.1', 0, self.M.wsgi, handler_class=Quiet)
+        thread = threading.Thread(target=server.serve_forever, kwargs={'poll_interval': 0.05})
+        thread.start()
+        self.addCleanup(thread.join)
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        friend = Friend('wsgi', 'http://127.0.0.1:%d' % server.server_port)
+        self.assertEqual(friend.send('/user/zoe/1'), ('zoe', 1, None))
+        with self.assertLogs('mconnector', 'WARNING'), self.assertRaises(mconnector.RemoteError):
+            friend.send('/boom', 1)
+        with self.assertRaises(mconnector.AuthError):
+            friend.send('/secret')
+
+
+class SenderTest(unittest.TestCase):
+    """Friend: typed values, connections, timeouts, errors as exceptions."""
+
+    def setUp(self):
+        M = self.M = Microservice('svc', timeout=30)
+        self.release = threading.Event()
+        self.runs = []
+
+        @M.typing('/same')
+        def same(*args, **kwargs):
+            self.runs.append(1)
+            return args, kwargs
+
+        @M.typing('/slow')
+        def slow():
+            self.release.wait(10)
+            return 'late'
+
+        @M.typing('/kw')
+        @M.dict
+        def kw(**kwargs):
+            return kwargs
+
+        self.friend = Service.start(self, M)
+        self.addCleanup(self.release.set)
+
+    def test_types_json_loses_survive_between_peers(self):
+        import datetime
+        import decimal
+        import uuid
+
+        @mconnector.register
+        class Money:
+            def __init__(self, amount):
+                self.amount = amount
+        args = ((1, 2), {3}, frozenset({4}), b'\x00', datetime.datetime(2024, 5, 6, 7, 8),
+                decimal.Decimal('0.1'), uuid.UUID(int=1), Money(decimal.Decimal('2.50')))
+        got_args, got_kwargs = self.friend.send('/same', *args, when=datetime.date(2024, 1, 1))
+        self.assertEqual(got_args[:7], args[:7])
+        self.assertIsInstance(got_args, tuple)
+        self.assertIsInstance(got_args[7], Money)
+        self.assertEqual(got_args[7].amount, decimal.Decimal('2.50'))
+        self.assertEqual(got_kwargs, {'when': datetime.date(2024, 1, 1)})
+
+    def test_plain_json_peer_gets_plain_json(self):
+        # What a 0.3.7 sender (requests.post(json=...)) sends and reads back.
+        body = b'{"args": [[1, 2], "x"], "kwargs": {"k": {"a": null}}, "token": null}'
+        reply = raw_request(self.M.port, b'POST /same HTTP/1.1\r\nContent-Type: application/json'
+                            b'\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s' % (len(body), body))
+        self.assertTrue(reply.startswith(b'HTTP/1.1 200'), reply)
+        self.assertEqual(json.loads(reply.split(b'\r\n\r\n', 1)[1]),
+                         [[[1, 2], 'x'], {'k': {'a': None}}])
+
+    def test_connection_is_kept_alive(self):
+        self.friend.send('/same')
+        sock = self.friend._local.conn.sock
+        for _ in range(5):
+            self.friend.send('/same')
+        self.assertIs(self.friend._local.conn.sock, sock)
+
+    def test_connection_closed_by_listener_is_replaced_without_resending(self):
+        self.M.timeout = 0.2        # listener drops idle connections after 0.2 s
+        self.friend.send('/same')
+        sock = self.friend._local.conn.sock
+        self.assertTrue(wait_for(lambda: mconnector._connection_is_stale(sock), 5))
+        del self.runs[:]
+        self.friend.send('/same', 1)
+        self.assertEqual(self.runs, [1])
+
+    def test_many_threads_through_one_friend(self):
+        results, errors = [], []
+
+        def worker(n):
+            try:
+                for i in range(30):
+                    results.append(self.friend.send('/same', n, i) == ((n, i), {}))
+            except Exception as exc:
+                errors.append(exc)
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertEqual(errors, [])
+        self.assertEqual(results, [True] * 240)
+
+    def test_timeout_is_a_timeout_error(self):
+        friend = Friend('impatient', self.M.url, timeout=0.2)
+        self.addCleanup(friend.close)
+        with self.assertRaises(mconnector.CallTimeout) as caught:
+            friend.send('/slow')
+        self.assertIsInstance(caught.exception, TimeoutError)
+        self.assertIsInstance(caught.exception, ConnectionError)
+        self.assertIn('/slow', str(caught.exception))
+        self.release.set()
+        self.assertEqual(friend.send('/same', 1), ((1,), {}))
+
+    def test_nothing_listening_is_unreachable(self):
+        with socket.socket() as s:
+            s.bind(('127.0.0.1', 0))
+            port = s.getsockname()[1]
+        friend = Friend('nobody', '127.0.0.1:%d' % port)
+        with self.assertRaises(mconnector.Unreachable) as caught:
+            friend.send('/x')
+        self.assertIsInstance(caught.exception, ConnectionError)
+        self.assertIsInstance(caught.exception, mconnector.MConnectorError)
+
+    def test_listener_restarted_between_calls(self):
+        self.assertEqual(self.friend.send('/same', 1), ((1,), {}))
+        port = self.M.port
+        self.M.stop()
+        self.M.start(port=port, host='127.0.0.1')
+        self.assertEqual(self.friend.send('/same', 2), ((2,), {}))
+
+    def test_send_async(self):
+        import asyncio
+
+        async def main():
+            return await asyncio.gather(self.friend.send_async('/same', 1, k=2),
+                                        self.friend.json_async('/kw', k=3))
+        self.assertEqual(asyncio.run(main()), [((1,), {'k': 2}), {'k': 3}])
+
+    def test_last_message_and_reply(self):
+        self.friend.send('/same', 'x')
+        self.assertEqual(self.friend.lastMessage, (('x',), {}))
+        self.assertEqual(self.friend.lastreply.status, 200)
+
+
+class CommandLineTest(unittest.TestCase):
+    def run_cli(self, *args, **options):
+        return subprocess.run([sys.executable, '-m', 'mconnector'] + list(args), cwd=HERE,
+                              capture_output=True, text=True, timeout=30, **options)
+
+    def test_help_and_version(self):
+        out = self.run_cli('--help')
+        self.assertEqual(out.returncode, 0)
+        for command in ('serve', 'call', 'ws'):
+            self.assertIn(command, out.stdout)
+            self.assertEqual(self.run_cli(command, '--help').returncode, 0)
+        self.assertIn(mconnector.__version__, self.run_cli('--version').stdout)
+
+    def test_call(self):
+        M = Microservice('cli')
+
+        @M.typing('/add')
+        def add(a, b=0):
+            return a + b
+
+        @M.typing('/j')
+        @M.json
+        def j(name, n):
+            return {'name': name, 'n': n}
+        Service.start(self, M)
+        out = self.run_cli('call', M.url, '/add', '40', 'b=2')
+        self.assertEqual((out.returncode, json.loads(out.stdout)), (0, 42), out.stderr)
+        out = self.run_cli('call', M.url, '/j', 'name=ann', 'n=[1]', '--json')
+        self.assertEqual(json.loads(out.stdout), {'name': 'ann', 'n': [1]})
+        out = self.run_cli('call', M.url, '/add', '"x"', '1')
+        self.assertEqual(out.returncode, 1)
+        self.assertIn('RemoteError', out.stderr)
+        self.assertEqual(len(out.stderr.strip().splitlines()), 1)
+
+    def test_serve_then_ctrl_c_exits_cleanly(self):
+        import signal
+        proc = subprocess.Popen(
+            [sys.executable, '-m', 'mconnector', 'serve', 'examples/app1.py', '--host', '127.0.0.1',
+             '--port', '0'], cwd=HERE, stderr=subprocess.PIPE, text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        self.addCleanup(proc.wait)
+        self.addCleanup(proc.kill)
+        line = proc.stderr.readline()
+        self.assertIn('listening on http://127.0.0.1:', line)
+        url = line.split('listening on ')[1].split()[0]
+        self.assertEqual(Friend('app1', url).send('/helloworld', 'Mr. Developer'),
+                         'Welcome Mr. Developer')
+        proc.send_signal(signal.SIGINT)
+        rest = proc.stderr.read()
+        self.assertEqual(proc.wait(10), 0)
+        self.assertNotIn('Traceback', rest)
+
+    def test_serve_without_a_service_is_a_clear_error(self):
+        out = self.run_cli('serve', 'json')
+        self.assertNotEqual(out.returncode, 0)
+        self.assertIn('defines no Microservice', out.stderr)
+
+
+class ModuleTest(unittest.TestCase):
+    def test_all_names_exist(self):
+        for name in mconnector.__all__:
+            self.assertTrue(hasattr(mconnector, name), name)
+
+    def test_seed_names_and_aliases(self):
+        self.assertIs(mconnector.SanicApp, Microservice)
+        self.assertIs(Microservice.route, Microservice.typing)
+        self.assertIs(Friend.set_rule, Friend.setRule)
+        self.assertIs(Friend.remove_token, Friend.removeToken)
+        self.assertIs(Microservice.remove_token, Microservice.removeToken)
+
+    def test_import_stays_light(self):
+        code = ('import sys, mconnector; heavy = {"asyncio", "ssl", "multiprocessing", '
+                '"http.client", "concurrent.futures", "email.parser"} & set(sys.modules); '
+                'print(sorted(heavy))')
+        out = subprocess.run([sys.executable, '-c', code], cwd=HERE, capture_output=True, text=True)
+        self.assertEqual(out.stdout.strip(), '[]', out.stderr)
 
 
 # ==========================================================================================
