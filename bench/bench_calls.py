@@ -1,0 +1,162 @@
+"""Calls per second through mconnector, beside a plain http.server handler, in one run.
+
+    python bench/bench_calls.py [--calls N] [--seconds S]
+
+Each listener runs in its own process (as services do); the sender is this process.
+Rows: sequential calls (microseconds per call, one connection kept alive) and calls from
+4 threads (calls per second).  The payload is small: one string argument, one string back.
+Where Flask + requests (what microservices-connector 0.3.7 runs on) are installed, they are
+measured too; otherwise their row says so.  Compare the ratios of one run: the machines
+these run on are shared and noisy.
+"""
+import argparse
+import os
+import subprocess
+import sys
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import mconnector  # noqa: E402
+
+LISTENERS = {
+    'mconnector': r'''
+import sys, mconnector
+M = mconnector.Microservice('bench')
+@M.typing('/hello')
+@M.reply
+def hello(name):
+    return 'Welcome %s' % name
+M.start(port=0, host='127.0.0.1')
+print(M.port, flush=True)
+sys.stdin.read()
+M.stop()
+''',
+    'http.server (plain handler)': r'''
+import sys, json, threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class H(BaseHTTPRequestHandler):
+    protocol_version = 'HTTP/1.1'
+    disable_nagle_algorithm = True
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers['Content-Length'])))
+        out = json.dumps(['Welcome %s' % body['args'][0]]).encode()
+        self.send_response(200)
+        self.send_header('Content-Type', 'application/json')
+        self.send_header('Content-Length', str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+    def log_message(self, *a):
+        pass
+s = ThreadingHTTPServer(('127.0.0.1', 0), H)
+s.daemon_threads = True
+threading.Thread(target=s.serve_forever, daemon=True).start()
+print(s.server_port, flush=True)
+sys.stdin.read()
+''',
+    'Flask + requests (0.3.7 stack)': r'''
+import sys, logging, threading
+from flask import Flask, request, jsonify
+from werkzeug.serving import make_server
+logging.getLogger('werkzeug').setLevel(logging.ERROR)
+app = Flask('bench')
+@app.route('/hello', methods=['POST'])
+def hello():
+    return jsonify(['Welcome %s' % request.json['args'][0]])
+s = make_server('127.0.0.1', 0, app, threaded=True)
+threading.Thread(target=s.serve_forever, daemon=True).start()
+print(s.server_port, flush=True)
+sys.stdin.read()
+''',
+}
+
+
+def start_listener(code):
+    proc = subprocess.Popen([sys.executable, '-c', code], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=dict(os.environ, PYTHONPATH=os.path.dirname(HERE)))
+    line = proc.stdout.readline()
+    if not line.strip().isdigit():
+        proc.kill()
+        proc.wait()
+        return None, None
+    return proc, int(line)
+
+
+def client_for(name, port):
+    """A function that makes one call and checks the answer."""
+    url = 'http://127.0.0.1:%d' % port
+    if name.startswith('Flask'):
+        import requests
+        session = threading.local()
+
+        def call():
+            s = getattr(session, 's', None) or setattr(session, 's', requests.Session()) \
+                or session.s
+            r = s.post(url + '/hello', json={'args': ['x'], 'kwargs': {}, 'token': None})
+            assert r.json() == ['Welcome x']
+        return call
+    friend = mconnector.Friend('bench', url)
+
+    def call():
+        assert friend.send('/hello', 'x') == 'Welcome x'
+    return call
+
+
+def measure(call, calls, threads):
+    for _ in range(50):
+        call()
+    per_thread = calls // threads
+
+    def run():
+        for _ in range(per_thread):
+            call()
+    workers = [threading.Thread(target=run) for _ in range(threads)]
+    start = time.perf_counter()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return time.perf_counter() - start, per_thread * threads
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--calls', type=int, default=3000, help='calls per measurement')
+    options = parser.parse_args()
+    rows = []
+    for name, code in LISTENERS.items():
+        if name.startswith('Flask'):
+            try:
+                import flask, requests  # noqa: F401
+            except ImportError:
+                rows.append((name, None, None))
+                continue
+        proc, port = start_listener(code)
+        if proc is None:
+            rows.append((name, None, None))
+            continue
+        try:
+            call = client_for(name, port)
+            seconds, n = measure(call, options.calls, 1)
+            sequential = seconds / n * 1e6
+            seconds, n = measure(call, options.calls, 4)
+            parallel = n / seconds
+        finally:
+            proc.stdin.close()
+            proc.wait(10)
+        rows.append((name, sequential, parallel))
+    base = rows[0]
+    print('%-32s %14s %10s %14s %10s' % ('listener + sender', 'sequential us', 'ratio',
+                                         '4 threads /s', 'ratio'))
+    for name, seq, par in rows:
+        if seq is None:
+            print('%-32s %14s' % (name, 'not installed'))
+            continue
+        print('%-32s %14.0f %9.2fx %14.0f %9.2fx' % (name, seq, seq / base[1], par, par / base[2]))
+
+
+if __name__ == '__main__':
+    main()
