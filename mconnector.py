@@ -921,6 +921,7 @@ class Microservice:
         self._server = None
         self._thread = None
         self._app = None
+        self.stats = {'connections': 0}   # connections accepted since creation
 
     def __repr__(self):
         return '<Microservice %r at %s>' % (self.name, self.url)
@@ -1434,6 +1435,7 @@ class _ServerMixin:
             pass
 
     def process_request(self, request, client_address):
+        self.service.stats['connections'] += 1
         with self._lock:
             self._connections.add(request)
         super().process_request(request, client_address)
@@ -1569,7 +1571,9 @@ class Friend:
                 self.setRule(rule, token=value)
         for rule, method in (ruleMethods or {}).items():
             self.setRule(rule, method=method)
-        self._local = threading.local()
+        self.max_idle = 16           # idle keep-alive connections kept for reuse
+        self._idle = []
+        self._idle_lock = threading.Lock()
         self.lastMessage = None
         self.lastreply = None
 
@@ -1635,11 +1639,11 @@ class Friend:
         return await asyncio.get_running_loop().run_in_executor(None, call)
 
     def close(self):
-        """Close this thread's connection (others close when their thread ends)."""
-        conn = getattr(self._local, 'conn', None)
-        if conn is not None:
+        """Close the idle connections (a later call opens a new one)."""
+        with self._idle_lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
             conn.close()
-            self._local.conn = None
 
     def __enter__(self):
         return self
@@ -1693,14 +1697,28 @@ class Friend:
 
     # -- the connection -------------------------------------------------------------------
 
-    def _connection(self):
-        conn = getattr(self._local, 'conn', None)
-        if conn is None:
-            context = self._ssl_context() if self._scheme == 'https' else None
-            conn = self._local.conn = _ClientConnection(self._host, self._port, context)
-        elif conn.sock is not None and _connection_is_stale(conn.sock):
+    # A call takes an idle connection (the most recently used, so a sequential caller
+    # keeps one) or opens one, and gives it back when the reply has been read: as many
+    # connections as calls in flight, none left behind by threads that ended.
+
+    def _acquire(self):
+        while True:
+            with self._idle_lock:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                context = self._ssl_context() if self._scheme == 'https' else None
+                return _ClientConnection(self._host, self._port, context)
+            if not _connection_is_stale(conn.sock):
+                return conn
             conn.close()
-        return conn
+
+    def _release(self, conn):
+        if conn.sock is not None:
+            with self._idle_lock:
+                if len(self._idle) < self.max_idle:
+                    self._idle.append(conn)
+                    return
+            conn.close()
 
     def _ssl_context(self):
         if self._ssl is None:
@@ -1715,8 +1733,8 @@ class Friend:
     def _exchange(self, method, rule, body, headers):
         where = '%s%s' % (self.address, rule)
         request = build_request(method, self._prefix + rule, self._host_header, headers, body)
+        conn = self._acquire()
         for attempt in (1, 2):
-            conn = self._connection()
             reused = conn.sock is not None
             try:
                 conn.send(request, self.timeout)
@@ -1743,7 +1761,9 @@ class Friend:
             conn.close()
             raise NetworkError('connection to %s lost after the call was sent (it may have run):'
                                ' %s' % (where, exc or type(exc).__name__)) from None
-        if not keep_alive:
+        if keep_alive:
+            self._release(conn)
+        else:
             conn.close()
         return _Reply(status, reply_headers, data)
 
