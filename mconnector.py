@@ -1178,7 +1178,9 @@ class Microservice:
             self.debug = bool(debug)
         self._server = _make_server(self, (self.host, int(self.port)))
         self.port = self._server.server_address[1]
-        log.info('%s: listening on %s (%d rules)', self.name, self.url, len(self._rules))
+        count = len(self._rules)
+        log.info('%s: listening on %s (%d rule%s)', self.name, self.url, count,
+                 '' if count == 1 else 's')
 
     @property
     def url(self):
@@ -1955,13 +1957,21 @@ def _call_command(options):
                     verify=not options.insecure, cafile=options.cafile)
     rule = options.rule if options.rule.startswith('/') else '/' + options.rule
     friend.setRule(rule, method=options.method, token=options.token)
+    if options.json and args:
+        raise SystemExit('mconnector: --json takes NAME=VALUE arguments only')
+    deadline = time.monotonic() + options.wait
     try:
-        if options.json:
-            if args:
-                raise SystemExit('mconnector: --json takes NAME=VALUE arguments only')
-            result = friend.json(rule, **kwargs)
-        else:
-            result = friend.send(rule, *args, **kwargs)
+        while True:
+            try:
+                if options.json:
+                    result = friend.json(rule, **kwargs)
+                else:
+                    result = friend.send(rule, *args, **kwargs)
+                break
+            except Unreachable:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.1)     # the listener is still starting: ask again
     except MConnectorError as exc:
         sys.stderr.write('mconnector: %s: %s\n' % (type(exc).__name__, exc))
         return 1
@@ -2013,6 +2023,8 @@ def _parser():
     call.add_argument('--json', action='store_true',
                       help='send NAME=VALUE pairs as one JSON object (for @M.json rules)')
     call.add_argument('--timeout', type=float, default=30.0, help='seconds (default 30)')
+    call.add_argument('--wait', type=float, default=0.0, metavar='SECONDS',
+                      help='while nothing listens at URL, keep trying this long (default 0)')
     call.add_argument('--cafile', help='CA certificates for https:// listeners')
     call.add_argument('--insecure', action='store_true', help='do not verify https certificates')
     call.set_defaults(run=_call_command)
