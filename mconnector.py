@@ -285,6 +285,13 @@ def _encode(value, notes, path, depth):
     kind = type(value)
     if kind in _PLAIN_TYPES:
         return value
+    if kind is float:
+        if value - value == 0.0:            # finite
+            return value
+        # NaN and infinities are not JSON: they travel as text with a note.
+        if notes is not None:
+            notes.append([list(path), 'float'])
+        return 'NaN' if value != value else 'Infinity' if value > 0 else '-Infinity'
     if depth > _MAX_DEPTH:
         raise CodecError('value nested deeper than %d levels (a cycle?)' % _MAX_DEPTH)
     depth += 1
@@ -344,7 +351,7 @@ def _encode(value, notes, path, depth):
     return out
 
 
-_PLAIN_TYPES = frozenset({str, int, float, bool, type(None)})
+_PLAIN_TYPES = frozenset({str, int, bool, type(None)})     # float: see _encode
 
 
 def _is_instance(value, module, name):
@@ -366,6 +373,10 @@ def _restore_scalar(tag, value):
     import datetime
     import decimal
     import uuid
+    if tag == 'float':
+        if value not in ('NaN', 'Infinity', '-Infinity'):
+            raise CodecError('a float note points at %r' % (value,))
+        return float(value)
     if tag == 'tuple':
         return tuple(value)
     if tag == 'set':
@@ -443,18 +454,39 @@ def from_wire(data, notes=None):
 def dumps(value, notes=None, sort_keys=False):
     """JSON text (as bytes) of `value` converted by to_wire()."""
     try:
-        return json.dumps(to_wire(value, notes), sort_keys=sort_keys,
+        return json.dumps(to_wire(value, notes), sort_keys=sort_keys, allow_nan=False,
                           separators=(', ', ': ')).encode('utf-8')
     except (TypeError, ValueError) as exc:
         raise CodecError('cannot encode value: %s' % exc) from None
 
 
+def _refuse_constant(name):
+    raise CodecError('%s is not JSON (send floats that are not finite as values, '
+                     'mconnector senders do)' % name)
+
+
+def _unique_keys(pairs):
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise CodecError('duplicate key %r in a JSON object' % duplicate[:100])
+    return obj
+
+
+_decoder = json.JSONDecoder(parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
+
+
 def loads(body):
-    """Parse a JSON body (bytes or str).  Raises CodecError with a clear message."""
+    """Parse a JSON body (bytes or str) strictly: UTF-8, no NaN or Infinity, no
+    duplicate keys, nesting within the interpreter's recursion limit.  Raises CodecError
+    with a clear message."""
     try:
         if isinstance(body, (bytes, bytearray)):
             body = body.decode('utf-8')
-        return json.loads(body)
+        return _decoder.decode(body)
+    except CodecError:
+        raise
     except UnicodeDecodeError:
         raise CodecError('body is not UTF-8') from None
     except RecursionError:
@@ -723,6 +755,82 @@ def split_target(target):
     return path, (dict(parse_qsl(query, keep_blank_values=True)) if query else {})
 
 
+# Signed calls.  With a shared secretKey, the sender adds three headers and the listener
+# refuses (401) any request whose signature does not verify, whose timestamp is outside
+# the window, or whose nonce it has already seen inside the window (a replay):
+#
+#   X-MC-Timestamp: 1700000000                      (integer Unix seconds)
+#   X-MC-Nonce:     32 hex digits, random per request
+#   X-MC-Signature: hex HMAC-SHA256(key, METHOD "\n" TARGET "\n" TIMESTAMP "\n" NONCE "\n"
+#                                        hex SHA-256 of the body)
+#
+# TARGET is the request target as sent (path and query); the key is the secret's UTF-8.
+SIGNATURE_WINDOW = 300      # seconds either side of the listener's clock
+
+
+def _string_to_sign(method, target, timestamp, nonce, body):
+    import hashlib
+    return ('%s\n%s\n%s\n%s\n%s' % (method, target, timestamp, nonce,
+                                     hashlib.sha256(body).hexdigest())).encode('utf-8')
+
+
+def sign_request(key, method, target, body, timestamp=None, nonce=None):
+    """The headers that sign one request with `key` (str), as a list of (name, value)."""
+    import hashlib
+    import hmac
+    timestamp = str(int(time.time() if timestamp is None else timestamp))
+    nonce = nonce or os.urandom(16).hex()
+    signature = hmac.new(key.encode('utf-8'), _string_to_sign(method, target, timestamp, nonce, body),
+                         hashlib.sha256).hexdigest()
+    return [('X-MC-Timestamp', timestamp), ('X-MC-Nonce', nonce), ('X-MC-Signature', signature)]
+
+
+class NonceCache:
+    """Nonces seen within the signature window, forgotten once they are older than it."""
+
+    def __init__(self, window=SIGNATURE_WINDOW):
+        self.window = window
+        self._seen = {}
+        self._lock = threading.Lock()
+        self._next_prune = 0.0
+
+    def add(self, nonce, now):
+        """Record `nonce`; return False if it was already seen inside the window."""
+        with self._lock:
+            if now >= self._next_prune:
+                cutoff = now - 2 * self.window
+                self._seen = {n: t for n, t in self._seen.items() if t > cutoff}
+                self._next_prune = now + self.window / 10
+            if nonce in self._seen:
+                return False
+            self._seen[nonce] = now
+            return True
+
+
+def verify_request(key, method, target, headers, body, nonces, now=None):
+    """Raise HTTPError(401) unless the request carries a valid, fresh, unreplayed signature.
+
+    `headers` maps lower-case names to values; `nonces` is a NonceCache."""
+    import hashlib
+    import hmac
+    now = time.time() if now is None else now
+    timestamp = headers.get('x-mc-timestamp', '')
+    nonce = headers.get('x-mc-nonce', '')
+    given = headers.get('x-mc-signature', '')
+    if not (timestamp and nonce and given):
+        raise HTTPError(401, 'this listener takes signed calls only (secretKey)')
+    if not timestamp.isdigit() or abs(now - int(timestamp)) > nonces.window:
+        raise HTTPError(401, 'signature timestamp outside the %ds window' % nonces.window)
+    if len(nonce) > 64:
+        raise HTTPError(401, 'malformed nonce')
+    expected = hmac.new(key.encode('utf-8'), _string_to_sign(method, target, timestamp, nonce, body),
+                        hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(expected, given.lower()):
+        raise HTTPError(401, 'bad signature')
+    if not nonces.add(nonce, now):
+        raise HTTPError(401, 'replayed request (nonce already seen)')
+
+
 _date_cache = [0, b'']
 
 
@@ -903,13 +1011,17 @@ class Microservice:
     """
 
     def __init__(self, name, port=5000, host='0.0.0.0', debug=None, token=None,
-                 secretKey=None, timeout=15.0, max_body=MAX_BODY):
+                 secretKey=None, timeout=15.0, max_body=MAX_BODY, max_workers=64,
+                 request_timeout=10.0):
         self.name = name
         self.host = host
         self.port = port
         self.debug = bool(debug)
         self.secretKey = secretKey
+        self._nonces = NonceCache()
         self.timeout = timeout
+        self.request_timeout = request_timeout
+        self.max_workers = max_workers
         self.max_body = max_body
         self._tokens = {}
         if isinstance(token, str):
@@ -921,6 +1033,7 @@ class Microservice:
         self._server = None
         self._thread = None
         self._app = None
+        self._tls = False
         self.stats = {'connections': 0}   # connections accepted since creation
 
     def __repr__(self):
@@ -1019,6 +1132,8 @@ class Microservice:
                                   exc.message, exc.headers)
 
     def _dispatch(self, method, target, headers, body):
+        if self.secretKey:
+            verify_request(self.secretKey, method, target, headers, body, self._nonces)
         path, query = split_target(target)
         table, params = self._router.find(path)
         if table is None:
@@ -1121,20 +1236,27 @@ class Microservice:
 
     # -- serving -----------------------------------------------------------------------
 
-    def start(self, port=None, host=None, debug=None):
+    def start(self, port=None, host=None, debug=None, **tls):
         """Serve in a background thread and return self; `port=0` picks a free port,
-        readable afterwards as `M.port` (and `M.url`).  Raises OSError if the address
-        is taken."""
-        self._bind(port, host, debug)
+        readable afterwards as `M.port` (and `M.url`).  TLS options as for run().
+        Raises OSError if the address is taken."""
+        self._bind(port, host, debug, **tls)
         self._thread = threading.Thread(target=self._server.serve_forever,
                                         name='mconnector-%s' % self.name, daemon=True)
         self._thread.start()
         return self
 
-    def run(self, port=None, host=None, debug=None):
-        """Serve until Ctrl+C (or stop() from another thread), then return cleanly."""
+    def run(self, port=None, host=None, debug=None, ssl_context=None, certfile=None,
+            keyfile=None, cafile=None):
+        """Serve until Ctrl+C (or stop() from another thread), then return cleanly.
+
+        TLS: pass an `ssl_context` (server side), or `certfile` (and `keyfile` unless the
+        key is in it); `cafile` then also asks every client for a certificate signed by
+        one of those CAs (mutual TLS).
+        """
         _default_logging()
-        self._bind(port, host, debug)
+        self._bind(port, host, debug, ssl_context=ssl_context, certfile=certfile,
+                   keyfile=keyfile, cafile=cafile)
         try:
             self._server.serve_forever()
         except KeyboardInterrupt:
@@ -1167,7 +1289,8 @@ class Microservice:
     def __exit__(self, *exc_info):
         self.stop()
 
-    def _bind(self, port, host, debug):
+    def _bind(self, port, host, debug, ssl_context=None, certfile=None, keyfile=None,
+              cafile=None):
         if self._server is not None:
             raise RuntimeError('%s is already serving at %s' % (self.name, self.url))
         if port is not None:
@@ -1176,7 +1299,10 @@ class Microservice:
             self.host = host
         if debug is not None:
             self.debug = bool(debug)
-        self._server = _make_server(self, (self.host, int(self.port)))
+        if ssl_context is None and certfile:
+            ssl_context = server_ssl_context(certfile, keyfile, cafile)
+        self._tls = ssl_context is not None
+        self._server = _make_server(self, (self.host, int(self.port)), ssl_context)
         self.port = self._server.server_address[1]
         count = len(self._rules)
         log.info('%s: listening on %s (%d rule%s)', self.name, self.url, count,
@@ -1185,7 +1311,8 @@ class Microservice:
     @property
     def url(self):
         host = self.host or '0.0.0.0'
-        return 'http://%s:%s' % ('[%s]' % host if ':' in host else host, self.port)
+        return '%s://%s:%s' % ('https' if self._tls else 'http',
+                               '[%s]' % host if ':' in host else host, self.port)
 
     @property
     def address(self):
@@ -1296,22 +1423,97 @@ def _default_logging():
 
 
 class _ConnectionHandler:
-    """Serves the requests of one connection: lean head parsing, one write per response.
+    """One connection of the listener: lean head parsing, one write per response.
 
-    Mixed into http.server.BaseHTTPRequestHandler (see _make_server), whose handle()
-    loops over handle_one_request() until close_connection is set.
+    Mixed into http.server.BaseHTTPRequestHandler (see _make_server), but driven by the
+    server's workers instead of its own constructor: serve_ready() serves the requests
+    that are ready, holds the connection while no other connection waits for a worker,
+    and otherwise hands it back to be parked in the server's selector, so that idle
+    keep-alive connections cost no thread.
     """
 
     protocol_version = 'HTTP/1.1'
     disable_nagle_algorithm = True      # each response is one write; never wait for ACKs
 
-    def setup(self):
-        self.timeout = self.server.service.timeout
-        super().setup()
+    def __init__(self, request, client_address, server):
+        self.request = request
+        self.client_address = client_address
+        self.server = server
+        self.timeout = server.service.request_timeout
+        self.setup()
+        self.handshaken = not hasattr(request, 'do_handshake')
+        self.close_connection = False
+        self.idle_since = time.monotonic()
+
+    def serve_ready(self):
+        """Serve requests while they come; True: park the connection, False: close it."""
+        server = self.server
+        if not self.handshaken:
+            # TLS handshakes happen here, in a worker, so that a slow or broken client
+            # cannot hold up the thread that accepts connections.
+            server.reading(self, True)
+            try:
+                self.request.do_handshake()
+            except (OSError, ValueError) as exc:
+                log.debug('TLS handshake with %s failed: %s', self.client_address[0], exc)
+                return False
+            finally:
+                server.reading(self, False)
+            self.handshaken = True
+        while True:
+            self.handle_one_request()
+            if self.close_connection:
+                return False
+            self.idle_since = time.monotonic()
+            if not self._wait_for_request():
+                return not self.close_connection
+
+    def _wait_for_request(self):
+        """Block until the next request starts (True); False to stop holding."""
+        server = self.server
+        idle_timeout = server.service.timeout
+        while True:
+            if server.has_waiting():
+                return False            # others wait for a worker: park this one
+            remaining = self.idle_since + idle_timeout - time.monotonic()
+            if remaining <= 0:
+                self.close_connection = True
+                return False
+            self.request.settimeout(min(remaining, _HOLD_SLICE))
+            try:
+                data = self.rfile.peek(1)
+            except socket.timeout:
+                # A timed-out socket file refuses further reads; its buffer was empty (peek
+                # returns buffered bytes without reading), so a fresh one loses nothing.
+                self.rfile = self.connection.makefile('rb', self.rbufsize)
+                continue
+            except (OSError, ValueError):
+                data = b''
+            finally:
+                if not self.close_connection:
+                    self.request.settimeout(self.timeout)
+            if not data:
+                self.close_connection = True
+                return False
+            return True
+
+    def parked_has_data(self):
+        """Whether bytes already read from the socket wait in the buffer (pipelining)."""
+        sock = self.request
+        if hasattr(sock, 'pending') and sock.pending():
+            return True
+        sock.setblocking(False)
+        try:
+            return bool(self.rfile.peek(1))
+        except (OSError, ValueError):
+            return False
+        finally:
+            sock.settimeout(self.timeout)
 
     def handle_one_request(self):
         service = self.server.service
         self.close_connection = True
+        self.server.reading(self, True)
         try:
             line = self.rfile.readline(MAX_LINE + 1)
             if not line:
@@ -1325,16 +1527,19 @@ class _ConnectionHandler:
             connection = headers.get('connection', '').lower()
             keep_alive = ('close' not in connection if version >= (1, 1)
                           else 'keep-alive' in connection)
-            body = self._read_body(headers, service.max_body)
             self.command, self.path = method, target
+            body = self._read_body(headers, service.max_body)
+            self.server.reading(self, False)
             response = service.handle(method, target, headers, body)
         except HTTPError as exc:
             response = Response.error(exc.status, _error_names.get(exc.status, 'HTTPError'),
                                       exc.message, exc.headers)
             keep_alive = False
             method = None
-        except (socket.timeout, ConnectionError):
+        except (socket.timeout, OSError, ValueError):
             return
+        finally:
+            self.server.reading(self, False)
         self._write(response, keep_alive, method == 'HEAD')
         self.close_connection = not keep_alive
         if service.debug:
@@ -1349,6 +1554,8 @@ class _ConnectionHandler:
             return read_chunked(self.rfile, limit)
         text = headers.get('content-length')
         if text is None:
+            if self.command in ('POST', 'PUT', 'PATCH'):
+                raise HTTPError(411, '%s needs a Content-Length (or chunked body)' % self.command)
             return b''
         if not text.isdigit():
             raise HTTPError(400, 'malformed Content-Length %r' % text[:20])
@@ -1396,16 +1603,24 @@ class _ConnectionHandler:
         log.debug(format, *args)
 
 
-class _ServerMixin:
-    """Instant stop (no poll interval), no reverse DNS at bind, open connections closed
-    on stop.  Mixed into http.server.ThreadingHTTPServer."""
+_HOLD_SLICE = 0.25      # how often a worker holding an idle connection checks for others
+_TICK = 0.5             # how often the serving loop enforces timeouts
 
-    daemon_threads = True
-    request_queue_size = 128
+
+class _ServerMixin:
+    """The listener's server: accept loop with instant stop (no poll interval), at most
+    `max_workers` threads serving requests, idle connections parked in a selector,
+    per-request deadlines (slowloris), and every connection closed on stop.
+
+    Mixed into http.server.ThreadingHTTPServer, of which it keeps the binding and socket
+    handling; the thread per connection is replaced by the workers.
+    """
+
+    request_queue_size = 1024           # the listen backlog: bursts wait in the kernel
     allow_reuse_address = True
 
     def server_bind(self):
-        socketserver.TCPServer.server_bind(self)
+        socketserver.TCPServer.server_bind(self)     # without HTTPServer's getfqdn() lookup
         self.server_name, self.server_port = self.server_address[:2]
 
     def init_mconnector(self, service):
@@ -1413,21 +1628,157 @@ class _ServerMixin:
         self._connections = set()
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_w.setblocking(False)
         self._stopping = False
-        self._stopped = threading.Event()
+        self._ready = queue.SimpleQueue()       # connections with a request to serve
+        self._to_park = queue.SimpleQueue()     # connections handed back by workers
+        self._workers = []
+        self._idle_workers = 0
+        self._deadlines = {}                    # connection -> time its request must be in
+
+    # -- the serving loop: accepts, parks, enforces deadlines ---------------------------
 
     def serve_forever(self, poll_interval=None):
         import selectors
+        selector = selectors.DefaultSelector()
+        selector.register(self.socket, selectors.EVENT_READ)
+        selector.register(self._wake_r, selectors.EVENT_READ)
+        next_tick = time.monotonic() + _TICK
         try:
-            with selectors.DefaultSelector() as selector:
-                selector.register(self.socket, selectors.EVENT_READ)
-                selector.register(self._wake_r, selectors.EVENT_READ)
-                while not self._stopping:
-                    for key, _ in selector.select():
-                        if key.fileobj is self.socket and not self._stopping:
-                            self._handle_request_noblock()
+            while not self._stopping:
+                for key, _ in selector.select(_TICK):
+                    if key.fileobj is self.socket:
+                        self._accept()
+                    elif key.fileobj is self._wake_r:
+                        try:
+                            self._wake_r.recv(4096)
+                        except OSError:
+                            pass
+                    else:
+                        selector.unregister(key.fileobj)
+                        self._dispatch(key.data)
+                self._adopt_parked(selector)
+                now = time.monotonic()
+                if now >= next_tick:
+                    next_tick = now + _TICK
+                    self._enforce_timeouts(selector, now)
         finally:
-            self._stopped.set()
+            for key in list(selector.get_map().values()):
+                if key.data is not None:
+                    self._close(key.data)
+            selector.close()
+
+    def _accept(self):
+        try:
+            request, client_address = self.get_request()
+        except OSError:
+            return
+        self.service.stats['connections'] += 1
+        try:
+            conn = self.RequestHandlerClass(request, client_address, self)
+        except Exception:
+            self.shutdown_request(request)
+            return
+        with self._lock:
+            self._connections.add(conn)
+        self._dispatch(conn)
+
+    def _adopt_parked(self, selector):
+        import selectors
+        while True:
+            try:
+                conn = self._to_park.get_nowait()
+            except queue.Empty:
+                return
+            if self._stopping:
+                self._close(conn)
+            elif conn.parked_has_data():
+                self._dispatch(conn)
+            else:
+                try:
+                    selector.register(conn.request, selectors.EVENT_READ, conn)
+                except (OSError, ValueError):
+                    self._close(conn)
+
+    def _enforce_timeouts(self, selector, now):
+        idle_timeout = self.service.timeout
+        for key in list(selector.get_map().values()):
+            conn = key.data
+            if conn is not None and now - conn.idle_since > idle_timeout:
+                selector.unregister(key.fileobj)
+                self._close(conn)
+        with self._lock:
+            late = [conn for conn, deadline in self._deadlines.items() if deadline < now]
+        for conn in late:
+            # Too slow to send its request (slowloris): cut the socket under the worker.
+            log.info('%s: dropping %s, request not in within %ss', self.service.name,
+                     conn.client_address[0], self.service.request_timeout)
+            try:
+                conn.request.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def reading(self, conn, started):
+        """A request of `conn` started (True) or was read whole (False)."""
+        with self._lock:
+            if started:
+                self._deadlines[conn] = time.monotonic() + self.service.request_timeout
+            else:
+                self._deadlines.pop(conn, None)
+
+    # -- workers ------------------------------------------------------------------------
+
+    def _dispatch(self, conn):
+        self._ready.put(conn)
+        with self._lock:
+            start = self._idle_workers == 0 and len(self._workers) < self.service.max_workers
+            if start:
+                worker = threading.Thread(target=self._work, daemon=True,
+                                          name='mconnector-%s-%d' % (self.service.name,
+                                                                     len(self._workers)))
+                self._workers.append(worker)
+        if start:
+            worker.start()
+
+    def has_waiting(self):
+        return not self._ready.empty()
+
+    def _work(self):
+        while True:
+            with self._lock:
+                self._idle_workers += 1
+            conn = self._ready.get()
+            with self._lock:
+                self._idle_workers -= 1
+            if conn is None:
+                return
+            park = False
+            if not self._stopping:
+                try:
+                    park = conn.serve_ready()
+                except Exception:
+                    log.exception('%s: error while serving %s', self.service.name,
+                                  conn.client_address[0])
+            if park and not self._stopping:
+                self._to_park.put(conn)
+                try:
+                    self._wake_w.send(b'x')
+                except OSError:
+                    pass
+            else:
+                self._close(conn)
+
+    def _close(self, conn):
+        with self._lock:
+            self._connections.discard(conn)
+            self._deadlines.pop(conn, None)
+        try:
+            conn.finish()
+        except (OSError, ValueError):
+            pass
+        self.shutdown_request(conn.request)
+
+    # -- stopping -----------------------------------------------------------------------
 
     def stop(self):
         self._stopping = True
@@ -1436,37 +1787,37 @@ class _ServerMixin:
         except OSError:
             pass
 
-    def process_request(self, request, client_address):
-        self.service.stats['connections'] += 1
-        with self._lock:
-            self._connections.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request):
-        with self._lock:
-            self._connections.discard(request)
-        super().shutdown_request(request)
-
     def close_all(self):
         self.server_close()
         with self._lock:
             connections = list(self._connections)
+            workers = len(self._workers)
         for conn in connections:
             try:
-                conn.shutdown(socket.SHUT_RDWR)
+                conn.request.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+        for _ in range(workers):
+            self._ready.put(None)
         self._wake_r.close()
         self._wake_w.close()
-
-    def handle_error(self, request, client_address):
-        log.exception('error while serving %s', client_address)
 
 
 _server_classes = []
 
 
-def _make_server(service, address):
+def server_ssl_context(certfile, keyfile=None, cafile=None):
+    """A server-side SSLContext; with `cafile`, clients must present a certificate."""
+    import ssl
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certfile, keyfile)
+    if cafile:
+        context.load_verify_locations(cafile)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def _make_server(service, address, ssl_context=None):
     """A bound ThreadingHTTPServer for `service` (http.server is imported on first use)."""
     if not _server_classes:
         import http.server
@@ -1481,6 +1832,9 @@ def _make_server(service, address):
     try:
         server.server_bind()
         server.server_activate()
+        if ssl_context is not None:
+            server.socket = ssl_context.wrap_socket(server.socket, server_side=True,
+                                                    do_handshake_on_connect=False)
     except BaseException:
         server.close_all()
         raise
@@ -1520,12 +1874,27 @@ def _connection_is_stale(sock):
     # A keep-alive connection the listener closed (idle timeout, restart) reads as EOF.
     # Finding that out before writing means no request is ever re-sent after it may have
     # run: a request is only retried when it could not have been written.
+    # Over TLS, readable may only mean session tickets arrived: read to find out.
     import select
     try:
         readable, _, _ = select.select([sock], [], [], 0)
-    except (OSError, ValueError):
-        return True
-    return bool(readable)
+        if not readable:
+            return False
+        timeout = sock.gettimeout()
+        sock.setblocking(False)
+        try:
+            sock.recv(1)            # b'' (closed) or stray bytes: either way, unusable
+        finally:
+            sock.settimeout(timeout)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError as exc:
+        ssl = sys.modules.get('ssl')
+        if ssl is not None and isinstance(exc, ssl.SSLWantReadError):
+            return False            # only TLS records with no data in them: alive
+    except ValueError:
+        pass
+    return True
 
 
 class Friend:
@@ -1543,7 +1912,8 @@ class Friend:
     """
 
     def __init__(self, name, address, token=None, ruleMethods=None, timeout=30.0,
-                 secretKey=None, cafile=None, verify=True, ssl_context=None):
+                 secretKey=None, cafile=None, verify=True, ssl_context=None, certfile=None,
+                 keyfile=None):
         from urllib.parse import urlsplit
         self.name = name
         if '://' not in address:
@@ -1564,6 +1934,7 @@ class Friend:
         self._ssl = ssl_context
         self._cafile = cafile
         self._verify = verify
+        self._client_cert = (certfile, keyfile) if certfile else None
         self._rules = {}
         if isinstance(token, str):
             self._default_token = token
@@ -1617,7 +1988,7 @@ class Friend:
         if notes:
             payload['types'] = notes
         try:
-            body = json.dumps(payload).encode('utf-8')
+            body = json.dumps(payload, allow_nan=False).encode('utf-8')
         except (TypeError, ValueError) as exc:
             raise CodecError('cannot encode the arguments: %s' % exc) from None
         return self._call(self._method(rule), rule, body, token)
@@ -1729,12 +2100,17 @@ class Friend:
             if not self._verify:
                 context.check_hostname = False
                 context.verify_mode = ssl.CERT_NONE
+            if self._client_cert:
+                context.load_cert_chain(*self._client_cert)
             self._ssl = context
         return self._ssl
 
     def _exchange(self, method, rule, body, headers):
         where = '%s%s' % (self.address, rule)
-        request = build_request(method, self._prefix + rule, self._host_header, headers, body)
+        target = self._prefix + rule
+        if self.secretKey:
+            headers = headers + tuple(sign_request(self.secretKey, method, target, body))
+        request = build_request(method, target, self._host_header, headers, body)
         conn = self._acquire()
         for attempt in (1, 2):
             reused = conn.sock is not None

@@ -106,8 +106,7 @@ def client_for(name, port):
 
 
 def measure(call, calls, threads):
-    for _ in range(50):
-        call()
+    """Seconds for `calls` calls spread over `threads` threads, and the calls made."""
     per_thread = calls // threads
 
     def run():
@@ -124,38 +123,51 @@ def measure(call, calls, threads):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--calls', type=int, default=3000, help='calls per measurement')
+    parser.add_argument('--calls', type=int, default=1000, help='calls per round and row')
+    parser.add_argument('--rounds', type=int, default=7,
+                        help='rounds; the rows take turns in each, and the median is shown')
     options = parser.parse_args()
-    rows = []
-    for name, code in LISTENERS.items():
-        if name.startswith('Flask'):
-            try:
-                import flask, requests  # noqa: F401
-            except ImportError:
-                rows.append((name, None, None))
+    running = []
+    missing = []
+    try:
+        for name, code in LISTENERS.items():
+            if name.startswith('Flask'):
+                try:
+                    import flask, requests  # noqa: F401
+                except ImportError:
+                    missing.append(name)
+                    continue
+            proc, port = start_listener(code)
+            if proc is None:
+                missing.append(name)
                 continue
-        proc, port = start_listener(code)
-        if proc is None:
-            rows.append((name, None, None))
-            continue
-        try:
             call = client_for(name, port)
-            seconds, n = measure(call, options.calls, 1)
-            sequential = seconds / n * 1e6
-            seconds, n = measure(call, options.calls, 4)
-            parallel = n / seconds
-        finally:
+            for _ in range(100):
+                call()
+            running.append((name, proc, call, [], []))
+        # Rows take turns round by round, so that a busy moment of this shared machine
+        # hits them all alike; the median of the rounds is what is shown.
+        for _ in range(options.rounds):
+            for name, proc, call, sequential, parallel in running:
+                seconds, n = measure(call, options.calls, 1)
+                sequential.append(seconds / n * 1e6)
+                seconds, n = measure(call, options.calls, 4)
+                parallel.append(n / seconds)
+    finally:
+        for _, proc, _, _, _ in running:
             proc.stdin.close()
             proc.wait(10)
-        rows.append((name, sequential, parallel))
+    median = lambda values: sorted(values)[len(values) // 2]
+    rows = [(name, median(seq), median(par)) for name, _, _, seq, par in running]
     base = rows[0]
     print('%-32s %14s %10s %14s %10s' % ('listener + sender', 'sequential us', 'ratio',
                                          '4 threads /s', 'ratio'))
     for name, seq, par in rows:
-        if seq is None:
-            print('%-32s %14s' % (name, 'not installed'))
-            continue
         print('%-32s %14.0f %9.2fx %14.0f %9.2fx' % (name, seq, seq / base[1], par, par / base[2]))
+    for name in missing:
+        print('%-32s %14s' % (name, 'not installed'))
+    print('(median of %d rounds of %d calls; sender: mconnector.Friend for the first two rows,'
+          ' requests.Session for Flask)' % (options.rounds, options.calls))
 
 
 if __name__ == '__main__':
