@@ -57,7 +57,10 @@ __all__ = [
     # values
     'register', 'to_wire', 'from_wire', 'dumps', 'loads',
     # routing and HTTP pieces
-    'Rule', 'Router', 'parse_request_line', 'parse_header_line', 'build_response_head',
+    'Rule', 'Router', 'parse_request_line', 'parse_header_line', 'parse_status_line',
+    'read_header_lines', 'read_chunked', 'build_response_head', 'build_request',
+    # security
+    'sign_request', 'verify_request', 'NonceCache', 'server_ssl_context',
     # errors
     'MConnectorError', 'CodecError', 'RouteError', 'HTTPError', 'RemoteError', 'CallError',
     'BadRequest', 'AuthError', 'NotFound', 'MethodNotAllowed', 'NetworkError', 'Unreachable',
@@ -220,7 +223,7 @@ async def _as_coroutine(awaitable):
 # that the receiving side registered itself.
 
 _PLAIN = (str, int, float, bool, type(None))
-_MAX_DEPTH = 200
+MAX_DEPTH = 200         # nesting of values, both ways (JSON bodies included)
 _registry = {}           # name -> class, for classes restored by type notes
 _registered_names = {}   # class -> name
 
@@ -292,8 +295,8 @@ def _encode(value, notes, path, depth):
         if notes is not None:
             notes.append([list(path), 'float'])
         return 'NaN' if value != value else 'Infinity' if value > 0 else '-Infinity'
-    if depth > _MAX_DEPTH:
-        raise CodecError('value nested deeper than %d levels (a cycle?)' % _MAX_DEPTH)
+    if depth > MAX_DEPTH:
+        raise CodecError('value nested deeper than %d levels (a cycle?)' % MAX_DEPTH)
     depth += 1
     if kind is list or kind is tuple:
         out = [v if type(v) in _PLAIN_TYPES else _encode(v, notes, path + (i,), depth)
@@ -484,7 +487,7 @@ def loads(body):
     try:
         if isinstance(body, (bytes, bytearray)):
             body = body.decode('utf-8')
-        return _decoder.decode(body)
+        value = _decoder.decode(body)
     except CodecError:
         raise
     except UnicodeDecodeError:
@@ -493,6 +496,23 @@ def loads(body):
         raise CodecError('JSON nested too deeply') from None
     except ValueError as exc:
         raise CodecError('body is not valid JSON: %s' % exc) from None
+    # How deep the decoder may go depends on the interpreter (3.13 goes far deeper), so
+    # the limit is checked here, where a body has enough brackets to break it at all.
+    if body.count('[') + body.count('{') > MAX_DEPTH:
+        _check_depth(value)
+    return value
+
+
+def _check_depth(value):
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise CodecError('JSON nested deeper than %d levels' % MAX_DEPTH)
+        if type(item) is list:
+            stack.extend((v, depth + 1) for v in item if type(v) in (list, dict))
+        elif type(item) is dict:
+            stack.extend((v, depth + 1) for v in item.values() if type(v) in (list, dict))
 
 
 # ###########################################################################################
@@ -1006,8 +1026,14 @@ class Microservice:
     `token` is {rule: token} for per-rule tokens ({'*': token} or a plain string guards
     every rule).  Rules added with `@M.typing(rule, token=...)` get their own.  A call
     without the right token is refused with 401 and the function is not run.
-    `timeout` (seconds) drops a connection that stays idle or silent that long;
-    `max_body` bounds request bodies (413 above it).
+    `secretKey`, when set, makes every call carry a valid HMAC signature (see
+    sign_request); others are refused with 401.
+
+    Limits: `max_body` bytes of request body (413 above it, before it is read);
+    `request_timeout` seconds for a request to arrive whole once started (slow senders are
+    dropped); `timeout` seconds before an idle keep-alive connection is closed;
+    `max_workers` requests served at once (more connections wait, idle ones cost no
+    thread).  Heads: 8 KiB per line, 100 header lines (431/414 above).
     """
 
     def __init__(self, name, port=5000, host='0.0.0.0', debug=None, token=None,
@@ -1152,6 +1178,11 @@ class Microservice:
         else:
             if not isinstance(data, dict):
                 raise HTTPError(400, '%s takes a JSON object of keyword arguments' % path)
+            if 'x-mconnector-types' in headers:
+                try:
+                    data = from_wire(data, loads(headers['x-mconnector-types']))
+                except CodecError as exc:
+                    raise HTTPError(400, str(exc)) from None
             args, kwargs, given_token = [], data, None
         self._check_token(endpoint.rule, headers, given_token, kwargs, mode)
         for name, value in query.items():
@@ -1648,7 +1679,7 @@ class _ServerMixin:
             while not self._stopping:
                 for key, _ in selector.select(_TICK):
                     if key.fileobj is self.socket:
-                        self._accept()
+                        self._accept(selector)
                     elif key.fileobj is self._wake_r:
                         try:
                             self._wake_r.recv(4096)
@@ -1668,7 +1699,8 @@ class _ServerMixin:
                     self._close(key.data)
             selector.close()
 
-    def _accept(self):
+    def _accept(self, selector):
+        import selectors
         try:
             request, client_address = self.get_request()
         except OSError:
@@ -1681,7 +1713,12 @@ class _ServerMixin:
             return
         with self._lock:
             self._connections.add(conn)
-        self._dispatch(conn)
+        # A new connection waits in the selector, not in a worker, until it sends bytes:
+        # silent connections must not hold the workers.
+        try:
+            selector.register(request, selectors.EVENT_READ, conn)
+        except (OSError, ValueError):
+            self._close(conn)
 
     def _adopt_parked(self, selector):
         import selectors
@@ -1900,20 +1937,25 @@ def _connection_is_stale(sock):
 class Friend:
     """A sender: calls the rules of a listener at `address` like local functions.
 
-    Friend(name, address, token=None, ruleMethods=None, timeout=30.0)
+    Friend(name, address, token=None, ruleMethods=None, timeout=30.0, retries=2)
 
     `token` is {rule: token} (or one string for every rule); `ruleMethods` is
-    {rule: 'GET'|'PUT'|...} (POST otherwise).  Connections are kept alive, one per
-    thread, so one Friend may be used from many threads.  Remote failures raise:
+    {rule: 'GET'|'PUT'|...} (POST otherwise).  Connections are kept alive and reused, so
+    one Friend may be used from many threads at once.  Remote failures raise:
     RemoteError (the function raised), AuthError, NotFound/MethodNotAllowed, BadRequest,
     CallTimeout, Unreachable (all MConnectorError; the last two also ConnectionError).
-    For https:// addresses the certificate is verified (`cafile=` adds a CA file;
-    `verify=False` turns checking off).
+
+    A call that cannot have reached the function (refused, no connection) is tried
+    `retries` more times, after `backoff` seconds doubling each time (with jitter); one
+    that may have run is repeated only for GET rules and rules marked idempotent.
+    `secretKey` signs every call (see sign_request).  For https:// addresses the
+    certificate is verified (`cafile=` adds a CA file; `verify=False` turns checking
+    off; `certfile`/`keyfile` present a client certificate).
     """
 
     def __init__(self, name, address, token=None, ruleMethods=None, timeout=30.0,
                  secretKey=None, cafile=None, verify=True, ssl_context=None, certfile=None,
-                 keyfile=None):
+                 keyfile=None, retries=2, backoff=0.05):
         from urllib.parse import urlsplit
         self.name = name
         if '://' not in address:
@@ -1930,6 +1972,8 @@ class Friend:
         host = '[%s]' % self._host if ':' in self._host else self._host
         self._host_header = host if self._port == default_port else '%s:%d' % (host, self._port)
         self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
         self.secretKey = secretKey
         self._ssl = ssl_context
         self._cafile = cafile
@@ -1955,13 +1999,16 @@ class Friend:
 
     # -- per-rule settings ----------------------------------------------------------------
 
-    def setRule(self, rule, method=None, token=None):
-        """Remember the HTTP method and/or the token to use for `rule`."""
+    def setRule(self, rule, method=None, token=None, idempotent=None):
+        """Remember the HTTP method, the token, and whether calls to `rule` may be repeated
+        (`idempotent=True`: a call whose connection broke after it was sent is retried)."""
         settings = self._rules.setdefault(rule, {})
         if method is not None:
             settings['method'] = method.upper()
         if token is not None:
             settings['token'] = token
+        if idempotent is not None:
+            settings['idempotent'] = bool(idempotent)
 
     def removeToken(self, rule):
         """Stop sending a token with calls to `rule`; returns whether one was set."""
@@ -1996,8 +2043,15 @@ class Friend:
     def json(self, rule, method=None, **kwargs):
         """Send `kwargs` as one JSON object (for @M.json, @M.dict, @M.async_json rules) and
         return the answer, unwrapped as send() does.  `method` defaults to the rule's."""
-        body = dumps(kwargs)
-        return self._call((method or self._method(rule)).upper(), rule, body, self._token(rule))
+        notes = []
+        body = dumps(kwargs, notes)
+        # The body is the arguments themselves, so type notes go in a header; past a few
+        # KiB they are left out and the values arrive in their plain JSON form.
+        extra = (('X-MConnector-Types', json.dumps(notes)),) if notes else ()
+        if extra and len(extra[0][1]) > 4096:
+            extra = ()
+        return self._call((method or self._method(rule)).upper(), rule, body, self._token(rule),
+                          extra)
 
     async def send_async(self, rule, *args, **kwargs):
         """send() for asyncio code: runs in the loop's default executor."""
@@ -2024,8 +2078,8 @@ class Friend:
     def __exit__(self, *exc_info):
         self.close()
 
-    def _call(self, method, rule, body, token):
-        headers = _SENDER_HEADERS
+    def _call(self, method, rule, body, token, extra=()):
+        headers = _SENDER_HEADERS + extra
         if token is not None:
             headers = headers + (('Authorization', 'Bearer ' + token),)
         reply = self._exchange(method, rule, body, headers)
@@ -2111,6 +2165,27 @@ class Friend:
         if self.secretKey:
             headers = headers + tuple(sign_request(self.secretKey, method, target, body))
         request = build_request(method, target, self._host_header, headers, body)
+        idempotent = method in ('GET', 'HEAD', 'OPTIONS') or \
+            self._rules.get(rule, {}).get('idempotent', False)
+        attempt = 0
+        while True:
+            try:
+                return self._attempt(method, request, where)
+            except _Failed as failed:
+                # A call that cannot have reached the function is tried again; one that may
+                # have run only when the rule is idempotent; a silent listener never.
+                retry = attempt < self.retries and (not failed.sent or (
+                    idempotent and not isinstance(failed.error, CallTimeout)))
+                if not retry:
+                    raise failed.error from None
+            attempt += 1
+            import random
+            delay = min(2.0, self.backoff * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
+            log.debug('%s: attempt %d failed, again in %.3fs', where, attempt, delay)
+            time.sleep(delay)
+
+    def _attempt(self, method, request, where):
+        """One try: the reply, or _Failed saying whether the request may have arrived."""
         conn = self._acquire()
         for attempt in (1, 2):
             reused = conn.sock is not None
@@ -2118,32 +2193,39 @@ class Friend:
                 conn.send(request, self.timeout)
             except socket.timeout:
                 conn.close()
-                raise CallTimeout('no connection to %s within %ss' % (where, self.timeout)) from None
+                raise _Failed(CallTimeout('no connection to %s within %ss' % (where, self.timeout)))
             except (ConnectionRefusedError, socket.gaierror) as exc:
                 conn.close()
-                raise Unreachable('cannot reach %s: %s' % (where, exc)) from None
+                raise _Failed(Unreachable('cannot reach %s: %s' % (where, exc)))
             except OSError as exc:
                 conn.close()
                 if reused and attempt == 1:
-                    continue        # the request was not written: safe to send again
-                if isinstance(exc, (ConnectionError, TimeoutError)) or exc.errno is None:
-                    raise NetworkError('cannot send to %s: %s' % (where, exc)) from None
-                raise Unreachable('cannot reach %s: %s' % (where, exc)) from None
+                    continue        # a reused connection that failed the write: not sent
+                raise _Failed(Unreachable('cannot reach %s: %s' % (where, exc)))
             break
         try:
             status, reply_headers, data, keep_alive = conn.receive(method == 'HEAD')
         except socket.timeout:
             conn.close()
-            raise CallTimeout('%s did not answer within %ss' % (where, self.timeout)) from None
+            raise _Failed(CallTimeout('%s did not answer within %ss' % (where, self.timeout)), True)
         except (OSError, HTTPError) as exc:
             conn.close()
-            raise NetworkError('connection to %s lost after the call was sent (it may have run):'
-                               ' %s' % (where, exc or type(exc).__name__)) from None
+            raise _Failed(NetworkError('connection to %s lost after the call was sent (it may '
+                                       'have run): %s' % (where, exc or type(exc).__name__)), True)
         if keep_alive:
             self._release(conn)
         else:
             conn.close()
         return _Reply(status, reply_headers, data)
+
+
+class _Failed(Exception):
+    """An attempt's error, and whether the request may have reached the listener."""
+
+    def __init__(self, error, sent=False):
+        super().__init__(error)
+        self.error = error
+        self.sent = sent
 
 
 class _ClientConnection:

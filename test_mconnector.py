@@ -741,6 +741,304 @@ class ModuleTest(unittest.TestCase):
 
 
 # ==========================================================================================
+# Security and robustness (issue 5)
+# ==========================================================================================
+
+CERTS = os.path.join(HERE, 'tests', 'certs')
+
+
+def counting_service(**options):
+    """A listener with /count (counts its runs) and /echo rules."""
+    M = Microservice('guarded', **options)
+    M.runs = []
+
+    @M.typing('/count', methods=['GET', 'POST'])
+    def count(x=None):
+        M.runs.append(x)
+        return len(M.runs)
+
+    @M.typing('/echo')
+    @M.dict
+    def echo(**kwargs):
+        return kwargs
+    return M
+
+
+class SignedCallTest(unittest.TestCase):
+    def setUp(self):
+        self.M = counting_service(secretKey='k3y')
+        self.good = Service.start(self, self.M, secretKey='k3y')
+
+    def test_signed_calls_run_and_others_never_do(self):
+        self.assertEqual(self.good.send('/count', 1), 1)
+        for friend in (Friend('none', self.M.url), Friend('wrong', self.M.url, secretKey='nope')):
+            self.addCleanup(friend.close)
+            with self.assertRaises(mconnector.AuthError):
+                friend.send('/count', 2)
+        self.assertEqual(self.M.runs, [1])
+
+    def test_replayed_or_stale_signatures_are_refused(self):
+        body = b'{"args": [7]}'
+        signed = mconnector.sign_request('k3y', 'POST', '/count', body)
+        head = b'POST /count HTTP/1.1\r\nContent-Length: %d\r\n' % len(body)
+        head += b''.join(b'%s: %s\r\n' % (k.encode(), v.encode()) for k, v in signed)
+        first = raw_request(self.M.port, head + b'Connection: close\r\n\r\n' + body)
+        again = raw_request(self.M.port, head + b'Connection: close\r\n\r\n' + body)
+        self.assertTrue(first.startswith(b'HTTP/1.1 200'), first)
+        self.assertTrue(again.startswith(b'HTTP/1.1 401'), again)
+        self.assertIn(b'replayed', again)
+        old = mconnector.sign_request('k3y', 'POST', '/count', body, timestamp=time.time() - 301)
+        head = b'POST /count HTTP/1.1\r\nContent-Length: %d\r\nConnection: close\r\n' % len(body)
+        head += b''.join(b'%s: %s\r\n' % (k.encode(), v.encode()) for k, v in old)
+        self.assertIn(b'window', raw_request(self.M.port, head + b'\r\n' + body))
+        tampered = raw_request(self.M.port, head.replace(b'/count', b'/echo') + b'\r\n' + body)
+        self.assertTrue(tampered.startswith(b'HTTP/1.1 401'), tampered)
+        self.assertEqual(self.M.runs, [7])
+
+    def test_signature_verifies_on_bytes(self):
+        nonces = mconnector.NonceCache(window=300)
+        headers = {k.lower(): v for k, v in
+                   mconnector.sign_request('k', 'GET', '/a?b=1', b'', timestamp=1000, nonce='n1')}
+        mconnector.verify_request('k', 'GET', '/a?b=1', headers, b'', nonces, now=1100)
+        for key, method, target, body, now in (('k', 'GET', '/a?b=1', b'', 1100),   # replay
+                                               ('x', 'GET', '/a?b=1', b'', 1100),
+                                               ('k', 'GET', '/a?b=2', b'', 1100),
+                                               ('k', 'GET', '/a?b=1', b'!', 1100),
+                                               ('k', 'GET', '/a?b=1', b'', 1400)):
+            with self.assertRaises(mconnector.HTTPError) as caught:
+                mconnector.verify_request(key, method, target, headers, body,
+                                          mconnector.NonceCache() if now != 1100 or key != 'k'
+                                          or target != '/a?b=1' or body else nonces, now=now)
+            self.assertEqual(caught.exception.status, 401)
+
+
+class TLSTest(unittest.TestCase):
+    def test_https_round_trip_verifies_the_certificate(self):
+        M = counting_service()
+        M.start(port=0, host='127.0.0.1', certfile=os.path.join(CERTS, 'server.pem'),
+                keyfile=os.path.join(CERTS, 'server.key'))
+        self.addCleanup(M.stop)
+        self.assertTrue(M.url.startswith('https://'))
+        with Friend('tls', M.url, cafile=os.path.join(CERTS, 'ca.pem')) as friend:
+            self.assertEqual([friend.send('/count') for _ in range(3)], [1, 2, 3])
+        self.assertEqual(M.stats['connections'], 1)
+        with Friend('untrusting', M.url, retries=0) as friend:
+            with self.assertRaises(mconnector.Unreachable) as caught:
+                friend.send('/count')
+            self.assertIn('CERTIFICATE_VERIFY_FAILED', str(caught.exception))
+        with Friend('insecure', M.url, verify=False) as friend:
+            self.assertEqual(friend.send('/count'), 4)
+
+    def test_mutual_tls_asks_for_a_client_certificate(self):
+        M = counting_service()
+        M.start(port=0, host='127.0.0.1', certfile=os.path.join(CERTS, 'server.pem'),
+                keyfile=os.path.join(CERTS, 'server.key'), cafile=os.path.join(CERTS, 'ca.pem'))
+        self.addCleanup(M.stop)
+        ca = os.path.join(CERTS, 'ca.pem')
+        with Friend('anonymous', M.url, cafile=ca, retries=0) as friend:
+            with self.assertRaises(mconnector.NetworkError):
+                friend.send('/count')
+        with Friend('known', M.url, cafile=ca, certfile=os.path.join(CERTS, 'client.pem'),
+                    keyfile=os.path.join(CERTS, 'client.key')) as friend:
+            self.assertEqual(friend.send('/count'), 1)
+        self.assertEqual(M.runs, [None])
+
+
+class LimitsTest(unittest.TestCase):
+    def setUp(self):
+        self.M = counting_service(max_body=4096, request_timeout=0.5, timeout=0.5, max_workers=4)
+        self.friend = Service.start(self, self.M)
+
+    def assertStatus(self, data, status):
+        reply = raw_request(self.M.port, data)
+        self.assertTrue(reply.startswith(b'HTTP/1.1 %d ' % status), (data[:60], reply[:60]))
+        self.assertEqual(self.friend.send('/count', 'next'), len(self.M.runs))
+
+    def test_each_limit_answers_its_status_and_serving_goes_on(self):
+        self.assertStatus(b'GET /' + b'a' * 9000 + b' HTTP/1.1\r\n\r\n', 414)
+        self.assertStatus(b'GET /count HTTP/1.1\r\nX-Big: ' + b'a' * 9000 + b'\r\n\r\n', 431)
+        self.assertStatus(b'GET /count HTTP/1.1\r\n' + b'X-A: 1\r\n' * 101 + b'\r\n', 431)
+        self.assertStatus(b'POST /count HTTP/1.1\r\nContent-Length: 4097\r\n\r\n', 413)
+        self.assertStatus(b'POST /count HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n'
+                          b'1001\r\n' + b'a' * 4097 + b'\r\n0\r\n\r\n', 413)
+        self.assertStatus(b'POST /count HTTP/1.1\r\nHost: x\r\n\r\n', 411)
+        self.assertStatus(b'POST /count HTTP/1.1\r\nContent-Length: -1\r\n\r\n', 400)
+        self.assertStatus(b'POST /count HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n', 400)
+
+    def test_json_that_is_not_strictly_json_is_400(self):
+        for body in (b'{"args": [NaN]}', b'{"args": [1], "args": [2]}', b'{"args": [' + b'[' * 300 + b']' * 300 + b']}',
+                     b'{"args": ["\xff"]}', b'{"args": [Infinity]}'):
+            self.assertStatus(b'POST /count HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s'
+                              % (len(body), body), 400)
+        self.assertEqual(self.M.runs, ['next'] * 5)
+
+    def test_nan_and_infinity_travel_between_peers(self):
+        import math
+        got = self.friend.json('/echo', a=float('nan'), b=[float('inf'), -float('inf')])
+        self.assertTrue(math.isnan(got['a']))
+        self.assertEqual(got['b'], [float('inf'), -float('inf')])
+
+    def test_slow_sender_is_dropped_and_others_are_served(self):
+        with socket.create_connection(('127.0.0.1', self.M.port), timeout=5) as slow:
+            slow.sendall(b'POST /count HTTP/1.1\r\n')
+            started = time.monotonic()
+            self.assertEqual(self.friend.send('/count', 1), 1)
+            dropped = None
+            while dropped is None:          # trickle a header byte at a time until cut off
+                try:
+                    slow.sendall(b'X')
+                    if slow.recv(1, socket.MSG_DONTWAIT) == b'':
+                        dropped = time.monotonic() - started
+                except BlockingIOError:
+                    time.sleep(0.05)
+                except OSError:
+                    dropped = time.monotonic() - started
+                self.assertLess(time.monotonic() - started, 5, 'slow sender never dropped')
+        self.assertGreaterEqual(dropped, 0.5)
+
+    def test_idle_keep_alive_connection_is_closed(self):
+        with socket.create_connection(('127.0.0.1', self.M.port), timeout=5) as idle:
+            idle.sendall(b'GET /count HTTP/1.1\r\n\r\n')
+            self.assertTrue(idle.recv(4096).startswith(b'HTTP/1.1 200'))
+            started = time.monotonic()
+            self.assertEqual(idle.recv(1), b'')         # closed by the listener
+            self.assertGreaterEqual(time.monotonic() - started, 0.4)
+
+    def test_many_idle_connections_use_no_thread_and_a_client_is_answered(self):
+        M = counting_service(max_workers=4)
+        friend = Service.start(self, M)
+        threads_before = threading.active_count()
+        idle = []
+        self.addCleanup(lambda: [s.close() for s in idle])
+        for _ in range(1000):
+            s = socket.create_connection(('127.0.0.1', M.port))
+            s.sendall(b'GET /count HTTP/1.1\r\n\r\n' if len(idle) % 10 == 0 else b'')
+            idle.append(s)
+        self.assertTrue(wait_for(lambda: M.stats['connections'] >= 1000, 10))
+        started = time.monotonic()
+        self.assertLessEqual(friend.send('/count', 'me'), 101)
+        self.assertLess(time.monotonic() - started, 2.0)
+        self.assertIn('me', M.runs)
+        self.assertLessEqual(threading.active_count() - threads_before, M.max_workers)
+        self.assertTrue(wait_for(lambda: len(M.runs) == 101, 10), len(M.runs))
+
+
+class FaultsTest(unittest.TestCase):
+    def free_port(self):
+        with socket.socket() as s:
+            s.bind(('127.0.0.1', 0))
+            return s.getsockname()[1]
+
+    def test_refused_calls_are_retried_until_the_listener_is_up(self):
+        port = self.free_port()
+        M = counting_service()
+        starter = threading.Timer(0.2, M.start, kwargs={'port': port, 'host': '127.0.0.1'})
+        starter.start()
+        self.addCleanup(M.stop)
+        self.addCleanup(starter.join)
+        with Friend('patient', '127.0.0.1:%d' % port, retries=8, backoff=0.05) as friend:
+            self.assertEqual(friend.send('/count', 'once'), 1)
+        self.assertEqual(M.runs, ['once'])
+
+    def one_shot_listener(self, replies):
+        """A raw listener: for each connection, read one request, then send the next of
+        `replies` (None: close without answering).  Returns (port, requests seen)."""
+        server = socket.socket()
+        server.bind(('127.0.0.1', 0))
+        server.listen()
+        seen = []
+
+        def serve():
+            for reply in replies:
+                conn, _ = server.accept()
+                with conn:
+                    seen.append(conn.recv(65536))
+                    if reply is not None:
+                        conn.sendall(reply)
+            server.close()
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 5)
+        return server.getsockname()[1], seen
+
+    def test_a_call_that_may_have_run_is_not_repeated(self):
+        port, seen = self.one_shot_listener([None])
+        with Friend('careful', '127.0.0.1:%d' % port, retries=3) as friend:
+            with self.assertRaises(mconnector.NetworkError) as caught:
+                friend.send('/pay', 10)
+        self.assertIn('may have run', str(caught.exception))
+        self.assertEqual(len(seen), 1)
+
+    def test_an_idempotent_call_is_repeated(self):
+        ok = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 4\r\n\r\n[42]'
+        port, seen = self.one_shot_listener([None, ok])
+        with Friend('bold', '127.0.0.1:%d' % port, retries=3) as friend:
+            friend.setRule('/read', idempotent=True)
+            self.assertEqual(friend.send('/read'), 42)
+        self.assertEqual(len(seen), 2)
+
+    def test_hanging_function_does_not_block_others(self):
+        M = Microservice('hang')
+        release = threading.Event()
+        self.addCleanup(release.set)
+
+        @M.typing('/hang')
+        def hang():
+            release.wait(10)
+
+        @M.typing('/ok')
+        def ok():
+            return 'ok'
+        friend = Service.start(self, M, timeout=0.3)
+        with self.assertRaises(mconnector.CallTimeout) as caught:
+            friend.send('/hang')
+        self.assertIn('%s/hang' % M.url, str(caught.exception))
+        self.assertEqual(friend.send('/ok'), 'ok')
+
+
+class FuzzTest(unittest.TestCase):
+    """Malformed requests, thousands of them, from a fixed seed: after each, a normal call
+    still answers."""
+
+    def test_malformed_requests_never_break_the_listener(self):
+        rng = random.Random(6455)
+        M = counting_service(request_timeout=0.3, max_body=4096)
+        friend = Service.start(self, M)
+        valid = (b'POST /echo HTTP/1.1\r\nContent-Type: application/json\r\n'
+                 b'Content-Length: 8\r\n\r\n{"a": 1}')
+        pieces = [b'GET', b'POST', b' ', b'/', b'/echo', b'/count?x=1', b'HTTP/1.1', b'HTTP/9.9',
+                  b'\r\n', b'\n', b':', b'Content-Length: ', b'Transfer-Encoding: chunked',
+                  b'99999999999999999999', b'-5', b'0', b'ff', b'{"args": [', b']}', b'NaN',
+                  b'\x00', b'\xff\xfe', b'%', b'%zz', b'{"types": [[[0], "set"]]}', b'\r\n\r\n']
+        deadline = time.monotonic() + 8
+        cases = 0
+        while cases < 3000 and time.monotonic() < deadline:
+            kind = rng.random()
+            if kind < 0.3:
+                data = bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 200)))
+            elif kind < 0.7:
+                data = b''.join(rng.choice(pieces) for _ in range(rng.randint(1, 25)))
+            else:
+                data = bytearray(valid)
+                for _ in range(rng.randint(1, 4)):
+                    data[rng.randrange(len(data))] = rng.getrandbits(8)
+                data = bytes(data[:rng.randint(1, len(data))])
+            with socket.create_connection(('127.0.0.1', M.port), timeout=5) as sock:
+                sock.sendall(data)
+                sock.shutdown(socket.SHUT_WR)
+                try:
+                    reply = sock.recv(65536)
+                except OSError:
+                    reply = b''
+                self.assertTrue(reply == b'' or reply.startswith(b'HTTP/1.1 '), (data, reply))
+            if cases % 10 == 0:
+                self.assertEqual(friend.json('/echo', n=cases), {'n': cases})
+            cases += 1
+        self.assertGreater(cases, 1000)
+        self.assertEqual(friend.json('/echo', n='end'), {'n': 'end'})
+
+
+# ==========================================================================================
 # WebSocket (issue 4)
 # ==========================================================================================
 
