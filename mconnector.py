@@ -58,7 +58,7 @@ __all__ = [
     'register', 'to_wire', 'from_wire', 'dumps', 'loads',
     # routing and HTTP pieces
     'Rule', 'Router', 'parse_request_line', 'parse_header_line', 'parse_status_line',
-    'read_header_lines', 'read_chunked', 'build_response_head', 'build_request',
+    'read_header_lines', 'read_chunked', 'SocketReader', 'build_response_head', 'build_request',
     # security
     'sign_request', 'verify_request', 'NonceCache', 'server_ssl_context',
     # errors
@@ -728,6 +728,75 @@ def parse_header_line(line, headers):
     text = value.decode('latin-1')
     old = headers.get(key)
     headers[key] = text if old is None else old + ', ' + text
+
+
+class SocketReader:
+    """Lines and blocks read from a socket through a buffer that stays in view.
+
+    What BufferedReader (socket.makefile) does, plus `buffered()`: a server can then
+    wait for the next request with select() and still see a request already read into
+    the buffer; and a timeout leaves it usable (a socket file refuses reads after one).
+    """
+
+    __slots__ = ('_sock', '_buf')
+
+    def __init__(self, sock):
+        self._sock = sock
+        self._buf = bytearray()
+
+    def buffered(self):
+        """Bytes read from the socket and not yet consumed (TLS records included)."""
+        pending = getattr(self._sock, 'pending', None)
+        return len(self._buf) + (pending() if pending is not None else 0)
+
+    def _fill(self):
+        data = self._sock.recv(65536)
+        self._buf += data
+        return len(data)
+
+    def readline(self, limit=-1):
+        """A line with its b'\\n', at most `limit` bytes; shorter (or b'') at EOF."""
+        buf = self._buf
+        start = 0
+        while True:
+            end = buf.find(b'\n', start)
+            if end >= 0 and (limit < 0 or end < limit):
+                end += 1
+                break
+            if 0 <= limit <= len(buf):
+                end = limit
+                break
+            start = len(buf)
+            if not self._fill():
+                end = len(buf)
+                break
+        line = bytes(buf[:end])
+        del buf[:end]
+        return line
+
+    def read(self, size=-1):
+        """`size` bytes (fewer at EOF); all until EOF when size is -1."""
+        buf = self._buf
+        if size < 0:
+            while self._fill():
+                pass
+            size = len(buf)
+        elif len(buf) < size:
+            # Large bodies go straight into their final buffer, without the slices.
+            out = bytearray(size)
+            view = memoryview(out)
+            have = len(buf)
+            view[:have] = buf
+            buf.clear()
+            while have < size:
+                got = self._sock.recv_into(view[have:])
+                if not got:
+                    return bytes(view[:have])
+                have += got
+            return bytes(out)
+        data = bytes(buf[:size])
+        del buf[:size]
+        return data
 
 
 def read_header_lines(rfile):
@@ -1467,11 +1536,13 @@ class _ConnectionHandler:
     disable_nagle_algorithm = True      # each response is one write; never wait for ACKs
 
     def __init__(self, request, client_address, server):
-        self.request = request
+        self.request = self.connection = request
         self.client_address = client_address
         self.server = server
         self.timeout = server.service.request_timeout
-        self.setup()
+        request.settimeout(self.timeout)
+        request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.rfile = SocketReader(request)
         self.handshaken = not hasattr(request, 'do_handshake')
         self.close_connection = False
         self.idle_since = time.monotonic()
@@ -1500,46 +1571,32 @@ class _ConnectionHandler:
                 return not self.close_connection
 
     def _wait_for_request(self):
-        """Block until the next request starts (True); False to stop holding."""
+        """Hold the connection until its next request starts (True), or until another
+        connection waits for a worker (False: park it).  Closes it when idle too long."""
+        import select
         server = self.server
         idle_timeout = server.service.timeout
-        while True:
+        while not self.rfile.buffered():
             if server.has_waiting():
-                return False            # others wait for a worker: park this one
+                return False
             remaining = self.idle_since + idle_timeout - time.monotonic()
             if remaining <= 0:
                 self.close_connection = True
                 return False
-            self.request.settimeout(min(remaining, _HOLD_SLICE))
             try:
-                data = self.rfile.peek(1)
-            except socket.timeout:
-                # A timed-out socket file refuses further reads; its buffer was empty (peek
-                # returns buffered bytes without reading), so a fresh one loses nothing.
-                self.rfile = self.connection.makefile('rb', self.rbufsize)
-                continue
+                if select.select([self.request], [], [], min(remaining, _HOLD_SLICE))[0]:
+                    break           # bytes or EOF: handle_one_request sees which
             except (OSError, ValueError):
-                data = b''
-            finally:
-                if not self.close_connection:
-                    self.request.settimeout(self.timeout)
-            if not data:
                 self.close_connection = True
                 return False
-            return True
+        return True
 
     def parked_has_data(self):
-        """Whether bytes already read from the socket wait in the buffer (pipelining)."""
-        sock = self.request
-        if hasattr(sock, 'pending') and sock.pending():
-            return True
-        sock.setblocking(False)
-        try:
-            return bool(self.rfile.peek(1))
-        except (OSError, ValueError):
-            return False
-        finally:
-            sock.settimeout(self.timeout)
+        """Whether a request already waits in the buffer (the client pipelined)."""
+        return self.rfile.buffered() > 0
+
+    def finish(self):
+        pass                # nothing buffered for writing: responses are sent whole
 
     def handle_one_request(self):
         service = self.server.service
@@ -1604,7 +1661,7 @@ class _ConnectionHandler:
     def _continue(self, headers):
         # curl waits a second for this before sending bodies over 1 KiB.
         if headers.get('expect', '').lower() == '100-continue':
-            self.wfile.write(b'HTTP/1.1 100 Continue\r\n\r\n')
+            self.request.sendall(b'HTTP/1.1 100 Continue\r\n\r\n')
 
     def _write(self, response, keep_alive, head_only):
         body = response.body
@@ -1744,8 +1801,7 @@ class _ServerMixin:
             if conn is not None and now - conn.idle_since > idle_timeout:
                 selector.unregister(key.fileobj)
                 self._close(conn)
-        with self._lock:
-            late = [conn for conn, deadline in self._deadlines.items() if deadline < now]
+        late = [conn for conn, deadline in list(self._deadlines.items()) if deadline < now]
         for conn in late:
             # Too slow to send its request (slowloris): cut the socket under the worker.
             log.info('%s: dropping %s, request not in within %ss', self.service.name,
@@ -1757,11 +1813,11 @@ class _ServerMixin:
 
     def reading(self, conn, started):
         """A request of `conn` started (True) or was read whole (False)."""
-        with self._lock:
-            if started:
-                self._deadlines[conn] = time.monotonic() + self.service.request_timeout
-            else:
-                self._deadlines.pop(conn, None)
+        # Single dict operations are atomic: no lock on this path of every request.
+        if started:
+            self._deadlines[conn] = time.monotonic() + self.service.request_timeout
+        else:
+            self._deadlines.pop(conn, None)
 
     # -- workers ------------------------------------------------------------------------
 
@@ -2256,7 +2312,7 @@ class _ClientConnection:
                 sock.close()
                 raise
             self.sock = sock
-            self.rfile = sock.makefile('rb')
+            self.rfile = SocketReader(sock)
         self.sock.settimeout(timeout)
         self.sock.sendall(data)
 
@@ -2290,7 +2346,6 @@ class _ClientConnection:
     def close(self):
         sock, self.sock = self.sock, None
         if sock is not None:
-            self.rfile.close()
             self.rfile = None
             sock.close()
 
