@@ -375,7 +375,435 @@ class Router:
 # 9. Pools: ordered per key over any Executor
 # ###########################################################################################
 
-# (pools: issue 3)
+# Tasks that share a key must run one after another, in the order they were submitted,
+# while tasks of other keys run in parallel.  The ordering lives in KeyedExecutor alone:
+# it keeps one FIFO per busy key and hands the wrapped executor only the head of each FIFO,
+# submitting the next task of a key from the done-callback of the previous one.  It needs
+# nothing of the executor but `submit` and `Future.add_done_callback`, so the same ordering
+# holds over threads, processes or a cluster engine's executor.
+#
+# Each task has two futures: the one the caller gets at once (the task may wait behind
+# others of its key before the executor ever sees it) and the executor's own.  The caller's
+# future turns RUNNING when the task is handed over: from then on it cannot be cancelled,
+# because the executor may already be running it and cancelling it then would be a lie.
+
+
+class PoolError(MConnectorError):
+    """A task could not be accepted or handed to a pool's executor."""
+
+
+class PoolClosed(PoolError, RuntimeError):
+    """`submit` or `submit_id` was called after `shutdown` (a RuntimeError, as Executor's)."""
+
+
+class TaskNotPicklable(PoolError, TypeError):
+    """A task for a process pool cannot be pickled; its Future holds this at submit time."""
+
+
+class _Task:
+    __slots__ = ('key', 'fn', 'args', 'kwargs', 'future')
+
+    def __init__(self, key, fn, args, kwargs, future):
+        self.key = key
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.future = future
+
+
+class KeyedExecutor:
+    """Per-key ordered execution over any `concurrent.futures.Executor`.
+
+        with KeyedExecutor(ThreadPoolExecutor(8)) as pool:
+            for row in rows:
+                pool.submit_id(row['id'], save, row)
+
+    Tasks submitted with the same key run one after another in submission order, each
+    starting only once the previous one has finished (whether it returned or raised);
+    tasks with different keys, and tasks without a key (`submit`, or key None), run in
+    parallel as the executor allows.  A key is forgotten as soon as it has nothing left
+    to run, so memory follows the busy keys, not every key ever seen.
+
+    executor       the Executor that runs the tasks (anything with `submit` returning a
+                   `concurrent.futures.Future`); shut down with this pool unless
+                   `shutdown_executor` is false.
+    out_queue      when given, every outcome is `put` on it from the thread that
+                   completes the task, in per-key order, before the task's Future is
+                   resolved: the return value, or the exception object the task raised.
+    max_watching   at most this many tasks may be pending (submitted, not finished);
+                   `submit` blocks until one finishes.  0 or None: no bound.
+    check_pickle   pickle each task at submit time and fail its Future at once with
+                   TaskNotPicklable if that fails; None: only for a ProcessPoolExecutor.
+
+    Raises TypeError if `executor` has no `submit`, ValueError for a negative max_watching.
+    """
+
+    def __init__(self, executor, out_queue=None, max_watching=None, check_pickle=None,
+                 shutdown_executor=True):
+        import concurrent.futures
+        from collections import deque
+        if not callable(getattr(executor, 'submit', None)):
+            raise TypeError('KeyedExecutor needs an Executor, got %r' % (executor,))
+        if max_watching is not None and max_watching < 0:
+            raise ValueError('max_watching must be >= 0, got %r' % (max_watching,))
+        if check_pickle is None:
+            check_pickle = isinstance(executor, concurrent.futures.ProcessPoolExecutor)
+        self._executor = executor
+        self.out_queue = out_queue
+        self.max_watching = max_watching or 0
+        self._check_pickle = check_pickle
+        self._shutdown_executor = shutdown_executor
+        self._future_class = concurrent.futures.Future
+        self._new_fifo = deque
+        self._cancelled_error = concurrent.futures.CancelledError
+        self._lock = threading.Lock()
+        # Waiters are woken only when what they wait for may have come true, and a
+        # completion with nobody waiting pays nothing: waking a thread per task would cost
+        # two context switches per task.
+        self._space = threading.Condition(self._lock)   # backpressured submitters
+        self._space_waiters = 0
+        self._idle = threading.Condition(self._lock)    # shutdown, waiting for pending == 0
+        self._idle_waiters = 0
+        self._queues = {}           # busy key -> deque of its waiting tasks
+        self._pending = 0           # submitted and not finished, queued or handed over
+        self._closed = False
+        self._executor_closed = False
+
+    # -- submitting ---------------------------------------------------------------------
+
+    @property
+    def executor(self):
+        """The wrapped executor."""
+        return self._executor
+
+    @property
+    def pending(self):
+        """Number of tasks submitted and not yet finished."""
+        return self._pending
+
+    @property
+    def busy_keys(self):
+        """Number of keys with a task running or waiting."""
+        return len(self._queues)
+
+    def submit(self, fn, /, *args, **kwargs):
+        """Schedule `fn(*args, **kwargs)` with no key and no order; return its Future.
+
+        Raises what `submit_id` raises.
+        """
+        return self.submit_id(None, fn, *args, **kwargs)
+
+    def submit_id(self, key, fn, /, *args, **kwargs):
+        """Schedule `fn(*args, **kwargs)` after every task submitted before with `key`.
+
+        Returns a `concurrent.futures.Future` for the task.  Blocks while `max_watching`
+        tasks are pending.  Raises PoolClosed after `shutdown` (also when it happens while
+        blocked here) and TypeError for an unhashable key.  A task that cannot be pickled
+        for a process pool is not raised but fails its Future with TaskNotPicklable.
+        """
+        if key is not None:
+            hash(key)       # an unhashable key must fail here, before anything is counted
+        future = self._future_class()
+        task = _Task(key, fn, args, kwargs, future)
+        if self._check_pickle and not self._picklable(task):
+            return future
+        with self._lock:
+            if self._closed:
+                raise PoolClosed('cannot schedule new futures after shutdown')
+            if self.max_watching and self._pending >= self.max_watching:
+                self._space_waiters += 1
+                try:
+                    while not self._closed and self._pending >= self.max_watching:
+                        self._space.wait()
+                finally:
+                    self._space_waiters -= 1
+                if self._closed:
+                    raise PoolClosed('cannot schedule new futures after shutdown')
+            self._pending += 1
+            if key is not None:
+                waiting = self._queues.get(key)
+                if waiting is not None:
+                    waiting.append(task)
+                    return future
+                self._queues[key] = self._new_fifo()
+        self._dispatch(task)
+        return future
+
+    def _picklable(self, task):
+        """Return True if `task` pickles; else fail its Future (and report it) at once."""
+        from multiprocessing.reduction import ForkingPickler
+        try:
+            ForkingPickler.dumps((task.fn, task.args, task.kwargs))
+        except Exception as exc:
+            name = getattr(task.fn, '__qualname__', None) or repr(task.fn)
+            error = TaskNotPicklable(
+                'task %s (key %r) cannot be pickled for a process pool: %s: %s; define the '
+                'function at module level and pass picklable arguments'
+                % (name, task.key, type(exc).__name__, exc))
+            error.__cause__ = exc
+            log.debug('rejected task %s: %s', name, error)
+            self._report(error)
+            task.future.set_exception(error)
+            return False
+        return True
+
+    # -- running ------------------------------------------------------------------------
+
+    def _dispatch(self, task):
+        """Hand `task` to the executor, then every task that this releases, in a loop.
+
+        An executor may return a future that is already done (an inline executor, or a
+        task that finished at once): then the next task of the key is started here rather
+        than from a done-callback nested in this call, so that a long queue behind one key
+        cannot exhaust the stack.
+        """
+        while task is not None:
+            if not task.future.set_running_or_notify_cancel():
+                task = self._advance(task.key)      # cancelled while waiting: skip it
+                continue
+            try:
+                inner = self._executor.submit(task.fn, *task.args, **task.kwargs)
+            except BaseException as exc:            # broken or shut down executor: fail it
+                task = self._settle(task, None, exc)
+                continue
+            if inner.done():
+                task = self._finish(task, inner)
+            else:
+                inner.add_done_callback(functools.partial(self._task_done, task))
+                task = None
+
+    def _task_done(self, task, inner):
+        # Runs in whichever thread completes `inner` (an executor worker or its manager).
+        following = self._finish(task, inner)
+        if following is not None:
+            self._dispatch(following)
+
+    def _finish(self, task, inner):
+        try:
+            exc = inner.exception()
+        except self._cancelled_error as cancelled:
+            # The executor cancelled it (shutdown with cancel_futures); our future is
+            # already RUNNING and can only carry the fact as an exception.
+            exc = cancelled
+        return self._settle(task, inner.result() if exc is None else None, exc)
+
+    def _settle(self, task, result, exc):
+        """Report the outcome, resolve the caller's Future, release the key.
+
+        Returns the next task of the key, for the caller to dispatch.
+        """
+        try:
+            self._report(result if exc is None else exc)
+            if exc is None:
+                task.future.set_result(result)
+            else:
+                log.debug('task %r (key %r) raised %r', task.fn, task.key, exc)
+                task.future.set_exception(exc)
+        except BaseException:
+            log.exception('pool: reporting a task outcome failed')
+        finally:
+            task.args = task.kwargs = task.fn = None    # free arguments early
+            following = self._advance(task.key)
+        return following
+
+    def _report(self, value):
+        if self.out_queue is not None:
+            try:
+                self.out_queue.put(value)
+            except Exception:
+                # A full or closed out_queue must not stall the keys: the Future still
+                # holds the outcome.
+                log.exception('pool: cannot put a result on out_queue')
+
+    def _advance(self, key):
+        """One task of `key` finished: return the next one of that key, or forget the key."""
+        following = None
+        with self._lock:
+            self._pending -= 1
+            if key is not None:
+                waiting = self._queues[key]
+                if waiting:
+                    following = waiting.popleft()
+                else:
+                    del self._queues[key]
+            if self._space_waiters:
+                self._space.notify()    # one slot freed, one submitter may go on
+            if self._idle_waiters and not self._pending:
+                self._idle.notify_all()
+        return following
+
+    # -- shutting down ------------------------------------------------------------------
+
+    def shutdown(self, wait=True, *, cancel_futures=False):
+        """Refuse new tasks; with `wait`, return once every pending task has finished.
+
+        As `Executor.shutdown`: `cancel_futures` cancels the tasks that have not started,
+        those still waiting behind their key here and, where the executor supports it
+        (Python 3.9+ executors), those it has not started yet (their Futures then hold a
+        CancelledError, as they were already RUNNING here).  The wrapped executor is shut
+        down once all tasks are done, unless `shutdown_executor` was false; with `wait`
+        false that happens in a background thread.  Calling it again is harmless.  Never
+        call it with `wait` from inside a task of this pool: it would wait for itself.
+        """
+        with self._lock:
+            self._closed = True
+            cancelled = []
+            if cancel_futures:
+                for waiting in self._queues.values():
+                    cancelled.extend(waiting)
+                    waiting.clear()
+                self._pending -= len(cancelled)
+                if self._idle_waiters and not self._pending:
+                    self._idle.notify_all()
+            if self._space_waiters:
+                self._space.notify_all()        # blocked submitters must raise PoolClosed
+        for task in cancelled:
+            task.future.cancel()
+        if cancel_futures and self._shutdown_executor:
+            self._close_executor(wait=False, cancel_futures=True)
+        if wait:
+            self._wait_idle()
+            if self._shutdown_executor:
+                self._close_executor(wait=True)
+        elif self._shutdown_executor:
+            threading.Thread(target=self._close_when_idle, name='mconnector-pool-closer',
+                             daemon=True).start()
+
+    def _wait_idle(self):
+        with self._lock:
+            self._idle_waiters += 1
+            try:
+                while self._pending:
+                    self._idle.wait()
+            finally:
+                self._idle_waiters -= 1
+
+    def _close_when_idle(self):
+        try:
+            self._wait_idle()
+            self._close_executor(wait=True)
+        except Exception:
+            log.exception('pool: shutting down the executor failed')
+
+    def _close_executor(self, wait, cancel_futures=False):
+        if cancel_futures:
+            # Executor.shutdown gained cancel_futures in Python 3.9; third-party
+            # executors may lack it too.
+            try:
+                params = inspect.signature(self._executor.shutdown).parameters
+            except (TypeError, ValueError):
+                params = {}
+            if 'cancel_futures' in params:
+                self._executor.shutdown(wait=wait, cancel_futures=True)
+            return
+        with self._lock:
+            if self._executor_closed and not wait:
+                return
+            self._executor_closed = True
+        self._executor.shutdown(wait=wait)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.shutdown(wait=True)
+        return False
+
+    def __repr__(self):
+        return '<%s pending=%d busy_keys=%d%s over %r>' % (
+            type(self).__name__, self._pending, len(self._queues),
+            ' closed' if self._closed else '', self._executor)
+
+
+def _compat_arguments(cls, worker, maxsize, delay):
+    # 0.3.7 took a worker class, a per-worker queue bound and a sleep between polls; the
+    # executor replaces all three, so they are accepted and have no effect.
+    if worker is not None:
+        import warnings
+        warnings.warn('%s: worker= is accepted for compatibility with 0.3.7 and ignored; '
+                      'wrap your own executor in KeyedExecutor instead' % cls.__name__,
+                      DeprecationWarning, stacklevel=3)
+
+
+class DistributedThreads(KeyedExecutor):
+    """Per-key ordered tasks on a ThreadPoolExecutor of `max_workers` threads.
+
+    The 0.3.7 signature: `out_queue` receives every result (or exception object),
+    `max_watching` bounds the pending tasks (submit blocks beyond it; 0 for no bound).
+    `worker`, `maxsize` and `delay` are accepted and ignored: see KeyedExecutor.
+    Raises ValueError if max_workers <= 0.
+    """
+
+    def __init__(self, out_queue=None, max_workers=4, max_watching=100, worker=None,
+                 maxsize=0, delay=1):
+        from concurrent.futures import ThreadPoolExecutor
+        _compat_arguments(type(self), worker, maxsize, delay)
+        super().__init__(ThreadPoolExecutor(max_workers, thread_name_prefix='mconnector-pool'),
+                         out_queue=out_queue, max_watching=max_watching)
+        self.max_workers = max_workers
+
+
+class DistributedProcess(KeyedExecutor):
+    """Per-key ordered tasks on a ProcessPoolExecutor of `max_workers` processes.
+
+    As DistributedThreads, plus: tasks (function and arguments) and results must pickle;
+    a task that does not fails its Future with TaskNotPicklable at submit time.  With the
+    spawn or forkserver start method (`mp_context`, the default on Windows and macOS) the
+    function must be importable by name from a module, not defined in `__main__` behind
+    no `if __name__ == '__main__'` guard, nor be a lambda or a nested function.  Results
+    reach `out_queue` from this process, so a `queue.Queue` works as well as a
+    `multiprocessing.Queue`.  Raises ValueError if max_workers <= 0.
+    """
+
+    def __init__(self, out_queue=None, max_workers=4, max_watching=100, worker=None,
+                 maxsize=0, delay=1, *, mp_context=None):
+        from concurrent.futures import ProcessPoolExecutor
+        _compat_arguments(type(self), worker, maxsize, delay)
+        super().__init__(ProcessPoolExecutor(max_workers, mp_context=mp_context),
+                         out_queue=out_queue, max_watching=max_watching, check_pickle=True)
+        self.max_workers = max_workers
+
+
+class _StopWorker:
+    """The marker `Worker.stop` puts on the queue; compared by type, as it may be pickled."""
+
+    def __repr__(self):
+        return '<Worker stop marker>'
+
+
+class Worker(threading.Thread):
+    """A thread that calls `f(item)` for every item taken from `out_queue`, forever.
+
+    Works with `queue.Queue` and `multiprocessing.Queue`; calls `task_done()` after each
+    item where the queue has it, so `out_queue.join()` works.  An exception from `f` is
+    logged and the loop goes on.  Daemon by default (the seed sets it anyway).
+    """
+
+    def __init__(self, out_queue, f, name=None, daemon=True):
+        super().__init__(name=name or 'mconnector-worker', daemon=daemon)
+        self.out_queue = out_queue
+        self.f = f
+
+    def run(self):
+        get = self.out_queue.get
+        task_done = getattr(self.out_queue, 'task_done', None)
+        while True:
+            item = get()
+            try:
+                if isinstance(item, _StopWorker):
+                    return
+                try:
+                    self.f(item)
+                except Exception:
+                    log.exception('Worker %s: %r failed on %r', self.name, self.f, item)
+            finally:
+                if task_done is not None:
+                    task_done()
+
+    def stop(self):
+        """Put a stop marker on the queue: the worker that takes it ends after the items
+        put before it.  With several Workers on one queue, call it once per worker."""
+        self.out_queue.put(_StopWorker())
 
 
 # ###########################################################################################
