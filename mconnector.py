@@ -431,20 +431,32 @@ class _Task:
 
 def _settler(pool_ref, done):
     """The loop of a pool's settler thread; holds the pool only while it has work."""
+    empty = queue.Empty
     while True:
-        task = done.get()
+        batch = [done.get()]
+        # Whatever else has completed meanwhile is settled with it, under one lock, so a
+        # busy pool takes its lock once per batch rather than once per task.
+        try:
+            while len(batch) < _SETTLE_BATCH:
+                batch.append(done.get_nowait())
+        except empty:
+            pass
         pool = pool_ref()
         if pool is None:
             return
-        if task is not None:
-            try:
-                pool._settle_and_follow(task)
-            except BaseException:   # the settler must survive anything a task brings
-                log.exception('pool: settling a task failed')
+        try:
+            pool._settle_batch([task for task in batch if task is not None])
+        except BaseException:   # the settler must survive anything a task brings
+            log.exception('pool: settling tasks failed')
         if pool._closed and not pool._pending:
             pool._close_executor()
             return
-        del pool, task
+        del pool, batch
+
+
+# Up to this many completions are settled under one lock; a few dozen already make the
+# lock's cost per task negligible, and a bound keeps the first of a batch from waiting.
+_SETTLE_BATCH = 64
 
 
 class KeyedExecutor:
@@ -629,27 +641,33 @@ class KeyedExecutor:
             inner.add_done_callback(task)
             task = None
 
-    def _settle_and_follow(self, task):
-        # In the settler thread: `task.inner` is done.
-        inner = task.inner
-        future = task.future
-        if inner.cancelled():
-            if future is not None:
-                # Cancelled by the executor (shutdown with cancel_futures): ours is
-                # RUNNING already and can only carry the fact as an exception.
-                future.set_exception(self._cancelled_error())
-            following = self._release(task)
-        elif future is None and self.out_queue is None:
-            following = self._release(task)     # the executor's Future says it all
-        else:
-            exc = inner.exception()
-            following = self._settle(task, inner.result() if exc is None else None, exc)
-        if following is not None:
+    def _settle_batch(self, tasks):
+        # In the settler thread: every `task.inner` is done.  Outcomes first, then the
+        # keys are released, so an outcome is out before the next task of its key starts.
+        for task in tasks:
+            inner = task.inner
+            future = task.future
+            if inner.cancelled():
+                if future is not None:
+                    # Cancelled by the executor (shutdown with cancel_futures): ours is
+                    # RUNNING already and can only carry the fact as an exception.
+                    future.set_exception(self._cancelled_error())
+            elif future is not None or self.out_queue is not None:
+                exc = inner.exception()
+                self._resolve(task, inner.result() if exc is None else None, exc)
+            task.args = task.kwargs = task.fn = task.inner = task.pool = None
+        for following in self._advance_many([task.key for task in tasks]):
             self._dispatch(following)
 
     def _settle(self, task, result, exc):
-        """Resolve the task's own Future if it has one, report the outcome on out_queue,
-        release the key.  Returns the next task of the key, for the caller to dispatch."""
+        """Resolve and report an outcome that did not come from the executor, release the
+        key.  Returns the next task of the key, for the caller to dispatch."""
+        self._resolve(task, result, exc)
+        task.args = task.kwargs = task.fn = task.inner = task.pool = None
+        return self._advance(task.key)
+
+    def _resolve(self, task, result, exc):
+        """Resolve the task's own Future if it has one; report the outcome on out_queue."""
         try:
             future = task.future
             if exc is not None:
@@ -662,14 +680,6 @@ class KeyedExecutor:
             self._report(result if exc is None else exc)
         except BaseException:
             log.exception('pool: reporting a task outcome failed')
-        finally:
-            following = self._release(task)
-        return following
-
-    def _release(self, task):
-        # Free the arguments and result early, and break the task -> pool cycle.
-        task.args = task.kwargs = task.fn = task.inner = task.pool = None
-        return self._advance(task.key)
 
     def _report(self, value):
         if self.out_queue is not None:
@@ -681,24 +691,32 @@ class KeyedExecutor:
                 log.exception('pool: cannot put a result on out_queue')
 
     def _advance(self, key):
-        """One task of `key` finished: return the next one of that key, or forget the key."""
-        following = None
+        """One task of `key` finished: return the next one of that key, or None."""
+        following = self._advance_many((key,))
+        return following[0] if following else None
+
+    def _advance_many(self, keys):
+        """Tasks of `keys` finished (a key once per task): return the next task of each
+        key that has one, and forget the others."""
+        followers = []
+        queues = self._queues
         with self._lock:
-            self._pending -= 1
-            if key is not None:
-                waiting = self._queues[key]
-                if waiting:
-                    following = waiting.popleft()
-                else:
-                    del self._queues[key]
+            self._pending -= len(keys)
+            for key in keys:
+                if key is not None:
+                    waiting = queues[key]
+                    if waiting:
+                        followers.append(waiting.popleft())
+                    else:
+                        del queues[key]
             if self._space_waiters:
-                self._space.notify()    # one slot freed, one submitter may go on
+                self._space.notify(len(keys))   # slots freed, as many submitters go on
             if not self._pending:
                 if self._idle_waiters:
                     self._idle.notify_all()
                 if self._closed:
                     self._done.put(None)    # the settler closes the executor and ends
-        return following
+        return followers
 
     # -- shutting down ------------------------------------------------------------------
 
