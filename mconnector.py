@@ -392,7 +392,7 @@ class Router:
 # caller's future and hands over the next task of the key.  Settling in the executor's own
 # threads instead made every worker a submitter too: measured on CPython 3.11 with 4
 # threads, they then fight over the executor's locks and the GIL at about two context
-# switches per task, 3 to 4 times slower than the bare executor.  With one settler the
+# switches per task, 3 to 7 times slower than the bare executor.  With one settler the
 # keyed pool runs near the bare executor's speed, and an inline executor, which completes
 # futures inside `submit`, cannot recurse through long key queues.
 

@@ -6,7 +6,8 @@ Every row runs the same no-op tasks on `workers` threads, in one run of this scr
 ratio column compares like with like on this machine.  The bare executor gets the tasks
 without keys (it cannot order them); the keyed rows spread them over `keys` keys and keep
 per-key order.  The 0.3.7 package's DistributedThreads is measured too when it is installed
-(it sleeps between polls, so expect milliseconds per task); otherwise its row is skipped.
+(it sleeps between polls, so expect milliseconds per task); otherwise its row is
+skipped.
 Times are the best of `repeat` interleaved rounds, from the first submit until every task has finished
 (the pool's shutdown included).
 """
