@@ -3,7 +3,6 @@
 Run with:  python -m unittest -v test_mconnector
 """
 
-import concurrent.futures
 import json
 import os
 import queue
@@ -74,6 +73,10 @@ class RuleTest(unittest.TestCase):
 # ==========================================================================================
 # Pools (issue 3)
 # ==========================================================================================
+
+# Imported here rather than at the top so that this section merges on its own.
+import concurrent.futures  # noqa: E402
+
 
 # Tasks for the process pools must be importable by name from a module.
 

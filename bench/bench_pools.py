@@ -8,8 +8,8 @@ without keys (it cannot order them); the keyed rows spread them over `keys` keys
 per-key order.  The 0.3.7 package's DistributedThreads is measured too when it is installed
 (it sleeps between polls, so expect milliseconds per task); otherwise its row is
 skipped.
-Times are the best of `repeat` interleaved rounds, from the first submit until every task has finished
-(the pool's shutdown included).
+Times are the best of `repeat` interleaved rounds, from the first submit until every task
+has finished (the pool's shutdown included).
 """
 
 import argparse
