@@ -64,7 +64,9 @@ __all__ = [
     # errors
     'MConnectorError', 'CodecError', 'RouteError', 'HTTPError', 'RemoteError', 'CallError',
     'BadRequest', 'AuthError', 'NotFound', 'MethodNotAllowed', 'NetworkError', 'Unreachable',
-    'CallTimeout',
+    'CallTimeout', 'PoolError', 'PoolClosed', 'TaskNotPicklable',
+    # ordered pools
+    'KeyedExecutor', 'DistributedThreads', 'DistributedProcess', 'Worker',
     # command line
     'main',
 ]
@@ -88,10 +90,14 @@ class MConnectorError(Exception):
      |    +-- BadRequest             400: body or arguments do not fit the function
      |    +-- AuthError              401: missing or wrong token
      |    +-- NotFound               404 unknown rule, 405 (subclass MethodNotAllowed)
+     +-- HTTPError                   a request the listener refuses; .status (section 4)
      +-- NetworkError (also ConnectionError)
      |    +-- Unreachable            nothing listens at the address
      |    +-- CallTimeout (also TimeoutError)
      +-- WebSocketError              see section 7
+     +-- PoolError                   section 9
+          +-- PoolClosed (also RuntimeError)     submit after shutdown
+          +-- TaskNotPicklable (also TypeError)  a process pool cannot send the task
     """
 
 
@@ -2756,6 +2762,7 @@ class KeyedExecutor:
     def _cancel_in_executor(self):
         # Executor.shutdown gained cancel_futures in Python 3.9; third-party executors
         # may lack it too.
+        import inspect
         try:
             params = inspect.signature(self._executor.shutdown).parameters
         except (TypeError, ValueError):
