@@ -2954,7 +2954,8 @@ def _serve_command(options):
     try:
         if services:
             services[0].run(port=options.port, host=options.host,
-                            debug=True if options.debug else None)
+                            debug=True if options.debug else None, certfile=options.certfile,
+                            keyfile=options.keyfile, cafile=options.cafile)
         else:
             threading.Event().wait()
     except KeyboardInterrupt:
@@ -2978,8 +2979,8 @@ def _call_command(options):
             kwargs[name] = _argument(value)
         else:
             args.append(_argument(item))
-    friend = Friend('cli', options.url, timeout=options.timeout,
-                    verify=not options.insecure, cafile=options.cafile)
+    friend = Friend('cli', options.url, timeout=options.timeout, secretKey=options.secret_key,
+                    verify=not options.insecure, cafile=options.cafile, retries=0)
     rule = options.rule if options.rule.startswith('/') else '/' + options.rule
     friend.setRule(rule, method=options.method, token=options.token)
     if options.json and args:
@@ -3033,6 +3034,10 @@ def _parser():
     serve.add_argument('--ws-port', type=int, help='port for the websocket server')
     serve.add_argument('--debug', action='count', default=0,
                        help='log every request, return tracebacks (twice: debug logging)')
+    serve.add_argument('--certfile', help='serve HTTPS with this certificate (PEM)')
+    serve.add_argument('--keyfile', help='private key of --certfile, if not inside it')
+    serve.add_argument('--cafile', help='with --certfile: require client certificates '
+                                        'signed by these CAs (mutual TLS)')
     serve.set_defaults(run=_serve_command)
 
     call = commands.add_parser(
@@ -3051,6 +3056,7 @@ def _parser():
     call.add_argument('--wait', type=float, default=0.0, metavar='SECONDS',
                       help='while nothing listens at URL, keep trying this long (default 0)')
     call.add_argument('--cafile', help='CA certificates for https:// listeners')
+    call.add_argument('--secret-key', help='sign the call with this shared key (secretKey)')
     call.add_argument('--insecure', action='store_true', help='do not verify https certificates')
     call.set_defaults(run=_call_command)
 
