@@ -1361,8 +1361,14 @@ class Microservice:
         one of those CAs (mutual TLS).
         """
         _default_logging()
-        self._bind(port, host, debug, ssl_context=ssl_context, certfile=certfile,
-                   keyfile=keyfile, cafile=cafile)
+        try:
+            self._bind(port, host, debug, ssl_context=ssl_context, certfile=certfile,
+                       keyfile=keyfile, cafile=cafile)
+        except OSError as exc:
+            # The script's main loop: a clear line, not a traceback (as Flask's run does).
+            log.error('%s: cannot listen on %s:%s: %s', self.name, self.host, self.port,
+                      exc.strerror or exc)
+            raise SystemExit(1) from None
         try:
             self._server.serve_forever()
         except KeyboardInterrupt:

@@ -714,6 +714,16 @@ class CommandLineTest(unittest.TestCase):
         self.assertEqual(proc.wait(10), 0)
         self.assertNotIn('Traceback', rest)
 
+    def test_run_on_a_taken_port_says_so_and_exits(self):
+        with socket.socket() as taken:
+            taken.bind(('127.0.0.1', 0))
+            taken.listen()
+            M = Microservice('late', port=taken.getsockname()[1], host='127.0.0.1')
+            with self.assertLogs('mconnector', 'ERROR') as logs, self.assertRaises(SystemExit) as caught:
+                M.run()
+        self.assertEqual(caught.exception.code, 1)
+        self.assertIn('Address already in use', logs.output[0])
+
     def test_serve_without_a_service_is_a_clear_error(self):
         out = self.run_cli('serve', 'json')
         self.assertNotEqual(out.returncode, 0)
