@@ -484,7 +484,7 @@ class CloseCode(enum.IntEnum):
     TLS_HANDSHAKE = 1015        # never on the wire
 
 
-class State(enum.IntEnum):
+class WebSocketState(enum.IntEnum):
     OPEN = 1        # messages flow both ways
     CLOSING = 2     # we sent a close frame and wait for the peer's
     CLOSED = 3      # closing handshake done, connection failed, or stream ended: no more input
@@ -583,7 +583,7 @@ class WebSocketProtocol:
         self.client = client
         self.max_size = max_size
         self.max_frame_size = max_size if max_frame_size is None else max_frame_size
-        self.state = State.OPEN
+        self.state = WebSocketState.OPEN
         self.close_rcvd = None          # (code, reason) of the peer's close frame
         self.close_sent = None          # (code, reason) of ours
         self._buf = bytearray()
@@ -600,7 +600,7 @@ class WebSocketProtocol:
 
     def receive_data(self, data):
         """Take bytes received from the peer; b'' means the stream ended."""
-        if self.state is State.CLOSED:
+        if self.state is WebSocketState.CLOSED:
             return
         if data:
             self._buf += data
@@ -610,17 +610,17 @@ class WebSocketProtocol:
     @property
     def pending(self):
         """True when events() may return more without new input."""
-        return self.state is not State.CLOSED and (len(self._buf) >= self._need or self._eof)
+        return self.state is not WebSocketState.CLOSED and (len(self._buf) >= self._need or self._eof)
 
     def events(self):
         """Parse on, up to the next whole message, and return (and forget) the events since
         the last call, oldest first."""
-        if self.state is not State.CLOSED:
+        if self.state is not WebSocketState.CLOSED:
             if len(self._buf) >= self._need:
                 self._receive()
-            if self._eof and self.state is not State.CLOSED and len(self._buf) < self._need:
+            if self._eof and self.state is not WebSocketState.CLOSED and len(self._buf) < self._need:
                 self._frag_parts = []
-                self.state = State.CLOSED
+                self.state = WebSocketState.CLOSED
                 self._events.append((Opcode.CLOSE, (CloseCode.ABNORMAL, '')))
         events = self._events
         self._events = []
@@ -644,7 +644,7 @@ class WebSocketProtocol:
         end = len(buf)
         pos = 0
         client = self.client
-        while self.state is not State.CLOSED:
+        while self.state is not WebSocketState.CLOSED:
             if end - pos < 2:
                 self._need = 2
                 break
@@ -785,7 +785,7 @@ class WebSocketProtocol:
             # the status code it received".
             self._out.append(_ws_frame(Opcode.CLOSE, payload[:2], mask_key=self._mask_key()))
             self.close_sent = (code, '')
-        self.state = State.CLOSED
+        self.state = WebSocketState.CLOSED
         self._events.append((Opcode.CLOSE, (code, reason)))
 
     # -- output -------------------------------------------------------------------------------
@@ -802,7 +802,7 @@ class WebSocketProtocol:
             opcode, payload = Opcode.BINARY, message
         else:
             raise TypeError('a websocket message is str or bytes, not %s' % type(message).__name__)
-        if self.close_sent is not None or self.state is State.CLOSED:
+        if self.close_sent is not None or self.state is WebSocketState.CLOSED:
             raise ConnectionClosed(self.close_rcvd, self.close_sent)
         self._out.append(_ws_frame(opcode, payload, mask_key=self._mask_key()))
 
@@ -817,7 +817,7 @@ class WebSocketProtocol:
     def _control(self, opcode, payload):
         if len(payload) > 125:
             raise ValueError('a control frame carries at most 125 bytes')
-        if self.close_sent is not None or self.state is State.CLOSED:
+        if self.close_sent is not None or self.state is WebSocketState.CLOSED:
             raise ConnectionClosed(self.close_rcvd, self.close_sent)
         self._out.append(_ws_frame(opcode, bytes(payload), mask_key=self._mask_key()))
 
@@ -825,23 +825,23 @@ class WebSocketProtocol:
         """Start the closing handshake (OPEN -> CLOSING); does nothing once closing or closed.
         Raises ValueError for a code that may not be sent or a reason over 123 bytes."""
         payload = _ws_close_payload(code, reason)
-        if self.state is not State.OPEN:
+        if self.state is not WebSocketState.OPEN:
             return
         self._out.append(_ws_frame(Opcode.CLOSE, payload, mask_key=self._mask_key()))
         self.close_sent = (code, reason)
-        self.state = State.CLOSING
+        self.state = WebSocketState.CLOSING
 
     def fail(self, code=CloseCode.INTERNAL_ERROR, reason=''):
         """Fail the connection (RFC 6455 7.1.7): send a close frame with `code` unless one was
         sent already, ignore all further input, and report CLOSE."""
-        if self.state is State.CLOSED:
+        if self.state is WebSocketState.CLOSED:
             return
         if self.close_sent is None:
             data = reason.encode('utf-8')[:123].decode('utf-8', 'ignore')
             self._out.append(_ws_frame(Opcode.CLOSE, _ws_close_payload(code, data),
                                        mask_key=self._mask_key()))
             self.close_sent = (code, data)
-        self.state = State.CLOSED
+        self.state = WebSocketState.CLOSED
         self._buf = bytearray()
         self._frag_parts = []
         self._events.append((Opcode.CLOSE, (code, reason)))
@@ -1485,6 +1485,17 @@ def _ws_install_sigint():
         pass
 
 
+def _ws_restore_sigint():
+    import signal
+    if threading.current_thread() is not threading.main_thread():
+        return
+    try:
+        if signal.getsignal(signal.SIGINT) is _ws_on_sigint:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+    except (ValueError, OSError):
+        pass
+
+
 def _ws_stop_all(timeout=None):
     """Stop every websocket server started with run() (for the command line and the
     Microservice's run(), when it returns)."""
@@ -1676,6 +1687,8 @@ class SocketServer:
             s.close()
         with _ws_running_lock:
             _ws_running.discard(self)
+            if not _ws_running:
+                _ws_restore_sigint()
         with self._lock:
             self._server = None
             self._thread = None

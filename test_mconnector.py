@@ -132,7 +132,7 @@ class WsServerSide(unittest.TestCase):
         frames = parse_server_frames(proto.data_to_send())
         self.assertEqual(frames[-1][1], OP.CLOSE)
         self.assertEqual(int.from_bytes(frames[-1][2][:2], 'big'), code)
-        self.assertEqual(proto.state, mconnector.State.CLOSED)
+        self.assertEqual(proto.state, mconnector.WebSocketState.CLOSED)
 
 
 class WsMaskingTest(unittest.TestCase):
@@ -217,7 +217,7 @@ class RFC6455Section5_2BaseFramingTest(WsServerSide):
                 p.receive_data(bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 40))))
                 all_events(p)
             p.data_to_send()
-            if p.state is not mconnector.State.CLOSED:
+            if p.state is not mconnector.WebSocketState.CLOSED:
                 p.receive_data(b'')
                 self.assertEqual(all_events(p)[-1], (OP.CLOSE, (1006, '')))
 
@@ -327,7 +327,7 @@ class RFC6455Section7ClosingTest(WsServerSide):
     def test_our_close_then_theirs(self):
         p = self.proto()
         p.close(1001, 'going')
-        self.assertEqual(p.state, mconnector.State.CLOSING)
+        self.assertEqual(p.state, mconnector.WebSocketState.CLOSING)
         self.assertEqual(parse_server_frames(p.data_to_send()), [(True, OP.CLOSE, b'\x03\xe9going')])
         self.assertEqual(self.feed(p, ws_frame(OP.TEXT, b'in flight'), ws_frame(OP.CLOSE, close_payload(1001))),
                          [(OP.TEXT, 'in flight'), (OP.CLOSE, (1001, ''))])
@@ -574,8 +574,8 @@ class WebSocketServerTest(unittest.TestCase):
 
     def test_handler_error_is_1011_without_details(self):
         c = self.client('/boom')
-        c.send('x')
         with self.assertLogs('mconnector', 'ERROR'):
+            c.send('x')
             with self.assertRaises(mconnector.ConnectionClosed) as cm:
                 c.recv(timeout=5)
         self.assertEqual(cm.exception.code, 1011)
@@ -672,6 +672,16 @@ class WebSocketLimitsTest(unittest.TestCase):
                 c.recv(timeout=0.5)                                 # pings answered meanwhile
             c.send('still here')
             self.assertEqual(c.recv(timeout=5), 'still here')
+
+    def test_peer_that_never_answers_the_close_is_dropped(self):
+        sk = self.start()                                           # close_timeout=0.5
+        sock, head, rest = raw_handshake(sk.port)
+        sock.sendall(ws_frame(OP.TEXT, b'exit'))                    # the router ends here
+        started = time.monotonic()
+        frames = parse_server_frames(read_until_eof(sock, rest))   # and we never answer
+        sock.close()
+        self.assertLess(time.monotonic() - started, 3)
+        self.assertEqual(frames, [(True, OP.TEXT, b'exit'), (True, OP.CLOSE, b'\x03\xe8')])
 
     def test_a_thousand_idle_connections(self):
         sk = self.start(handshake_timeout=1.0)
