@@ -32,6 +32,7 @@ Map of this file, in the order data flows:
 
 import base64
 import binascii
+import enum
 import functools
 import json
 import logging
@@ -65,6 +66,10 @@ __all__ = [
     'MConnectorError', 'CodecError', 'RouteError', 'HTTPError', 'RemoteError', 'CallError',
     'BadRequest', 'AuthError', 'NotFound', 'MethodNotAllowed', 'NetworkError', 'Unreachable',
     'CallTimeout', 'PoolError', 'PoolClosed', 'TaskNotPicklable',
+    # websockets
+    'SocketServer', 'SocketClient', 'WebSocket', 'WebSocketProtocol', 'WebSocketError',
+    'HandshakeError', 'WebSocketProtocolError', 'PayloadTooBig', 'ConnectionClosed',
+    'WebSocketTimeout', 'Opcode', 'CloseCode', 'WebSocketState',
     # ordered pools
     'KeyedExecutor', 'DistributedThreads', 'DistributedProcess', 'Worker',
     # command line
@@ -94,7 +99,8 @@ class MConnectorError(Exception):
      +-- NetworkError (also ConnectionError)
      |    +-- Unreachable            nothing listens at the address
      |    +-- CallTimeout (also TimeoutError)
-     +-- WebSocketError              see section 7
+     +-- WebSocketError              section 7 (HandshakeError, WebSocketProtocolError,
+     |                               PayloadTooBig, ConnectionClosed, WebSocketTimeout)
      +-- PoolError                   section 9
           +-- PoolClosed (also RuntimeError)     submit after shutdown
           +-- TaskNotPicklable (also TypeError)  a process pool cannot send the task
@@ -1375,6 +1381,7 @@ class Microservice:
             log.info('%s: stopping (Ctrl+C)', self.name)
         finally:
             self._close()
+            _ws_stop_all()      # websocket servers the script started beside this one
 
     def stop(self):
         """Stop serving, close every connection and wait for the serving thread."""
@@ -2374,7 +2381,6 @@ class _ClientConnection:
 #     events() for the application and data_to_send() for the wire.
 # Section 8 puts sockets and threads around it; the tests drive it with hand-built bytes.
 
-import enum  # noqa: E402  (already loaded by `re`; kept here so that merges stay in this section)
 
 _WS_GUID = b'258EAFA5-E914-47DA-95CA-C5AB0DC85B11'     # RFC 6455 section 1.3
 _WS_VERSION = '13'
@@ -2870,33 +2876,31 @@ _WS_REASONS = {101: 'Switching Protocols', 400: 'Bad Request', 403: 'Forbidden',
 
 def _ws_accept(key):
     """Sec-WebSocket-Accept for a Sec-WebSocket-Key (RFC 6455 4.2.2)."""
+    import hashlib
     return base64.b64encode(hashlib.sha1(key.encode('ascii') + _WS_GUID).digest()).decode('ascii')
 
 
 def _ws_parse_head(head):
     """Split an HTTP/1.1 head (bytes, up to the empty line) into the three parts of its start
-    line and a dict of headers (lower-case names; repeated ones joined with ', ').  Raises
-    HandshakeError 400 when it is malformed, 431 when it has too many headers."""
-    lines = head.decode('latin-1').split('\n')
-    start = lines[0].rstrip('\r').split(' ', 2)
-    if len(start) != 3:
-        raise HandshakeError(400, 'malformed start line')
+    line and a dict of headers (lower-case names; repeated ones joined with ', '), with the
+    header parser of section 4.  Raises HandshakeError 400 when it is malformed, 431 when it
+    has too many headers."""
+    lines = head.split(b'\n')
     headers = {}
     count = 0
     for line in lines[1:]:
-        line = line.rstrip('\r')
-        if not line:
+        if line in (b'', b'\r'):
             continue
-        name, sep, value = line.partition(':')
-        # RFC 7230 3.2.4: no whitespace before the colon, no obsolete line folding.
-        if not sep or not name or name != name.strip() or line[0] in ' \t':
-            raise HandshakeError(400, 'malformed header line')
         count += 1
         if count > _WS_MAX_HEADERS:
             raise HandshakeError(431, 'more than %d headers' % _WS_MAX_HEADERS)
-        name = name.lower()
-        value = value.strip(' \t')
-        headers[name] = headers[name] + ', ' + value if name in headers else value
+        try:
+            parse_header_line(line + b'\n', headers)
+        except HTTPError as exc:
+            raise HandshakeError(exc.status, exc.message) from None
+    start = lines[0].rstrip(b'\r').decode('latin-1').split(' ', 2)
+    if len(start) != 3:
+        raise HandshakeError(400, 'malformed start line')
     return start, headers
 
 
@@ -3755,7 +3759,7 @@ class SocketServer:
         try:
             if render:
                 message = conn.recv()
-                if inspect.iscoroutinefunction(handler):
+                if _is_coroutine_function(handler):
                     self._render_async(conn, handler, message, args)
                 else:
                     handler(conn, message, *args)
@@ -4535,6 +4539,7 @@ def _serve_command(options):
     finally:
         for server in sockets:
             server.stop()
+        _ws_stop_all()
     return 0
 
 
