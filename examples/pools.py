@@ -1,13 +1,9 @@
 """The seed's chapter 8 example, unchanged but for the import line.
 
-Run from the repository root:  python examples/pools.py
+    python examples/pools.py
+
 Every id's items are printed in the order they were submitted.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from mconnector import DistributedThreads, DistributedProcess, Worker
 import random
 import time

@@ -7,12 +7,8 @@ of the websockets package: no asyncio needed, the connection is a plain object.
 Type names; the answer 'close' (or an empty line, or Ctrl+D) ends the conversation.
 """
 
-import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-
-from mconnector import SocketClient  # noqa: E402
+from mconnector import SocketClient
 
 
 def hello():

@@ -9,12 +9,9 @@ It is the server the Autobahn|Testsuite runs against (the suite sends messages o
 """
 
 import logging
-import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-
-from mconnector import SocketServer  # noqa: E402
+from mconnector import SocketServer
 
 sk = SocketServer(__name__, max_size=32 * 2 ** 20)
 

@@ -5,13 +5,9 @@
 sk.run() returns at once; app.run() then blocks in the main thread.  Ctrl+C stops both.
 """
 
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-
-from mconnector import SocketServer, Microservice  # noqa: E402
+from mconnector import SocketServer, Microservice
 
 sk = SocketServer(__name__)
 app = Microservice('Flask_app').app

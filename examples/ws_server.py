@@ -6,12 +6,8 @@ sk.run() serves in a background thread and returns; that thread keeps the script
 until Ctrl+C, which closes the connections (1001) and exits without a traceback.
 """
 
-import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-
-from mconnector import SocketServer  # noqa: E402
+from mconnector import SocketServer
 
 sk = SocketServer(__name__)
 
