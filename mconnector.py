@@ -672,7 +672,7 @@ MAX_HEADERS = 100
 MAX_BODY = 16 * 1024 * 1024
 
 _STATUS_TEXT = {
-    100: 'Continue', 200: 'OK', 204: 'No Content', 400: 'Bad Request', 401: 'Unauthorized',
+    100: 'Continue', 101: 'Switching Protocols', 200: 'OK', 204: 'No Content', 400: 'Bad Request', 401: 'Unauthorized',
     403: 'Forbidden', 404: 'Not Found', 405: 'Method Not Allowed', 408: 'Request Timeout', 414: 'URI Too Long',
     411: 'Length Required', 413: 'Content Too Large', 415: 'Unsupported Media Type',
     426: 'Upgrade Required', 431: 'Request Header Fields Too Large',
@@ -2868,11 +2868,6 @@ class WebSocketProtocol:
 
 # -- opening handshake (RFC 6455 section 4) -----------------------------------------------------
 
-_WS_REASONS = {101: 'Switching Protocols', 400: 'Bad Request', 403: 'Forbidden',
-               404: 'Not Found', 426: 'Upgrade Required',
-               431: 'Request Header Fields Too Large', 500: 'Internal Server Error',
-               503: 'Service Unavailable'}
-
 
 def _ws_accept(key):
     """Sec-WebSocket-Accept for a Sec-WebSocket-Key (RFC 6455 4.2.2)."""
@@ -2973,7 +2968,7 @@ def _ws_accept_response(request):
 def _ws_error_response(error):
     """The HTTP answer that refuses a handshake, from a HandshakeError, as bytes."""
     body = (error.message + '\n').encode('utf-8')
-    lines = ['HTTP/1.1 %d %s' % (error.status, _WS_REASONS.get(error.status, 'Error')),
+    lines = ['HTTP/1.1 %d %s' % (error.status, _STATUS_TEXT.get(error.status, 'Error')),
              'Content-Type: text/plain; charset=utf-8', 'Content-Length: %d' % len(body),
              'Connection: close']
     lines += ['%s: %s' % item for item in error.headers.items()]
@@ -3536,14 +3531,17 @@ class SocketServer:
     others get 403; None allows all), `max_size` (largest message, 1 MiB; larger: close 1009),
     `max_frame_size` (default: max_size), `handshake_timeout` (10 s), `ping_interval` and
     `ping_timeout` (20 s each; None turns keep-alive off), `close_timeout` (10 s),
-    `ssl_context` (serve wss://).
+    `ssl_context` (serve wss://), `secretKey` (handshakes must be signed, as calls to a
+    Microservice with a secretKey are: 401 otherwise).
     """
 
     def __init__(self, name=None, *, subprotocols=None, origins=None, max_size=_WS_MAX_SIZE,
                  max_frame_size=None, handshake_timeout=_WS_HANDSHAKE_TIMEOUT,
                  ping_interval=_WS_PING_INTERVAL, ping_timeout=_WS_PING_TIMEOUT,
-                 close_timeout=_WS_CLOSE_TIMEOUT, ssl_context=None):
+                 close_timeout=_WS_CLOSE_TIMEOUT, ssl_context=None, secretKey=None):
         self.name = name
+        self.secretKey = secretKey
+        self._nonces = NonceCache()
         self.subprotocols = list(subprotocols or ())
         self.origins = None if origins is None else set(origins)
         self.max_size = max_size
@@ -3725,6 +3723,12 @@ class SocketServer:
             return
         try:
             request = _ws_check_request(head, self.subprotocols, self.origins)
+            if self.secretKey:
+                try:
+                    verify_request(self.secretKey, 'GET', request.target, request.headers, b'',
+                                   self._nonces)
+                except HTTPError as exc:
+                    raise HandshakeError(401, exc.message, request.path) from None
             target, params = self.routes.find(request.path)
             if target is None:
                 raise HandshakeError(404, 'no websocket route for %s' % request.path, request.path)
@@ -3844,8 +3848,11 @@ def _ws_split_url(url):
 def _ws_connect(url, *, timeout=_WS_HANDSHAKE_TIMEOUT, subprotocols=None, origin=None,
                 headers=None, ssl_context=None, max_size=_WS_MAX_SIZE, max_frame_size=None,
                 ping_interval=_WS_PING_INTERVAL, ping_timeout=_WS_PING_TIMEOUT,
-                close_timeout=_WS_CLOSE_TIMEOUT):
+                close_timeout=_WS_CLOSE_TIMEOUT, secretKey=None):
     secure, host, port, target, host_header = _ws_split_url(url)
+    if secretKey:
+        headers = dict(headers or {})
+        headers.update(sign_request(secretKey, 'GET', target, b''))
     deadline = time.monotonic() + timeout
     try:
         sock = socket.create_connection((host, port), timeout)
@@ -3887,7 +3894,8 @@ def SocketClient(host='localhost:8765', url='/', **options):
     `host` is 'HOST:PORT' as in 0.3.7, or a whole ws:// or wss:// URL (then `url`, when not
     '/', is appended to it).  Options: timeout (for the TCP connection and the handshake,
     10 s), subprotocols, origin, headers (extra request headers), ssl_context (for wss://),
-    max_size, max_frame_size, ping_interval, ping_timeout, close_timeout.
+    max_size, max_frame_size, ping_interval, ping_timeout, close_timeout, secretKey (sign
+    the handshake for a SocketServer that has one).
 
     Raises Unreachable when nothing accepts the TCP connection, HandshakeError when the
     server refuses the upgrade (.status, e.g. 404, and .path), WebSocketTimeout when the

@@ -1723,6 +1723,24 @@ class WebSocketLimitsTest(unittest.TestCase):
             mconnector.SocketClient('wss://localhost:%d' % sk.port, '/echo')
 
 
+class WebSocketSignedHandshakeTest(unittest.TestCase):
+    def test_server_with_a_secret_key_takes_signed_handshakes_only(self):
+        sk = mconnector.SocketServer('signed', secretKey='k3y')
+
+        @sk.router('/echo')
+        def echo(message):
+            return message
+        sk.run(host='127.0.0.1', port=0)
+        self.addCleanup(sk.stop)
+        with mconnector.SocketClient('127.0.0.1:%d' % sk.port, '/echo', secretKey='k3y') as ws:
+            ws.send('signed')
+            self.assertEqual(ws.recv(5), 'signed')
+        for options in ({}, {'secretKey': 'wrong'}):
+            with self.assertRaises(mconnector.HandshakeError) as caught:
+                mconnector.SocketClient('127.0.0.1:%d' % sk.port, '/echo', **options)
+            self.assertEqual(caught.exception.status, 401)
+
+
 class WebSocketProcessTest(unittest.TestCase):
     """The seed's ways of running a server, in a real process, ended with a real SIGINT."""
 
