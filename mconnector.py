@@ -21,9 +21,11 @@ Map of this file, in the order data flows:
   1. Basics          imports, limits, the exception tree, the shared asyncio loop thread
   2. Values          the codec: Python values <-> the JSON that travels (both directions)
   3. Routing         rule patterns such as /item/<id:int>, shared by HTTP and websockets
-  4. HTTP            sans-I/O request-head parsing and response building
-  5. Listener        Microservice: decorators, dispatch, the threaded HTTP server
-  6. Sender          Friend: keep-alive client, reply unwrapping, errors as exceptions
+  4. HTTP            sans-I/O heads, bodies, responses and request signing (secretKey),
+                     shared by the listener, the sender and the websocket handshake
+  5. Listener        Microservice: decorators, dispatch (no I/O), and its server shell:
+                     bounded workers, parked idle connections, deadlines, TLS; WSGI
+  6. Sender          Friend: keep-alive connections, retries, errors as exceptions
   7. WebSocket core  sans-I/O RFC 6455: handshake, frames, the connection state machine
   8. WebSocket I/O   SocketServer (socketserver shell) and SocketClient
   9. Pools           ordered execution per key over any concurrent.futures.Executor
