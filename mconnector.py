@@ -2393,6 +2393,7 @@ _WS_HANDSHAKE_TIMEOUT = 10.0    # seconds for a new connection to complete its o
 _WS_CLOSE_TIMEOUT = 10.0        # seconds to wait for the peer's side of the closing handshake
 _WS_PING_INTERVAL = 20.0        # keep-alive: a ping every 20 s, as the websockets package does ...
 _WS_PING_TIMEOUT = 20.0         # ... and a peer that has not answered it 20 s later is dropped
+_WS_SPARE_THREADS = 16         # connections served after the main thread ended, on 3.12.0-1
 
 
 class WebSocketError(MConnectorError):
@@ -3561,6 +3562,7 @@ class SocketServer:
         self._lock = threading.Lock()
         self._stopping = False
         self._stopped = threading.Event()       # the accept loop has ended
+        self._spares = None                     # see _start_spares
         self._stop_done = threading.Event()     # stop() has finished
 
     # -- routes -------------------------------------------------------------------------------
@@ -3619,8 +3621,27 @@ class SocketServer:
         _ws_install_sigint()
         self._thread = threading.Thread(target=self._serve, name='mconnector-ws-%d' % self.port)
         self._thread.start()
+        if sys.version_info[:3] in ((3, 12, 0), (3, 12, 1)) and \
+                threading.current_thread() is threading.main_thread():
+            self._start_spares()
         log.info('websocket server %s on ws://%s:%d', self.name or '', host, self.port)
         return self
+
+    def _start_spares(self):
+        # CPython 3.12.0 and 3.12.1 refuse to start threads once the main thread has ended
+        # (gh-113964, fixed in 3.12.2), which is exactly when a script that only called
+        # run() serves.  Threads started now take the connections that then get none.
+        self._spares = queue.SimpleQueue()
+        server = self._server
+
+        def spare():
+            while True:
+                item = self._spares.get()
+                if item is None:
+                    return
+                server.process_request_thread(*item)
+        for n in range(_WS_SPARE_THREADS):
+            threading.Thread(target=spare, daemon=True, name='mconnector-ws-spare-%d' % n).start()
 
     def serve_forever(self, host='127.0.0.1', port=8765):
         """Serve in this thread until stop() or Ctrl+C (which stops the server and returns).
@@ -3653,7 +3674,13 @@ class SocketServer:
                             continue
                         try:
                             server.process_request(request, address)
-                        except Exception:       # e.g. no thread can be started: drop it
+                        except RuntimeError:    # no new thread at interpreter shutdown
+                            if self._spares is not None:
+                                self._spares.put((request, address))
+                            else:
+                                server.handle_error(request, address)
+                                server.shutdown_request(request)
+                        except Exception:
                             server.handle_error(request, address)
                             server.shutdown_request(request)
         finally:
@@ -4410,10 +4437,11 @@ class DistributedProcess(KeyedExecutor):
     """Per-key ordered tasks on a ProcessPoolExecutor of `max_workers` processes.
 
     As DistributedThreads, plus: tasks (function and arguments) and results must pickle;
-    a task that does not fails its Future with TaskNotPicklable at submit time.  With the
-    spawn or forkserver start method (`mp_context`, the default on Windows and macOS) the
-    function must be importable by name from a module, not defined in `__main__` behind
-    no `if __name__ == '__main__'` guard, nor be a lambda or a nested function.  Results
+    a task that does not fails its Future with TaskNotPicklable at submit time.  The start
+    method is forkserver where there is one (Linux; `mp_context` chooses another), spawn
+    elsewhere: the function must be importable by name from a module (a script's own
+    functions are, when its main code is behind `if __name__ == '__main__':`), not a
+    lambda or a nested function.  Results
     reach `out_queue` from this process, so a `queue.Queue` works as well as a
     `multiprocessing.Queue`.  Raises ValueError if max_workers <= 0.
     """
@@ -4422,6 +4450,13 @@ class DistributedProcess(KeyedExecutor):
                  maxsize=0, delay=1, *, mp_context=None):
         from concurrent.futures import ProcessPoolExecutor
         _compat_arguments(type(self), worker, maxsize, delay)
+        if mp_context is None:
+            import multiprocessing
+            # fork() in a process that runs threads (this module's listener, its asyncio
+            # loop) can deadlock a child; forkserver forks from a clean server process, and
+            # is the default Python 3.14 chose for Linux.
+            if 'forkserver' in multiprocessing.get_all_start_methods():
+                mp_context = multiprocessing.get_context('forkserver')
         super().__init__(ProcessPoolExecutor(max_workers, mp_context=mp_context),
                          out_queue=out_queue, max_watching=max_watching, check_pickle=True)
         self.max_workers = max_workers
