@@ -4,12 +4,14 @@
 
 Each listener runs in its own process (as services do); the sender is this process.
 Rows: sequential calls (microseconds per call, one connection kept alive) and calls from
-4 threads (calls per second).  The payload is small: one string argument, one string back.
+4 threads (calls per second).  The plain http.server handler is measured twice: with
+mconnector's sender and with http.client (one kept-alive connection per thread).  The payload is small: one string argument, one string back.
 Where Flask + requests (what microservices-connector 0.3.7 runs on) are installed, they are
 measured too; otherwise their row says so.  Compare the ratios of one run: the machines
 these run on are shared and noisy.
 """
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -56,6 +58,7 @@ threading.Thread(target=s.serve_forever, daemon=True).start()
 print(s.server_port, flush=True)
 sys.stdin.read()
 ''',
+    'http.server + http.client': None,       # the plain handler, with the stdlib client
     'Flask + requests (0.3.7 stack)': r'''
 import sys, logging, threading
 from flask import Flask, request, jsonify
@@ -88,6 +91,18 @@ def start_listener(code):
 def client_for(name, port):
     """A function that makes one call and checks the answer."""
     url = 'http://127.0.0.1:%d' % port
+    if name.startswith('http.server + http.client'):
+        import http.client
+        local = threading.local()
+        body = json.dumps({'args': ['x'], 'kwargs': {}, 'token': None}).encode()
+
+        def call():
+            conn = getattr(local, 'conn', None)
+            if conn is None:
+                conn = local.conn = http.client.HTTPConnection('127.0.0.1', port)
+            conn.request('POST', '/hello', body, {'Content-Type': 'application/json'})
+            assert json.loads(conn.getresponse().read()) == ['Welcome x']
+        return call
     if name.startswith('Flask'):
         import requests
         session = threading.local()
@@ -137,7 +152,7 @@ def main():
                 except ImportError:
                     missing.append(name)
                     continue
-            proc, port = start_listener(code)
+            proc, port = start_listener(code or LISTENERS['http.server (plain handler)'])
             if proc is None:
                 missing.append(name)
                 continue
@@ -167,7 +182,7 @@ def main():
     for name in missing:
         print('%-32s %14s' % (name, 'not installed'))
     print('(median of %d rounds of %d calls; sender: mconnector.Friend for the first two rows,'
-          ' requests.Session for Flask)' % (options.rounds, options.calls))
+          ' http.client and requests.Session for the others)' % (options.rounds, options.calls))
 
 
 if __name__ == '__main__':
