@@ -724,6 +724,46 @@ class CommandLineTest(unittest.TestCase):
         self.assertEqual(caught.exception.code, 1)
         self.assertIn('Address already in use', logs.output[0])
 
+    def test_serve_starts_the_websocket_server_beside_the_listener(self):
+        import signal
+        import tempfile
+        folder = tempfile.mkdtemp()
+        self.addCleanup(lambda: __import__('shutil').rmtree(folder))
+        with open(os.path.join(folder, 'both.py'), 'w') as f:
+            f.write('from mconnector import Microservice, SocketServer\n'
+                    'M = Microservice(__name__)\n'
+                    'sk = SocketServer(__name__)\n'
+                    '@M.typing("/hi")\n'
+                    'def hi(name):\n'
+                    '    return "hi " + name\n'
+                    '@sk.router("/echo")\n'
+                    'def echo(message):\n'
+                    '    return message\n')
+        proc = subprocess.Popen(
+            [sys.executable, '-m', 'mconnector', 'serve', os.path.join(folder, 'both.py'),
+             '--host', '127.0.0.1', '--port', '0', '--ws-port', '0'], cwd=HERE,
+            stderr=subprocess.PIPE, text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        self.addCleanup(proc.stderr.close)
+        self.addCleanup(proc.wait)
+        self.addCleanup(proc.kill)
+        http_url = ws_url = None
+        while not (http_url and ws_url):
+            line = proc.stderr.readline()
+            self.assertTrue(line, 'serve ended before both servers started')
+            if 'listening on http://' in line:
+                http_url = line.split('listening on ')[1].split()[0]
+            elif ' on ws://' in line:
+                ws_url = line.split(' on ')[-1].split()[0]
+        with Friend('both', http_url) as friend:
+            self.assertEqual(friend.send('/hi', 'you'), 'hi you')
+        with mconnector.SocketClient(ws_url, '/echo') as ws:
+            ws.send('ping')
+            self.assertEqual(ws.recv(5), 'ping')
+        proc.send_signal(signal.SIGINT)
+        self.assertEqual(proc.wait(10), 0)
+        self.assertNotIn('Traceback', proc.stderr.read())
+
     def test_serve_without_a_service_is_a_clear_error(self):
         out = self.run_cli('serve', 'json')
         self.assertNotEqual(out.returncode, 0)
