@@ -1560,8 +1560,7 @@ class _ConnectionHandler:
         self.request = self.connection = request
         self.client_address = client_address
         self.server = server
-        self.timeout = server.service.request_timeout
-        request.settimeout(self.timeout)
+        request.settimeout(None)        # deadlines are kept by the server's loop (watch())
         request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.rfile = SocketReader(request)
         self.handshaken = not hasattr(request, 'do_handshake')
@@ -1574,14 +1573,14 @@ class _ConnectionHandler:
         if not self.handshaken:
             # TLS handshakes happen here, in a worker, so that a slow or broken client
             # cannot hold up the thread that accepts connections.
-            server.reading(self, True)
+            server.watch(self, True)
             try:
                 self.request.do_handshake()
             except (OSError, ValueError) as exc:
                 log.debug('TLS handshake with %s failed: %s', self.client_address[0], exc)
                 return False
             finally:
-                server.reading(self, False)
+                server.watch(self, False)
             self.handshaken = True
         while True:
             self.handle_one_request()
@@ -1622,7 +1621,7 @@ class _ConnectionHandler:
     def handle_one_request(self):
         service = self.server.service
         self.close_connection = True
-        self.server.reading(self, True)
+        self.server.watch(self, True)
         try:
             line = self.rfile.readline(MAX_LINE + 1)
             if not line:
@@ -1638,7 +1637,7 @@ class _ConnectionHandler:
                           else 'keep-alive' in connection)
             self.command, self.path = method, target
             body = self._read_body(headers, service.max_body)
-            self.server.reading(self, False)
+            self.server.watch(self, False)
             response = service.handle(method, target, headers, body)
         except HTTPError as exc:
             response = Response.error(exc.status, _error_names.get(exc.status, 'HTTPError'),
@@ -1648,7 +1647,7 @@ class _ConnectionHandler:
         except (socket.timeout, OSError, ValueError):
             return
         finally:
-            self.server.reading(self, False)
+            self.server.watch(self, False)
         self._write(response, keep_alive, method == 'HEAD')
         self.close_connection = not keep_alive
         if service.debug:
@@ -1686,7 +1685,15 @@ class _ConnectionHandler:
 
     def _write(self, response, keep_alive, head_only):
         body = response.body
-        send = self.connection.sendall
+        watch = self.server.watch
+        sendall = self.connection.sendall
+
+        def send(data):
+            watch(self, True)
+            try:
+                sendall(data)
+            finally:
+                watch(self, False)
         try:
             if isinstance(body, (bytes, bytearray)):
                 head = build_response_head(response.status, response.headers, len(body), keep_alive)
@@ -1702,7 +1709,7 @@ class _ConnectionHandler:
                     send(pending + encode_chunk(data))
                     pending = b''
             send(pending + encode_chunk(b''))
-        except (ConnectionError, socket.timeout):
+        except OSError:
             self.close_connection = True
         except Exception as exc:        # a generator that failed halfway: cut the stream
             log.warning('stream failed: %s: %s', type(exc).__name__, exc)
@@ -1824,18 +1831,21 @@ class _ServerMixin:
                 self._close(conn)
         late = [conn for conn, deadline in list(self._deadlines.items()) if deadline < now]
         for conn in late:
-            # Too slow to send its request (slowloris): cut the socket under the worker.
-            log.info('%s: dropping %s, request not in within %ss', self.service.name,
+            # Too slow to send its request (slowloris) or to take its response: the
+            # sockets block without timeouts (two system calls fewer per request), so the
+            # socket is cut under the worker.
+            log.info('%s: dropping %s, transfer not done within %ss', self.service.name,
                      conn.client_address[0], self.service.request_timeout)
             try:
                 conn.request.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
 
-    def reading(self, conn, started):
-        """A request of `conn` started (True) or was read whole (False)."""
+    def watch(self, conn, on):
+        """`conn` starts (True) or ends (False) a transfer that must be over within
+        request_timeout: a request coming in, a TLS handshake, a response going out."""
         # Single dict operations are atomic: no lock on this path of every request.
-        if started:
+        if on:
             self._deadlines[conn] = time.monotonic() + self.service.request_timeout
         else:
             self._deadlines.pop(conn, None)
