@@ -1516,7 +1516,18 @@ def _raw_answer(result):
     return Response(status, dumps(result))
 
 
+def _async_items(agen):
+    """The items of an async generator, produced on the shared loop, one at a time."""
+    while True:
+        try:
+            yield _run_coroutine(_as_coroutine(agen.__anext__()))
+        except StopAsyncIteration:
+            return
+
+
 def _stream_json(result, chunk=64 * 1024):
+    if hasattr(result, '__aiter__') and hasattr(result, '__anext__'):
+        result = _async_items(result)
     if result is not None and not isinstance(result, (str, bytes, dict, list, tuple)) \
             and hasattr(result, '__iter__') and not hasattr(result, '__dict__'):
         # A generator: the items become a JSON list, sent as they are produced.

@@ -363,6 +363,14 @@ class ListenerTest(unittest.TestCase):
             for i in range(n):
                 yield {'i': i}
 
+        @M.typing('/agen')
+        @M.stream
+        async def async_generated(n):
+            import asyncio
+            for i in range(n):
+                await asyncio.sleep(0)
+                yield i * i
+
         @M.typing('/async')
         @M.reply
         async def asynchronous(x):
@@ -478,6 +486,7 @@ class ListenerTest(unittest.TestCase):
         self.assertEqual(self.friend.json('/stream', n=3), {'items': [0, 1, 2]})
         self.assertEqual(self.friend.lastreply.headers['transfer-encoding'], 'chunked')
         self.assertEqual(self.friend.json('/gen', n=3), ({'i': 0}, {'i': 1}, {'i': 2}))
+        self.assertEqual(self.friend.json('/agen', n=4), (0, 1, 4, 9))
 
     def test_async_functions_share_one_loop(self):
         (x, loop1), (_, loop2) = self.friend.send('/async', 2), self.friend.send('/async', 3)
