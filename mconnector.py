@@ -2211,7 +2211,11 @@ class Friend:
             message = str(error.get('message', ''))
             type_name = str(error.get('type', 'Exception'))
         else:
-            message = str(data)[:500] or _STATUS_TEXT.get(status, 'error')
+            text = str(data).strip()
+            # An HTML error page (Flask's, a proxy's) says no more than its status.
+            if not text or text[:1] == '<':
+                text = _STATUS_TEXT.get(status, 'error')
+            message = text[:500]
             type_name = 'Exception'
         if status == 500:
             return RemoteError(type_name, message, rule, self.address,
