@@ -2064,6 +2064,9 @@ class Friend:
         self.address = address.rstrip('/')
         self._scheme = parts.scheme
         self._host = parts.hostname
+        # The seed's own example sends to http://0.0.0.0:5000, the listener's bind-all
+        # address; Linux connects that to this host, Windows and macOS refuse it.
+        self._connect_host = {'0.0.0.0': '127.0.0.1', '::': '::1'}.get(self._host, self._host)
         self._port = parts.port or (443 if parts.scheme == 'https' else 80)
         self._prefix = parts.path.rstrip('/')
         default_port = 443 if parts.scheme == 'https' else 80
@@ -2236,7 +2239,8 @@ class Friend:
                 conn = self._idle.pop() if self._idle else None
             if conn is None:
                 context = self._ssl_context() if self._scheme == 'https' else None
-                return _ClientConnection(self._host, self._port, context)
+                return _ClientConnection(self._connect_host, self._port, context,
+                                         server_hostname=self._host)
             if not _connection_is_stale(conn.sock):
                 return conn
             conn.close()
@@ -2338,12 +2342,13 @@ class _ClientConnection:
     as about half of the sender's CPU time per call).
     """
 
-    __slots__ = ('host', 'port', 'context', 'sock', 'rfile')
+    __slots__ = ('host', 'port', 'context', 'sock', 'rfile', 'server_hostname')
 
-    def __init__(self, host, port, context=None):
+    def __init__(self, host, port, context=None, server_hostname=None):
         self.host = host
         self.port = port
         self.context = context
+        self.server_hostname = server_hostname or host
         self.sock = None
         self.rfile = None
 
@@ -2353,7 +2358,7 @@ class _ClientConnection:
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 if self.context is not None:
-                    sock = self.context.wrap_socket(sock, server_hostname=self.host)
+                    sock = self.context.wrap_socket(sock, server_hostname=self.server_hostname)
             except BaseException:
                 sock.close()
                 raise
