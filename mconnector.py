@@ -41,6 +41,8 @@ import logging
 import os
 import queue
 import re
+import select
+import selectors
 import socket
 import socketserver
 import sys
@@ -1565,13 +1567,13 @@ class _ConnectionHandler:
     """
 
     protocol_version = 'HTTP/1.1'
-    disable_nagle_algorithm = True      # each response is one write; never wait for ACKs
 
     def __init__(self, request, client_address, server):
         self.request = self.connection = request
         self.client_address = client_address
         self.server = server
         request.settimeout(None)        # deadlines are kept by the server's loop (watch())
+        # Each response is one write: nothing is gained by waiting for ACKs (Nagle).
         request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.rfile = SocketReader(request)
         self.handshaken = not hasattr(request, 'do_handshake')
@@ -1604,7 +1606,6 @@ class _ConnectionHandler:
     def _wait_for_request(self):
         """Hold the connection until its next request starts (True), or until another
         connection waits for a worker (False: park it).  Closes it when idle too long."""
-        import select
         server = self.server
         idle_timeout = server.service.timeout
         while not self.rfile.buffered():
@@ -1648,8 +1649,14 @@ class _ConnectionHandler:
                           else 'keep-alive' in connection)
             self.command, self.path = method, target
             body = self._read_body(headers, service.max_body)
-            self.server.watch(self, False)
+            self.server.watch(self, False)      # the function may take its time
             response = service.handle(method, target, headers, body)
+            if keep_alive:
+                # Tells senders when this connection is closed as idle (see reusable()).
+                extra = [('Keep-Alive', 'timeout=%d' % service.timeout)]
+                if version < (1, 1):
+                    extra.append(('Connection', 'keep-alive'))
+                response.headers = response.headers + extra     # it may be the app's own
         except HTTPError as exc:
             response = Response.error(exc.status, _error_names.get(exc.status, 'HTTPError'),
                                       exc.message, exc.headers)
@@ -1766,7 +1773,6 @@ class _ServerMixin:
     # -- the serving loop: accepts, parks, enforces deadlines ---------------------------
 
     def serve_forever(self, poll_interval=None):
-        import selectors
         selector = selectors.DefaultSelector()
         selector.register(self.socket, selectors.EVENT_READ)
         selector.register(self._wake_r, selectors.EVENT_READ)
@@ -1796,7 +1802,6 @@ class _ServerMixin:
             selector.close()
 
     def _accept(self, selector):
-        import selectors
         try:
             request, client_address = self.get_request()
         except OSError:
@@ -1817,7 +1822,6 @@ class _ServerMixin:
             self._close(conn)
 
     def _adopt_parked(self, selector):
-        import selectors
         while True:
             try:
                 conn = self._to_park.get_nowait()
@@ -2010,7 +2014,6 @@ def _connection_is_stale(sock):
     # Finding that out before writing means no request is ever re-sent after it may have
     # run: a request is only retried when it could not have been written.
     # Over TLS, readable may only mean session tickets arrived: read to find out.
-    import select
     try:
         readable, _, _ = select.select([sock], [], [], 0)
         if not readable:
@@ -2241,7 +2244,7 @@ class Friend:
                 context = self._ssl_context() if self._scheme == 'https' else None
                 return _ClientConnection(self._connect_host, self._port, context,
                                          server_hostname=self._host)
-            if not _connection_is_stale(conn.sock):
+            if conn.reusable() and not _connection_is_stale(conn.sock):
                 return conn
             conn.close()
 
@@ -2342,7 +2345,7 @@ class _ClientConnection:
     as about half of the sender's CPU time per call).
     """
 
-    __slots__ = ('host', 'port', 'context', 'sock', 'rfile', 'server_hostname')
+    __slots__ = ('host', 'port', 'context', 'sock', 'rfile', 'server_hostname', 'reuse_until')
 
     def __init__(self, host, port, context=None, server_hostname=None):
         self.host = host
@@ -2351,6 +2354,11 @@ class _ClientConnection:
         self.server_hostname = server_hostname or host
         self.sock = None
         self.rfile = None
+        self.reuse_until = None     # from the listener's Keep-Alive: timeout=N
+
+    def reusable(self):
+        """False once the listener may be closing this connection as idle."""
+        return self.reuse_until is None or time.monotonic() < self.reuse_until
 
     def send(self, data, timeout):
         if self.sock is None:
@@ -2380,6 +2388,15 @@ class _ClientConnection:
             if not 100 <= status < 200:
                 break
         keep_alive = 'close' not in headers.get('connection', '').lower() and version >= (1, 1)
+        hint = headers.get('keep-alive')
+        if hint is not None and keep_alive:
+            # The listener closes connections idle for `timeout` seconds: a request sent
+            # just then would cross its close, and could not safely be sent again.  So the
+            # connection is not reused from a little before that moment on.
+            match = re.search(r'timeout=(\d+)', hint)
+            if match:
+                timeout = int(match.group(1))
+                self.reuse_until = time.monotonic() + timeout - min(1.0, timeout / 4)
         if head_only or status in (204, 304):
             return status, headers, b'', keep_alive
         if headers.get('transfer-encoding', '').lower() == 'chunked':
@@ -3109,7 +3126,6 @@ class WebSocket:
         self._rview = memoryview(self._rbuf)
         self._ssl = hasattr(sock, 'pending')
         try:
-            import select
             self._poller = select.poll()
             self._poller.register(sock, select.POLLIN)
         except (ImportError, AttributeError):   # Windows has no poll()
@@ -3192,7 +3208,6 @@ class WebSocket:
             except OSError:
                 return True     # let recv_into() report what went wrong
             return bool(ready)
-        import select
         try:
             return bool(select.select([self._sock], [], [], timeout)[0])
         except (OSError, ValueError):
@@ -3688,7 +3703,6 @@ class SocketServer:
             self.stop()
 
     def _serve(self):
-        import selectors
         server = self._server
         try:
             with selectors.DefaultSelector() as selector:

@@ -610,6 +610,15 @@ class SenderTest(unittest.TestCase):
         self.assertEqual(self.runs, [1])
         self.assertEqual(self.M.stats['connections'], 2)
 
+    def test_connection_is_not_reused_when_the_listener_may_be_closing_it(self):
+        self.M.timeout = 1          # announced as Keep-Alive: timeout=1
+        self.friend.send('/same')
+        self.assertEqual(self.friend.lastreply.headers['keep-alive'], 'timeout=1')
+        conn = self.friend._idle[0]
+        self.assertTrue(wait_for(lambda: not conn.reusable(), 5))
+        self.friend.send('/same')
+        self.assertEqual(self.M.stats['connections'], 2)
+
     def test_many_threads_through_one_friend(self):
         results, errors = [], []
 
