@@ -1255,7 +1255,7 @@ class Microservice:
             raise HTTPError(405, '%s takes %s, not %s' % (path, allowed, method),
                             [('Allow', allowed)])
         mode = endpoint.mode
-        data = self._parse_body(body, headers) if body else {}
+        data = self._parse_body(body) if body and mode != 'raw' else {}
         if mode == 'raw':
             args, kwargs, given_token = [], {}, None
         elif mode == 'reply':
@@ -1284,7 +1284,8 @@ class Microservice:
         typed = mode != 'raw' and 'x-mconnector' in headers
         return self._answer(mode, result, typed)
 
-    def _parse_body(self, body, headers):
+    @staticmethod
+    def _parse_body(body):
         try:
             return loads(body)
         except CodecError as exc:
