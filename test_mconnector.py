@@ -1045,6 +1045,20 @@ class FaultsTest(unittest.TestCase):
             self.assertEqual(friend.send('/read'), 42)
         self.assertEqual(len(seen), 2)
 
+    def test_replies_of_other_servers_are_read(self):
+        # HTTP/1.0 with the body ending at close, as simple servers answer; an HTML error page.
+        old = b'HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n["Welcome x", 2]'
+        page = (b'HTTP/1.1 404 NOT FOUND\r\nContent-Type: text/html\r\nContent-Length: 22\r\n'
+                b'Connection: close\r\n\r\n<h1>Not Found</h1>\n\n\n\n')
+        port, seen = self.one_shot_listener([old, page])
+        with Friend('old', '127.0.0.1:%d' % port) as friend:
+            self.assertEqual(friend.send('/hello', 'x'), ('Welcome x', 2))
+            with self.assertRaises(mconnector.NotFound) as caught:
+                friend.send('/nope')
+        self.assertIn('Not Found', str(caught.exception))
+        self.assertNotIn('<h1>', str(caught.exception))
+        self.assertEqual(len(seen), 2)
+
     def test_hanging_function_does_not_block_others(self):
         M = Microservice('hang')
         release = threading.Event()

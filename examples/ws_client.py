@@ -7,7 +7,6 @@ of the websockets package: no asyncio needed, the connection is a plain object.
 Type names; the answer 'close' (or an empty line, or Ctrl+D) ends the conversation.
 """
 
-
 from mconnector import SocketClient
 
 

@@ -6,7 +6,6 @@ sk.run() serves in a background thread and returns; that thread keeps the script
 until Ctrl+C, which closes the connections (1001) and exits without a traceback.
 """
 
-
 from mconnector import SocketServer
 
 sk = SocketServer(__name__)
