@@ -700,11 +700,18 @@ class HTTPError(MConnectorError):
         return '%d %s' % (self.status, self.message)
 
 
+_REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) (/[\x21-\x7e]*) HTTP/1\.([0-9])\r?\n")
+
+
 def parse_request_line(line):
     """b'POST /rule?x=1 HTTP/1.1\\r\\n' -> ('POST', '/rule?x=1', (1, 1)).
 
     Raises HTTPError (400, or 505 for an HTTP major version other than 1).
     """
+    match = _REQUEST_LINE.fullmatch(line)
+    if match:                   # the usual line; anything else is looked at closely below
+        method, target, minor = match.groups()
+        return method.decode('ascii'), target.decode('ascii'), (1, minor[0] - 48)
     try:
         text = line.decode('ascii').rstrip('\r\n')
     except UnicodeDecodeError:
@@ -790,6 +797,29 @@ class SocketReader:
         del buf[:end]
         return line
 
+    def read_block(self, limit):
+        """Bytes up to and including the first empty line (the end of a head's header
+        lines), or what there is at EOF.  Raises HTTPError(431) past `limit` bytes."""
+        buf = self._buf
+        start = 0
+        while True:
+            if buf[:1] == b'\n' or buf[:2] == b'\r\n':        # no header lines at all
+                end = buf.index(b'\n') + 1
+                break
+            match = _BLANK_LINE.search(buf, start)
+            if match:
+                end = match.end()
+                break
+            if len(buf) > limit:
+                raise HTTPError(431, 'request head over %d bytes' % limit)
+            start = max(0, len(buf) - 2)
+            if not self._fill():
+                end = len(buf)
+                break
+        block = bytes(buf[:end])
+        del buf[:end]
+        return block
+
     def read(self, size=-1):
         """`size` bytes (fewer at EOF); all until EOF when size is -1."""
         buf = self._buf
@@ -816,19 +846,46 @@ class SocketReader:
 
 
 def read_header_lines(rfile):
-    """Read header lines up to the blank line from a binary file; return the dict.
+    """Read the header lines up to the blank line from a SocketReader; return the dict.
 
     Raises HTTPError: 431 for too many or too long lines, 400 for malformed ones."""
+    return parse_header_block(rfile.read_block(MAX_LINE * (MAX_HEADERS + 1)))
+
+
+# The usual head in one pass of C: well-formed lines with CRLF, checked whole by the first
+# pattern, split by the second.  Anything else goes line by line through
+# parse_header_line, which says what is wrong with it.
+_BLANK_LINE = re.compile(rb'\n\r?\n')
+_FIELD_NAME = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}"
+_FIELD_VALUE = rb'[^\r\n\x00]{0,%d}' % MAX_LINE
+_FIELD_BLOCK = re.compile(rb'(?:%s:%s\r\n)*\r\n' % (_FIELD_NAME, _FIELD_VALUE))
+_FIELD = re.compile(rb'(%s):[ \t]*(%s?)[ \t]*\r\n' % (_FIELD_NAME, _FIELD_VALUE))
+
+
+def parse_header_block(block):
+    """b'Name: value\\r\\n...\\r\\n' (header lines and the blank line) -> dict with
+    lower-case names; repeated fields joined with ', '.  Raises HTTPError: 431 for more
+    than MAX_HEADERS lines or one over MAX_LINE bytes, 400 for anything malformed."""
+    if block.count(b'\n') > MAX_HEADERS + 1:
+        raise HTTPError(431, 'more than %d header lines' % MAX_HEADERS)
+    if _FIELD_BLOCK.fullmatch(block):
+        headers = {}
+        for name, value in _FIELD.findall(block):
+            key = name.lower().decode('ascii')
+            text = value.decode('latin-1')
+            old = headers.get(key)
+            headers[key] = text if old is None else old + ', ' + text
+        return headers
     headers = {}
-    for _ in range(MAX_HEADERS + 1):
-        line = rfile.readline(MAX_LINE + 1)
-        if line in (b'\r\n', b'\n'):
+    lines = block.split(b'\n')
+    for line in lines[:-1]:
+        if line in (b'', b'\r'):
             return headers
-        if not line.endswith(b'\n'):
-            raise HTTPError(431 if len(line) > MAX_LINE else 400,
-                            'header line too long' if line else 'truncated head')
-        parse_header_line(line, headers)
-    raise HTTPError(431, 'more than %d header lines' % MAX_HEADERS)
+        if len(line) >= MAX_LINE:
+            raise HTTPError(431, 'header line too long')
+        parse_header_line(line + b'\n', headers)
+    raise HTTPError(431 if len(lines[-1]) > MAX_LINE else 400,
+                    'header line too long' if len(lines[-1]) > MAX_LINE else 'truncated head')
 
 
 def parse_status_line(line):

@@ -194,6 +194,25 @@ class HTTPCoreTest(unittest.TestCase):
             with self.assertRaises(mconnector.HTTPError, msg=bad):
                 mconnector.parse_header_line(bad, {})
 
+    def test_header_block_agrees_with_the_line_parser(self):
+        rng = random.Random(9112)
+        names = [b'Host', b'X-A', b'x-a', b'Content-Length', b'a.b~c', b'Accept']
+        for _ in range(300):
+            lines = [b'%s:%s%s%s\r\n' % (rng.choice(names), rng.choice([b'', b' ', b'\t ']),
+                                          bytes(rng.choice(b'abc ,;=\x80\xff') for _ in range(rng.randint(0, 12))),
+                                          rng.choice([b'', b' ']))
+                     for _ in range(rng.randint(0, 6))]
+            expected = {}
+            for line in lines:
+                mconnector.parse_header_line(line, expected)
+            self.assertEqual(mconnector.parse_header_block(b''.join(lines) + b'\r\n'), expected)
+        for bad, status in ((b'X: 1\r\n', 400), (b'X:1\r\nBad Name: 2\r\n\r\n', 400),
+                            (b'X: ' + b'a' * 9000 + b'\r\n\r\n', 431),
+                            (b'X: 1\r\n' * 101 + b'\r\n', 431)):
+            with self.assertRaises(mconnector.HTTPError) as caught:
+                mconnector.parse_header_block(bad)
+            self.assertEqual(caught.exception.status, status, bad[:30])
+
     def test_response_head_and_chunks(self):
         head = mconnector.build_response_head(200, [('Content-Type', 'text/plain')], 5)
         self.assertTrue(head.startswith(b'HTTP/1.1 200 OK\r\n'))
