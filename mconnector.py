@@ -470,11 +470,16 @@ def from_wire(data, notes=None):
     return root[0]
 
 
+# Made once: json.dumps() with any option builds a new encoder at every call.
+_ENCODER = json.JSONEncoder(allow_nan=False)
+_SORTED_ENCODER = json.JSONEncoder(allow_nan=False, sort_keys=True)
+
+
 def dumps(value, notes=None, sort_keys=False):
     """JSON text (as bytes) of `value` converted by to_wire()."""
     try:
-        return json.dumps(to_wire(value, notes), sort_keys=sort_keys, allow_nan=False,
-                          separators=(', ', ': ')).encode('utf-8')
+        encoder = _SORTED_ENCODER if sort_keys else _ENCODER
+        return encoder.encode(to_wire(value, notes)).encode('utf-8')
     except (TypeError, ValueError) as exc:
         raise CodecError('cannot encode value: %s' % exc) from None
 
@@ -2197,7 +2202,7 @@ class Friend:
         if notes:
             payload['types'] = notes
         try:
-            body = json.dumps(payload, allow_nan=False).encode('utf-8')
+            body = _ENCODER.encode(payload).encode('utf-8')
         except (TypeError, ValueError) as exc:
             raise CodecError('cannot encode the arguments: %s' % exc) from None
         return self._call(self._method(rule), rule, body, token)
