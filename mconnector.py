@@ -63,7 +63,7 @@ __all__ = [
     'register', 'to_wire', 'from_wire', 'dumps', 'loads',
     # routing and HTTP pieces
     'Rule', 'Router', 'parse_request_line', 'parse_header_line', 'parse_status_line',
-    'read_header_lines', 'read_chunked', 'SocketReader', 'build_response_head', 'build_request',
+    'parse_header_block', 'read_chunked', 'SocketReader', 'build_response_head', 'build_request',
     # security
     'sign_request', 'verify_request', 'NonceCache', 'server_ssl_context',
     # errors
@@ -679,6 +679,7 @@ class Router:
 MAX_LINE = 8192
 MAX_HEADERS = 100
 MAX_BODY = 16 * 1024 * 1024
+MAX_HEAD = MAX_LINE * (MAX_HEADERS + 2)      # a whole head: what the two above allow
 
 _STATUS_TEXT = {
     100: 'Continue', 101: 'Switching Protocols', 200: 'OK', 204: 'No Content', 400: 'Bad Request', 401: 'Unauthorized',
@@ -848,13 +849,6 @@ class SocketReader:
         data = bytes(buf[:size])
         del buf[:size]
         return data
-
-
-def read_header_lines(rfile):
-    """Read the header lines up to the blank line from a SocketReader; return the dict.
-
-    Raises HTTPError: 431 for too many or too long lines, 400 for malformed ones."""
-    return parse_header_block(rfile.read_block(MAX_LINE * (MAX_HEADERS + 1)))
 
 
 # The usual head in one pass of C: well-formed lines with CRLF, checked whole by the first
@@ -1698,15 +1692,16 @@ class _ConnectionHandler:
         self.close_connection = True
         self.server.watch(self, True)
         try:
-            line = self.rfile.readline(MAX_LINE + 1)
-            if not line:
+            head = self.rfile.read_block(MAX_HEAD)
+            if head in (b'\r\n', b'\n'):        # RFC 9112 2.2: ignore a blank line first
+                head = self.rfile.read_block(MAX_HEAD)
+            if not head:
                 return
-            if line in (b'\r\n', b'\n'):        # RFC 9112 2.2: ignore a blank line first
-                line = self.rfile.readline(MAX_LINE + 1)
-            if len(line) > MAX_LINE:
-                raise HTTPError(414 if b' ' in line[:20] else 400, 'request line too long')
-            method, target, version = parse_request_line(line)
-            headers = read_header_lines(self.rfile)
+            end = head.find(b'\n') + 1 or len(head)
+            if end > MAX_LINE:
+                raise HTTPError(414 if b' ' in head[:20] else 400, 'request line too long')
+            method, target, version = parse_request_line(head[:end])
+            headers = parse_header_block(head[end:])
             connection = headers.get('connection', '').lower()
             keep_alive = ('close' not in connection if version >= (1, 1)
                           else 'keep-alive' in connection)
@@ -2443,11 +2438,12 @@ class _ClientConnection:
         malformed reply, OSError for the network, socket.timeout for silence."""
         rfile = self.rfile
         while True:
-            line = rfile.readline(MAX_LINE + 1)
-            if not line:
+            head = rfile.read_block(MAX_HEAD)
+            if not head:
                 raise HTTPError(502, 'connection closed before the reply')
-            version, status = parse_status_line(line)
-            headers = read_header_lines(rfile)
+            end = head.find(b'\n') + 1 or len(head)
+            version, status = parse_status_line(head[:end])
+            headers = parse_header_block(head[end:])
             if not 100 <= status < 200:
                 break
         keep_alive = 'close' not in headers.get('connection', '').lower() and version >= (1, 1)
