@@ -2395,6 +2395,13 @@ class _Failed(Exception):
         self.sent = sent
 
 
+@functools.lru_cache(maxsize=16)
+def _keep_alive_timeout(hint):
+    """The seconds in a Keep-Alive header ('timeout=15, max=100'), or None."""
+    match = re.search(r'timeout=(\d+)', hint)
+    return int(match.group(1)) if match else None
+
+
 class _ClientConnection:
     """One keep-alive HTTP/1.1 connection of a sender, on the codec of section 4.
 
@@ -2430,7 +2437,8 @@ class _ClientConnection:
                 raise
             self.sock = sock
             self.rfile = SocketReader(sock)
-        self.sock.settimeout(timeout)
+        if self.sock.gettimeout() != timeout:      # settimeout() is a system call
+            self.sock.settimeout(timeout)
         self.sock.sendall(data)
 
     def receive(self, head_only=False):
@@ -2452,9 +2460,8 @@ class _ClientConnection:
             # The listener closes connections idle for `timeout` seconds: a request sent
             # just then would cross its close, and could not safely be sent again.  So the
             # connection is not reused from a little before that moment on.
-            match = re.search(r'timeout=(\d+)', hint)
-            if match:
-                timeout = int(match.group(1))
+            timeout = _keep_alive_timeout(hint)
+            if timeout is not None:
                 self.reuse_until = time.monotonic() + timeout - min(1.0, timeout / 4)
         if head_only or status in (204, 304):
             return status, headers, b'', keep_alive
