@@ -154,18 +154,22 @@ class CallError(MConnectorError):
 
 
 class BadRequest(CallError):
+    """400: the body or the arguments do not fit the function (its signature is named)."""
     status = 400
 
 
 class AuthError(CallError):
+    """401: token or signature missing or wrong; the function did not run."""
     status = 401
 
 
 class NotFound(CallError):
+    """404: the listener has no such rule."""
     status = 404
 
 
 class MethodNotAllowed(NotFound):
+    """405: the rule exists but does not take this HTTP method."""
     status = 405
 
 
@@ -616,6 +620,7 @@ class Rule:
         return self.regex is None
 
     def match(self, path):
+        """The parameters of `path` converted to their types, or None if it does not match."""
         if self.regex is None:
             return {} if path == self.rule else None
         m = self.regex.match(path)
@@ -641,6 +646,7 @@ class Router:
         self._patterns = []
 
     def add(self, rule, target):
+        """Route `rule` (text or Rule) to `target`; a pattern added again replaces the old."""
         compiled = rule if isinstance(rule, Rule) else Rule(rule)
         if compiled.is_static:
             self._static[compiled.rule] = (compiled, target)
@@ -2585,6 +2591,8 @@ class WebSocketTimeout(WebSocketError, TimeoutError):
 
 
 class Opcode(enum.IntEnum):
+    """Frame opcodes (RFC 6455 5.2)."""
+
     CONTINUATION = 0x0
     TEXT = 0x1
     BINARY = 0x2
@@ -2594,6 +2602,8 @@ class Opcode(enum.IntEnum):
 
 
 class CloseCode(enum.IntEnum):
+    """Close codes (RFC 6455 7.4.1) this module sends or names."""
+
     NORMAL = 1000
     GOING_AWAY = 1001
     PROTOCOL_ERROR = 1002
@@ -2612,6 +2622,8 @@ class CloseCode(enum.IntEnum):
 
 
 class WebSocketState(enum.IntEnum):
+    """Where a connection stands in its closing handshake."""
+
     OPEN = 1        # messages flow both ways
     CLOSING = 2     # we sent a close frame and wait for the peer's
     CLOSED = 3      # closing handshake done, connection failed, or stream ended: no more input
