@@ -809,6 +809,42 @@ class SocketReader:
         del buf[:end]
         return line
 
+    def fill_nowait(self):
+        """Take in what has arrived, without waiting (plain sockets, on systems with
+        MSG_DONTWAIT).  Returns False at EOF."""
+        while True:
+            try:
+                data = self._sock.recv(65536, _MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return True
+            if not data:
+                return False
+            self._buf += data
+            if len(data) < 65536:
+                return True
+
+    def has_request(self, max_body=65536):
+        """Whether a whole request is buffered: its head and, when a Content-Length of at
+        most 64 KiB (and `max_body`) announces one, its body.  Larger and chunked bodies,
+        and bodies sent after '100 Continue', are read as they come, under the server's
+        deadline; a body over `max_body` is refused before it is read.  True as well when
+        too much is buffered to be a request, for the parser to refuse it."""
+        buf = self._buf
+        if len(buf) > MAX_HEAD:
+            return True
+        if buf[:1] == b'\n' or buf[:2] == b'\r\n':
+            return True
+        match = _BLANK_LINE.search(buf)
+        if match is None:
+            return False
+        end = match.end()
+        lengths = _CONTENT_LENGTH.findall(buf, 0, end)
+        # Heads the parser will refuse, or that wait for our answer, go to it at once.
+        if len(lengths) != 1 or _HOLD_NOT.search(buf, 0, end):
+            return True
+        size = int(lengths[0])
+        return size > min(65536, max_body) or len(buf) >= end + size
+
     def read_block(self, limit):
         """Bytes up to and including the first empty line (the end of a head's header
         lines), or what there is at EOF.  Raises HTTPError(431) past `limit` bytes."""
@@ -861,6 +897,9 @@ class SocketReader:
 # pattern, split by the second.  Anything else goes line by line through
 # parse_header_line, which says what is wrong with it.
 _BLANK_LINE = re.compile(rb'\n\r?\n')
+_CONTENT_LENGTH = re.compile(rb'\ncontent-length:[ \t]*([0-9]{1,12})[ \t]*(?=\r?\n)', re.I)
+_HOLD_NOT = re.compile(rb'\n(?:expect:[ \t]*100-continue|transfer-encoding:)', re.I)
+_MSG_DONTWAIT = getattr(socket, 'MSG_DONTWAIT', 0)
 _FIELD_NAME = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}"
 _FIELD_VALUE = rb'[^\r\n\x00]{0,%d}' % MAX_LINE
 _FIELD_BLOCK = re.compile(rb'(?:%s:%s\r\n)*\r\n' % (_FIELD_NAME, _FIELD_VALUE))
@@ -1640,8 +1679,13 @@ class _ConnectionHandler:
         request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.rfile = SocketReader(request)
         self.handshaken = not hasattr(request, 'do_handshake')
+        # Where requests can be taken in without waiting, a worker only ever serves whole
+        # requests: one that trickles in waits in the selector, costing no worker, until
+        # it is complete or request_timeout has passed (slowloris).
+        self.assemble = bool(_MSG_DONTWAIT) and self.handshaken
         self.close_connection = False
         self.idle_since = time.monotonic()
+        self.request_started = None
 
     def serve_ready(self):
         """Serve requests while they come; True: park the connection, False: close it."""
@@ -1659,6 +1703,13 @@ class _ConnectionHandler:
                 server.watch(self, False)
             self.handshaken = True
         while True:
+            max_body = server.service.max_body
+            if self.assemble and not self.rfile.has_request(max_body) \
+                    and self.rfile.fill_nowait() and not self.rfile.has_request(max_body):
+                if self.request_started is None:
+                    self.request_started = time.monotonic()
+                return True             # the rest of it will wake the selector
+            self.request_started = None
             self.handle_one_request()
             if self.close_connection:
                 return False
@@ -1688,6 +1739,9 @@ class _ConnectionHandler:
 
     def parked_has_data(self):
         """Whether a request already waits in the buffer (the client pipelined)."""
+        if self.assemble:
+            return self.rfile.buffered() > 0 and \
+                self.rfile.has_request(self.server.service.max_body)
         return self.rfile.buffered() > 0
 
     def finish(self):
@@ -1903,9 +1957,17 @@ class _ServerMixin:
 
     def _enforce_timeouts(self, selector, now):
         idle_timeout = self.service.timeout
+        request_timeout = self.service.request_timeout
         for key in list(selector.get_map().values()):
             conn = key.data
-            if conn is not None and now - conn.idle_since > idle_timeout:
+            if conn is None:
+                continue
+            started = conn.request_started
+            if (now - started > request_timeout) if started is not None \
+                    else (now - conn.idle_since > idle_timeout):
+                if started is not None:
+                    log.info('%s: dropping %s, request not in within %ss', self.service.name,
+                             conn.client_address[0], request_timeout)
                 selector.unregister(key.fileobj)
                 self._close(conn)
         late = [conn for conn, deadline in list(self._deadlines.items()) if deadline < now]

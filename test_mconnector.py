@@ -983,6 +983,25 @@ class LimitsTest(unittest.TestCase):
                 self.assertLess(time.monotonic() - started, 5, 'slow sender never dropped')
         self.assertGreaterEqual(dropped, 0.5)
 
+    def test_slow_senders_hold_no_worker(self):
+        M = counting_service(max_workers=2, request_timeout=5)
+        friend = Service.start(self, M)
+        slow = []
+        self.addCleanup(lambda: [s.close() for s in slow])
+        for n in range(6):
+            s = socket.create_connection(('127.0.0.1', M.port), timeout=5)
+            s.sendall(b'POST /count HTTP/1.1\r\nContent-Length: 13\r\n' if n % 2 else
+                      b'POST /count HTTP/1.1\r\nContent-Length: 13\r\n\r\n{"ar')
+            slow.append(s)
+        self.assertTrue(wait_for(lambda: M.stats['connections'] >= 6, 5))
+        started = time.monotonic()
+        for n in range(3):
+            self.assertEqual(friend.send('/count', n), n + 1)
+        self.assertLess(time.monotonic() - started, 2.0)
+        slow[0].sendall(b'gs": [9]}')          # a slow request that completes is served
+        self.assertTrue(slow[0].recv(4096).startswith(b'HTTP/1.1 200'))
+        self.assertEqual(M.runs, [0, 1, 2, 9])
+
     def test_idle_keep_alive_connection_is_closed(self):
         with socket.create_connection(('127.0.0.1', self.M.port), timeout=5) as idle:
             idle.sendall(b'GET /count HTTP/1.1\r\n\r\n')
