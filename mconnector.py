@@ -817,6 +817,8 @@ class SocketReader:
                 data = self._sock.recv(65536, _MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 return True
+            except OSError:             # reset by the peer: as good as closed
+                return False
             if not data:
                 return False
             self._buf += data

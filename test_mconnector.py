@@ -3,6 +3,7 @@
 Run with:  python -m unittest -v test_mconnector
 """
 
+import ast
 import json
 import os
 import queue
@@ -2310,7 +2311,7 @@ class SeedExampleTest(unittest.TestCase):
     def by_id(self, lines):
         out = {}
         for line in lines:
-            item = eval(line.split('=', 1)[1])      # the dict's repr, as the seed prints it
+            item = ast.literal_eval(line.split('=', 1)[1])   # the dict's repr, as printed
             out.setdefault(item['id'], []).append(line)
         return out
 
