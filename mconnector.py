@@ -4623,9 +4623,9 @@ class DistributedProcess(KeyedExecutor):
     """Per-key ordered tasks on a ProcessPoolExecutor of `max_workers` processes.
 
     As DistributedThreads, plus: tasks (function and arguments) and results must pickle;
-    a task that does not fails its Future with TaskNotPicklable at submit time.  The start
-    method is forkserver where there is one (Linux; `mp_context` chooses another), spawn
-    elsewhere: the function must be importable by name from a module (a script's own
+    a task that does not fails its Future with TaskNotPicklable at submit time.  Where
+    the default start method is fork (Linux), forkserver is used instead; `mp_context`
+    chooses another: the function must be importable by name from a module (a script's own
     functions are, when its main code is behind `if __name__ == '__main__':`), not a
     lambda or a nested function.  Results
     reach `out_queue` from this process, so a `queue.Queue` works as well as a
@@ -4641,7 +4641,8 @@ class DistributedProcess(KeyedExecutor):
             # fork() in a process that runs threads (this module's listener, its asyncio
             # loop) can deadlock a child; forkserver forks from a clean server process, and
             # is the default Python 3.14 chose for Linux.
-            if 'forkserver' in multiprocessing.get_all_start_methods():
+            if multiprocessing.get_context().get_start_method() == 'fork' and \
+                    'forkserver' in multiprocessing.get_all_start_methods():
                 mp_context = multiprocessing.get_context('forkserver')
         super().__init__(ProcessPoolExecutor(max_workers, mp_context=mp_context),
                          out_queue=out_queue, max_watching=max_watching, check_pickle=True)
