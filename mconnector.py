@@ -4623,13 +4623,14 @@ class DistributedProcess(KeyedExecutor):
     """Per-key ordered tasks on a ProcessPoolExecutor of `max_workers` processes.
 
     As DistributedThreads, plus: tasks (function and arguments) and results must pickle;
-    a task that does not fails its Future with TaskNotPicklable at submit time.  Where
-    the default start method is fork (Linux), forkserver is used instead; `mp_context`
-    chooses another: the function must be importable by name from a module (a script's own
-    functions are, when its main code is behind `if __name__ == '__main__':`), not a
-    lambda or a nested function.  Results
-    reach `out_queue` from this process, so a `queue.Queue` works as well as a
-    `multiprocessing.Queue`.  Raises ValueError if max_workers <= 0.
+    a task that does not fails its Future with TaskNotPicklable at submit time.
+
+    Where the default start method is fork (Linux), forkserver is used instead, as forking
+    a process that runs threads can deadlock the child; `mp_context` chooses another.  The
+    function must then be importable by name from a module (a script's own functions are,
+    when its main code is behind `if __name__ == '__main__':`), not a lambda or a nested
+    function.  Results reach `out_queue` from this process, so a `queue.Queue` works as
+    well as a `multiprocessing.Queue`.  Raises ValueError if max_workers <= 0.
     """
 
     def __init__(self, out_queue=None, max_workers=4, max_watching=100, worker=None,
