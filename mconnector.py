@@ -2571,7 +2571,6 @@ _WS_GUID = b'258EAFA5-E914-47DA-95CA-C5AB0DC85B11'     # RFC 6455 section 1.3
 _WS_VERSION = '13'
 _WS_MAX_SIZE = 2 ** 20          # largest message accepted, 1 MiB as the websockets package does
 _WS_MAX_HEAD = 16384            # opening handshake head, 16 KiB as h11 (and node, Apache) allow
-_WS_MAX_HEADERS = 128           # as the websockets package
 _WS_HANDSHAKE_TIMEOUT = 10.0    # seconds for a new connection to complete its opening handshake
 _WS_CLOSE_TIMEOUT = 10.0        # seconds to wait for the peer's side of the closing handshake
 _WS_PING_INTERVAL = 20.0        # keep-alive: a ping every 20 s, as the websockets package does ...
@@ -3071,21 +3070,13 @@ def _ws_parse_head(head):
     """Split an HTTP/1.1 head (bytes, up to the empty line) into the three parts of its start
     line and a dict of headers (lower-case names; repeated ones joined with ', '), with the
     header parser of section 4.  Raises HandshakeError 400 when it is malformed, 431 when it
-    has too many headers."""
-    lines = head.split(b'\n')
-    headers = {}
-    count = 0
-    for line in lines[1:]:
-        if line in (b'', b'\r'):
-            continue
-        count += 1
-        if count > _WS_MAX_HEADERS:
-            raise HandshakeError(431, 'more than %d headers' % _WS_MAX_HEADERS)
-        try:
-            parse_header_line(line + b'\n', headers)
-        except HTTPError as exc:
-            raise HandshakeError(exc.status, exc.message) from None
-    start = lines[0].rstrip(b'\r').decode('latin-1').split(' ', 2)
+    has too many headers or too long a line."""
+    end = head.find(b'\n') + 1 or len(head)
+    try:
+        headers = parse_header_block(head[end:])
+    except HTTPError as exc:
+        raise HandshakeError(exc.status, exc.message) from None
+    start = head[:end].rstrip(b'\r\n').decode('latin-1').split(' ', 2)
     if len(start) != 3:
         raise HandshakeError(400, 'malformed start line')
     return start, headers
