@@ -4,6 +4,7 @@ Run with:  python -m unittest -v test_mconnector
 """
 
 import ast
+import concurrent.futures
 import json
 import os
 import queue
@@ -1927,7 +1928,6 @@ if sys.argv[1] == 'blocking':           # as a script that runs an HTTP server a
 # ==========================================================================================
 
 # Imported here rather than at the top so that this section merges on its own.
-import concurrent.futures  # noqa: E402
 
 
 # Tasks for the process pools must be importable by name from a module.
