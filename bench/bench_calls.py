@@ -6,8 +6,8 @@ Each listener runs in its own process (as services do); the sender is this proce
 Rows: sequential calls (microseconds per call, one connection kept alive) and calls from
 4 threads (calls per second).  The plain http.server handler is measured twice: with
 mconnector's sender and with http.client (one kept-alive connection per thread).  The payload is small: one string argument, one string back.
-Where Flask + requests (what microservices-connector 0.3.7 runs on) are installed, they are
-measured too; otherwise their row says so.  Compare the ratios of one run: the machines
+Where microservices-connector 0.3.7 itself, or Flask + requests (what it runs on, here with
+a kept-alive session), are installed, they are measured too; otherwise their row says so.  Compare the ratios of one run: the machines
 these run on are shared and noisy.
 """
 import argparse
@@ -59,6 +59,19 @@ print(s.server_port, flush=True)
 sys.stdin.read()
 ''',
     'http.server + http.client': None,       # the plain handler, with the stdlib client
+    'microservices-connector 0.3.7': r'''
+import sys, socket, logging
+from microservices_connector.Interservices import Microservice
+logging.getLogger('werkzeug').setLevel(logging.ERROR)
+M = Microservice('bench')
+@M.typing('/hello')
+@M.reply
+def hello(name):
+    return 'Welcome %s' % name
+s = socket.socket(); s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]; s.close()
+print(port, flush=True)
+M.run(port=port, host='127.0.0.1')
+''',
     'Flask + requests (0.3.7 stack)': r'''
 import sys, logging, threading
 from flask import Flask, request, jsonify
@@ -77,6 +90,9 @@ sys.stdin.read()
 
 
 def start_listener(code):
+    # The listener prints its port once it is about to serve; a few listeners (0.3.7's)
+    # only start accepting a moment later, so wait until a connection succeeds.
+    import socket
     proc = subprocess.Popen([sys.executable, '-c', code], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env=dict(os.environ, PYTHONPATH=os.path.dirname(HERE)))
@@ -85,7 +101,17 @@ def start_listener(code):
         proc.kill()
         proc.wait()
         return None, None
-    return proc, int(line)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(('127.0.0.1', int(line)), 1).close()
+            return proc, int(line)
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                proc.wait()
+                return None, None
+            time.sleep(0.05)
 
 
 def client_for(name, port):
@@ -102,6 +128,13 @@ def client_for(name, port):
                 conn = local.conn = http.client.HTTPConnection('127.0.0.1', port)
             conn.request('POST', '/hello', body, {'Content-Type': 'application/json'})
             assert json.loads(conn.getresponse().read()) == ['Welcome x']
+        return call
+    if name.startswith('microservices-connector'):
+        from microservices_connector.Interservices import Friend
+        old = Friend('bench', url)
+
+        def call():
+            assert old.send('/hello', 'x') == 'Welcome x'
         return call
     if name.startswith('Flask'):
         import requests
@@ -146,12 +179,14 @@ def main():
     missing = []
     try:
         for name, code in LISTENERS.items():
-            if name.startswith('Flask'):
-                try:
+            try:
+                if name.startswith('Flask'):
                     import flask, requests  # noqa: F401
-                except ImportError:
-                    missing.append(name)
-                    continue
+                elif name.startswith('microservices-connector'):
+                    import microservices_connector  # noqa: F401
+            except ImportError:
+                missing.append(name)
+                continue
             proc, port = start_listener(code or LISTENERS['http.server (plain handler)'])
             if proc is None:
                 missing.append(name)
@@ -170,8 +205,12 @@ def main():
                 parallel.append(n / seconds)
     finally:
         for _, proc, _, _, _ in running:
-            proc.stdin.close()
-            proc.wait(10)
+            proc.stdin.close()          # ours stop at the end of their input
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.terminate()        # 0.3.7's listener only stops on a signal
+                proc.wait(5)
     median = lambda values: sorted(values)[len(values) // 2]
     rows = [(name, median(seq), median(par)) for name, _, _, seq, par in running]
     base = rows[0]
@@ -181,8 +220,9 @@ def main():
         print('%-32s %14.0f %9.2fx %14.0f %9.2fx' % (name, seq, seq / base[1], par, par / base[2]))
     for name in missing:
         print('%-32s %14s' % (name, 'not installed'))
-    print('(median of %d rounds of %d calls; sender: mconnector.Friend for the first two rows,'
-          ' http.client and requests.Session for the others)' % (options.rounds, options.calls))
+    print('(median of %d rounds of %d calls; senders: mconnector.Friend for the first two rows,'
+          ' then http.client, 0.3.7\'s own Friend, requests.Session)'
+          % (options.rounds, options.calls))
 
 
 if __name__ == '__main__':
