@@ -1206,6 +1206,14 @@ def _query_value(text):
         return text
 
 
+def _alias(name):
+    """A read-write property that is another name for attribute `name` (PEP 8 spellings
+    beside the seed's own: secret_key for secretKey, last_message for lastMessage)."""
+    return property(lambda self: getattr(self, name),
+                    lambda self, value: setattr(self, name, value),
+                    doc='Another name for %s.' % name)
+
+
 class Microservice:
     """A listener: functions decorated with typing()/route() answer calls from Friends.
 
@@ -1325,6 +1333,7 @@ class Microservice:
 
     set_token = setToken
     remove_token = removeToken
+    secret_key = _alias('secretKey')
 
     @property
     def rules(self):
@@ -2248,6 +2257,9 @@ class Friend:
 
     set_rule = setRule
     remove_token = removeToken
+    secret_key = _alias('secretKey')
+    last_message = _alias('lastMessage')
+    last_reply = _alias('lastreply')
 
     def _method(self, rule):
         return self._rules.get(rule, {}).get('method', 'POST')

@@ -820,6 +820,11 @@ class ModuleTest(unittest.TestCase):
         self.assertIs(Friend.set_rule, Friend.setRule)
         self.assertIs(Friend.remove_token, Friend.removeToken)
         self.assertIs(Microservice.remove_token, Microservice.removeToken)
+        friend = Friend('f', 'http://127.0.0.1:1', secretKey='k')
+        self.assertEqual(friend.secret_key, 'k')
+        friend.lastMessage = 'm'
+        self.assertEqual((friend.last_message, friend.last_reply), ('m', None))
+        self.assertEqual(Microservice('m', secretKey='s').secret_key, 's')
 
     def test_import_stays_light(self):
         code = ('import sys, mconnector; heavy = {"asyncio", "ssl", "multiprocessing", '
