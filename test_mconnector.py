@@ -962,8 +962,8 @@ class LimitsTest(unittest.TestCase):
     def test_json_that_is_not_strictly_json_is_400(self):
         for body in (b'{"args": [NaN]}', b'{"args": [1], "args": [2]}', b'{"args": [' + b'[' * 300 + b']' * 300 + b']}',
                      b'{"args": ["\xff"]}', b'{"args": [Infinity]}'):
-            self.assertStatus(b'POST /count HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s'
-                              % (len(body), body), 400)
+            self.assertStatus(b'POST /count HTTP/1.1\r\nContent-Length: %d\r\n'
+                              b'Connection: close\r\n\r\n%s' % (len(body), body), 400)
         self.assertEqual(self.M.runs, ['next'] * 5)
 
     def test_nan_and_infinity_travel_between_peers(self):
