@@ -2336,9 +2336,11 @@ class Friend:
         content_type = reply.headers.get('content-type', '')
         data = reply.body
         if 'json' in content_type or (data[:1] in (b'[', b'{') and not content_type):
+            # Replies are read leniently (NaN, as Flask writes it for 0.3.7, is a float);
+            # the strict loads() is for what a listener takes from anyone.
             try:
-                data = loads(data)
-            except CodecError:
+                data = json.loads(data.decode('utf-8'))
+            except (ValueError, RecursionError):
                 data = reply.body.decode('utf-8', 'replace')
         else:
             data = data.decode('utf-8', 'replace')

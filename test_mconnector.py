@@ -1095,14 +1095,18 @@ class FaultsTest(unittest.TestCase):
         old = b'HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n["Welcome x", 2]'
         page = (b'HTTP/1.1 404 NOT FOUND\r\nContent-Type: text/html\r\nContent-Length: 22\r\n'
                 b'Connection: close\r\n\r\n<h1>Not Found</h1>\n\n\n\n')
-        port, seen = self.one_shot_listener([old, page])
+        nan = (b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 8\r\n'
+               b'Connection: close\r\n\r\n[NaN, 1]')        # Flask's jsonify writes NaN so
+        port, seen = self.one_shot_listener([old, page, nan])
         with Friend('old', '127.0.0.1:%d' % port) as friend:
             self.assertEqual(friend.send('/hello', 'x'), ('Welcome x', 2))
             with self.assertRaises(mconnector.NotFound) as caught:
                 friend.send('/nope')
+            value, one = friend.send('/nan')
         self.assertIn('Not Found', str(caught.exception))
         self.assertNotIn('<h1>', str(caught.exception))
-        self.assertEqual(len(seen), 2)
+        self.assertTrue(value != value and one == 1)
+        self.assertEqual(len(seen), 3)
 
     def test_hanging_function_does_not_block_others(self):
         M = Microservice('hang')
