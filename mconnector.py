@@ -4734,7 +4734,6 @@ def _find_servers(module, attribute):
     else:
         values = list(vars(module).values())
     services, sockets, seen = [], [], set()
-    socket_class = globals().get('SocketServer')
     for value in values:
         if id(value) in seen:
             continue
@@ -4743,7 +4742,7 @@ def _find_servers(module, attribute):
             value = value.service
         if isinstance(value, Microservice):
             services.append(value)
-        elif socket_class is not None and isinstance(value, socket_class):
+        elif isinstance(value, SocketServer):
             sockets.append(value)
     return services, sockets
 
@@ -4823,10 +4822,7 @@ def _call_command(options):
 
 
 def _ws_cli(options):
-    command = globals().get('_ws_command')
-    if command is None:
-        raise SystemExit('mconnector: this build has no websocket client')
-    return command(options.url, timeout=options.timeout)
+    return _ws_command(options.url, timeout=options.timeout)
 
 
 def _parser():
