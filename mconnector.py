@@ -4876,7 +4876,9 @@ def _parser():
         description='Connect to a websocket URL; lines read from standard input are sent, '
                     'messages received are printed.')
     ws.add_argument('url', metavar='URL', help='e.g. ws://127.0.0.1:8765/hello')
-    ws.add_argument('--timeout', type=float, default=10.0, help='connect timeout in seconds')
+    ws.add_argument('--timeout', type=float, default=None,
+                    help='seconds for the handshake, and of quiet after the end of input '
+                         'before closing (default: 10 and 1)')
     ws.set_defaults(run=_ws_cli)
     return parser
 
