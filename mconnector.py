@@ -1741,11 +1741,18 @@ class _ConnectionHandler:
                 self.close_connection = True
                 return False
             try:
-                if select.select([self.request], [], [], min(remaining, _HOLD_SLICE))[0]:
-                    break           # bytes or EOF: handle_one_request sees which
+                ready = select.select([self.request, server._demand_r], [], [],
+                                      min(remaining, _HOLD_SLICE))[0]
             except (OSError, ValueError):
                 self.close_connection = True
                 return False
+            if self.request in ready:
+                break               # bytes or EOF: handle_one_request sees which
+            if ready and not server.has_waiting():
+                try:
+                    server._demand_r.recv(4096)     # demand already met by others
+                except OSError:
+                    pass
         return True
 
     def parked_has_data(self):
@@ -1892,6 +1899,11 @@ class _ServerMixin:
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_w.setblocking(False)
+        # Written to when a connection waits for a worker and none is free: workers holding
+        # idle connections wait on it too, and let theirs go at once.
+        self._demand_r, self._demand_w = socket.socketpair()
+        self._demand_r.setblocking(False)
+        self._demand_w.setblocking(False)
         self._stopping = False
         self._ready = queue.SimpleQueue()       # connections with a request to serve
         self._to_park = queue.SimpleQueue()     # connections handed back by workers
@@ -2007,7 +2019,13 @@ class _ServerMixin:
     def _dispatch(self, conn):
         self._ready.put(conn)
         with self._lock:
-            start = self._idle_workers == 0 and len(self._workers) < self.service.max_workers
+            busy = self._idle_workers == 0
+            start = busy and len(self._workers) < self.service.max_workers
+            if busy and not start:
+                try:
+                    self._demand_w.send(b'x')
+                except OSError:         # already full of demand, or closing
+                    pass
             if start:
                 worker = threading.Thread(target=self._work, daemon=True,
                                           name='mconnector-%s-%d' % (self.service.name,
@@ -2075,8 +2093,8 @@ class _ServerMixin:
                 pass
         for _ in range(workers):
             self._ready.put(None)
-        self._wake_r.close()
-        self._wake_w.close()
+        for s in (self._wake_r, self._wake_w, self._demand_r, self._demand_w):
+            s.close()
 
 
 _server_classes = []

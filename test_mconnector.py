@@ -1009,6 +1009,20 @@ class LimitsTest(unittest.TestCase):
         self.assertTrue(slow[0].recv(4096).startswith(b'HTTP/1.1 200'))
         self.assertEqual(M.runs, [0, 1, 2, 9])
 
+    def test_a_waiting_connection_takes_the_worker_of_an_idle_one_at_once(self):
+        M = counting_service(max_workers=1)
+        first, second = Service.start(self, M), Friend('second', M.url)
+        self.addCleanup(second.close)
+        slice_before = mconnector._HOLD_SLICE
+        mconnector._HOLD_SLICE = 30     # a worker would otherwise hold an idle one this long
+        self.addCleanup(setattr, mconnector, '_HOLD_SLICE', slice_before)
+        started = time.monotonic()
+        for n in range(3):
+            self.assertEqual(first.send('/count'), 2 * n + 1)      # the worker holds it...
+            self.assertEqual(second.send('/count'), 2 * n + 2)     # ...and lets it go
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertEqual(M.stats['connections'], 2)
+
     def test_idle_keep_alive_connection_is_closed(self):
         with socket.create_connection(('127.0.0.1', self.M.port), timeout=5) as idle:
             idle.sendall(b'GET /count HTTP/1.1\r\n\r\n')
