@@ -1873,7 +1873,8 @@ class _ConnectionHandler:
         log.debug(format, *args)
 
 
-_HOLD_SLICE = 0.25      # how often a worker holding an idle connection checks for others
+_HOLD_SLICE = 1.0       # a worker holding an idle connection also looks for waiting ones this often
+                        # (besides being woken by _demand_w when one waits)
 _TICK = 0.5             # how often the serving loop enforces timeouts
 
 
