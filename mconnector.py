@@ -695,6 +695,11 @@ _STATUS_TEXT = {
     500: 'Internal Server Error', 501: 'Not Implemented', 503: 'Service Unavailable',
     505: 'HTTP Version Not Supported',
 }
+# The `type` an error body gives for each status the listener refuses a request with.
+_ERROR_NAMES = {400: 'BadRequest', 401: 'AuthError', 404: 'NotFound', 405: 'MethodNotAllowed',
+                408: 'RequestTimeout', 411: 'LengthRequired', 413: 'PayloadTooLarge',
+                431: 'HeadersTooLarge', 505: 'VersionNotSupported'}
+
 _TOKEN_CHARS = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")   # RFC 9110 token
 _METHOD_OK = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 
@@ -976,20 +981,20 @@ def split_target(target):
 SIGNATURE_WINDOW = 300      # seconds either side of the listener's clock
 
 
-def _string_to_sign(method, target, timestamp, nonce, body):
+def _signature(key, method, target, timestamp, nonce, body):
+    """hex HMAC-SHA256 of one request, as the scheme above says."""
     import hashlib
-    return ('%s\n%s\n%s\n%s\n%s' % (method, target, timestamp, nonce,
-                                     hashlib.sha256(body).hexdigest())).encode('utf-8')
+    import hmac
+    message = '%s\n%s\n%s\n%s\n%s' % (method, target, timestamp, nonce,
+                                       hashlib.sha256(body).hexdigest())
+    return hmac.new(key.encode('utf-8'), message.encode('utf-8'), hashlib.sha256).hexdigest()
 
 
 def sign_request(key, method, target, body, timestamp=None, nonce=None):
     """The headers that sign one request with `key` (str), as a list of (name, value)."""
-    import hashlib
-    import hmac
     timestamp = str(int(time.time() if timestamp is None else timestamp))
     nonce = nonce or os.urandom(16).hex()
-    signature = hmac.new(key.encode('utf-8'), _string_to_sign(method, target, timestamp, nonce, body),
-                         hashlib.sha256).hexdigest()
+    signature = _signature(key, method, target, timestamp, nonce, body)
     return [('X-MC-Timestamp', timestamp), ('X-MC-Nonce', nonce), ('X-MC-Signature', signature)]
 
 
@@ -1019,7 +1024,6 @@ def verify_request(key, method, target, headers, body, nonces, now=None):
     """Raise HTTPError(401) unless the request carries a valid, fresh, unreplayed signature.
 
     `headers` maps lower-case names to values; `nonces` is a NonceCache."""
-    import hashlib
     import hmac
     now = time.time() if now is None else now
     timestamp = headers.get('x-mc-timestamp', '')
@@ -1031,8 +1035,7 @@ def verify_request(key, method, target, headers, body, nonces, now=None):
         raise HTTPError(401, 'signature timestamp outside the %ds window' % nonces.window)
     if len(nonce) > 64:
         raise HTTPError(401, 'malformed nonce')
-    expected = hmac.new(key.encode('utf-8'), _string_to_sign(method, target, timestamp, nonce, body),
-                        hashlib.sha256).hexdigest()
+    expected = _signature(key, method, target, timestamp, nonce, body)
     if not hmac.compare_digest(expected, given.lower()):
         raise HTTPError(401, 'bad signature')
     if not nonces.add(nonce, now):
@@ -1096,6 +1099,12 @@ class Response:
         if traceback:
             error['traceback'] = traceback
         return cls(status, json.dumps({'error': error}).encode('utf-8'), headers)
+
+    @classmethod
+    def refusal(cls, exc):
+        """The error response for an HTTPError."""
+        return cls.error(exc.status, _ERROR_NAMES.get(exc.status, 'HTTPError'), exc.message,
+                         exc.headers)
 
 
 def read_chunked(rfile, limit):
@@ -1351,8 +1360,7 @@ class Microservice:
         try:
             return self._dispatch(method, target, headers, body)
         except HTTPError as exc:
-            return Response.error(exc.status, _error_names.get(exc.status, 'HTTPError'),
-                                  exc.message, exc.headers)
+            return Response.refusal(exc)
 
     def _dispatch(self, method, target, headers, body):
         if self.secretKey:
@@ -1569,9 +1577,9 @@ class Microservice:
         except ValueError:
             length = -1
         if length < 0:
-            response = Response.error(400, 'BadRequest', 'malformed Content-Length')
+            response = Response.refusal(HTTPError(400, 'malformed Content-Length'))
         elif length > self.max_body:
-            response = Response.error(413, 'PayloadTooLarge', 'body over %d bytes' % self.max_body)
+            response = Response.refusal(HTTPError(413, 'body over %d bytes' % self.max_body))
         else:
             from urllib.parse import quote
             target = quote(environ.get('PATH_INFO', '') or '/', safe='/:@!$&\'()*+,;=-._~')
@@ -1596,9 +1604,6 @@ class Microservice:
 
 SanicApp = Microservice
 
-_error_names = {400: 'BadRequest', 401: 'AuthError', 404: 'NotFound', 405: 'MethodNotAllowed',
-                408: 'RequestTimeout', 411: 'LengthRequired', 413: 'PayloadTooLarge',
-                431: 'HeadersTooLarge', 505: 'VersionNotSupported'}
 
 
 class _FlaskLike:
@@ -1794,8 +1799,7 @@ class _ConnectionHandler:
                     extra.append(('Connection', 'keep-alive'))
                 response.headers = response.headers + extra     # it may be the app's own
         except HTTPError as exc:
-            response = Response.error(exc.status, _error_names.get(exc.status, 'HTTPError'),
-                                      exc.message, exc.headers)
+            response = Response.refusal(exc)
             keep_alive = False
             method = None
         except (socket.timeout, OSError, ValueError):
