@@ -3188,11 +3188,8 @@ def _ws_accept_response(request):
 def _ws_error_response(error):
     """The HTTP answer that refuses a handshake, from a HandshakeError, as bytes."""
     body = (error.message + '\n').encode('utf-8')
-    lines = ['HTTP/1.1 %d %s' % (error.status, _STATUS_TEXT.get(error.status, 'Error')),
-             'Content-Type: text/plain; charset=utf-8', 'Content-Length: %d' % len(body),
-             'Connection: close']
-    lines += ['%s: %s' % item for item in error.headers.items()]
-    return ('\r\n'.join(lines) + '\r\n\r\n').encode('latin-1') + body
+    headers = [('Content-Type', 'text/plain; charset=utf-8')] + list(error.headers.items())
+    return build_response_head(error.status, headers, len(body), keep_alive=False) + body
 
 
 def _ws_client_request(host, target, key, subprotocols=None, origin=None, headers=None):
