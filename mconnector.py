@@ -947,6 +947,12 @@ def parse_status_line(line):
     return (1, line[7] - 48), int(line[9:12])
 
 
+def host_header(host, port, secure):
+    """The Host header for host:port: IPv6 in brackets, the scheme's default port left out."""
+    shown = '[%s]' % host if ':' in host else host
+    return shown if port == (443 if secure else 80) else '%s:%d' % (shown, port)
+
+
 def build_request(method, path, host, headers, body):
     """A whole request as bytes, for one write (header values must be latin-1)."""
     lines = ['%s %s HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n' % (method, path, host, len(body))]
@@ -2232,9 +2238,7 @@ class Friend:
         self._connect_host = {'0.0.0.0': '127.0.0.1', '::': '::1'}.get(self._host, self._host)
         self._port = parts.port or (443 if parts.scheme == 'https' else 80)
         self._prefix = parts.path.rstrip('/')
-        default_port = 443 if parts.scheme == 'https' else 80
-        host = '[%s]' % self._host if ':' in self._host else self._host
-        self._host_header = host if self._port == default_port else '%s:%d' % (host, self._port)
+        self._host_header = host_header(self._host, self._port, parts.scheme == 'https')
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
@@ -4080,16 +4084,14 @@ def _ws_split_url(url):
     host = parts.hostname or 'localhost'
     port = parts.port or (443 if secure else 80)
     target = (parts.path or '/') + ('?' + parts.query if parts.query else '')
-    shown = '[%s]' % host if ':' in host else host
-    host_header = shown if port == (443 if secure else 80) else '%s:%d' % (shown, port)
-    return secure, host, port, target, host_header
+    return secure, host, port, target, host_header(host, port, secure)
 
 
 def _ws_connect(url, *, timeout=_WS_HANDSHAKE_TIMEOUT, subprotocols=None, origin=None,
                 headers=None, ssl_context=None, max_size=_WS_MAX_SIZE, max_frame_size=None,
                 ping_interval=_WS_PING_INTERVAL, ping_timeout=_WS_PING_TIMEOUT,
                 close_timeout=_WS_CLOSE_TIMEOUT, secretKey=None):
-    secure, host, port, target, host_header = _ws_split_url(url)
+    secure, host, port, target, host_field = _ws_split_url(url)
     if secretKey:
         headers = dict(headers or {})
         headers.update(sign_request(secretKey, 'GET', target, b''))
@@ -4107,7 +4109,7 @@ def _ws_connect(url, *, timeout=_WS_HANDSHAKE_TIMEOUT, subprotocols=None, origin
             context = ssl_context or ssl.create_default_context()
             sock = context.wrap_socket(sock, server_hostname=host)
         key = base64.b64encode(os.urandom(16)).decode('ascii')
-        sock.sendall(_ws_client_request(host_header, target, key, subprotocols, origin, headers))
+        sock.sendall(_ws_client_request(host_field, target, key, subprotocols, origin, headers))
         head, leftover = _ws_read_head(sock, deadline)
         chosen = _ws_check_response(head, key, target, subprotocols)
     except socket.timeout:
