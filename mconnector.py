@@ -1245,12 +1245,17 @@ class Microservice:
     dropped); `timeout` seconds before an idle keep-alive connection is closed;
     `max_workers` requests served at once (more connections wait, idle ones cost no
     thread).  Heads: 8 KiB per line, 100 header lines (431/414 above).
+
+    Stopping (stop(), or SIGTERM or Ctrl+C during run()) is graceful: new connections are
+    refused at once, requests in flight are answered for up to `grace` seconds, idle
+    keep-alive connections are closed.
     """
 
     def __init__(self, name, port=5000, host='0.0.0.0', debug=None, token=None,
                  secretKey=None, timeout=15.0, max_body=MAX_BODY, max_workers=64,
-                 request_timeout=10.0):
+                 request_timeout=10.0, grace=10.0):
         self.name = name
+        self.grace = grace
         self.host = host
         self.port = port
         self.debug = bool(debug)
@@ -1490,32 +1495,50 @@ class Microservice:
         return self
 
     def run(self, port=None, host=None, debug=None, ssl_context=None, certfile=None,
-            keyfile=None, cafile=None):
-        """Serve until Ctrl+C (or stop() from another thread), then return cleanly.
+            keyfile=None, cafile=None, sock=None):
+        """Serve until SIGTERM or Ctrl+C (or stop() from another thread), then return.
 
+        Stopping is graceful (see the class): a second Ctrl+C stops at once.
         TLS: pass an `ssl_context` (server side), or `certfile` (and `keyfile` unless the
         key is in it); `cafile` then also asks every client for a certificate signed by
-        one of those CAs (mutual TLS).
+        one of those CAs (mutual TLS).  `sock`: a bound, listening socket to serve
+        instead of binding host and port (one inherited from a supervising process).
         """
         _default_logging()
         try:
             self._bind(port, host, debug, ssl_context=ssl_context, certfile=certfile,
-                       keyfile=keyfile, cafile=cafile)
+                       keyfile=keyfile, cafile=cafile, sock=sock)
         except OSError as exc:
             # The script's main loop: a clear line, not a traceback (as Flask's run does).
             log.error('%s: cannot listen on %s:%s: %s', self.name, self.host, self.port,
                       exc.strerror or exc)
             raise SystemExit(1) from None
+        server = self._server
+        restore = _on_stop_signals(functools.partial(self._stop_signal, server))
         try:
-            self._server.serve_forever()
-        except KeyboardInterrupt:
-            log.info('%s: stopping (Ctrl+C)', self.name)
+            try:
+                server.serve_forever()
+                self._close(self.grace)
+            except KeyboardInterrupt:       # a second Ctrl+C: no more waiting
+                log.warning('%s: stopping now', self.name)
+                self._close(0)
         finally:
-            self._close()
+            restore()
             _ws_stop_all()      # websocket servers the script started beside this one
 
-    def stop(self):
-        """Stop serving, close every connection and wait for the serving thread."""
+    def _stop_signal(self, server, signum):
+        if server._stopping:
+            if signum == _SIGINT:
+                raise KeyboardInterrupt
+            return
+        log.info('%s: stopping (%s): answering the %d request(s) in flight, for %ss at '
+                 'most', self.name, _signal_name(signum), server.in_flight(), self.grace)
+        server.stop()
+
+    def stop(self, grace=None):
+        """Stop serving, gracefully: refuse new connections at once, answer the requests
+        in flight for up to `grace` seconds (default: the listener's own), close every
+        connection, and wait for the serving thread."""
         server = self._server
         if server is None:
             return
@@ -1523,13 +1546,18 @@ class Microservice:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
         self._thread = None
-        self._close()
+        self._close(self.grace if grace is None else grace)
 
-    def _close(self):
-        server, self._server = self._server, None
+    def _close(self, grace=0.0):
+        server = self._server
         if server is not None:
-            server.close_all()
-            log.info('%s: stopped', self.name)
+            cut = server.close_all(grace)
+            self._server = None
+            if cut:
+                log.warning('%s: stopped, %d request(s) cut short after %ss', self.name,
+                            cut, grace)
+            else:
+                log.info('%s: stopped', self.name)
 
     def __enter__(self):
         if self._server is None:
@@ -1540,7 +1568,7 @@ class Microservice:
         self.stop()
 
     def _bind(self, port, host, debug, ssl_context=None, certfile=None, keyfile=None,
-              cafile=None):
+              cafile=None, sock=None):
         if self._server is not None:
             raise RuntimeError('%s is already serving at %s' % (self.name, self.url))
         if port is not None:
@@ -1552,7 +1580,9 @@ class Microservice:
         if ssl_context is None and certfile:
             ssl_context = server_ssl_context(certfile, keyfile, cafile)
         self._tls = ssl_context is not None
-        self._server = _make_server(self, (self.host, int(self.port)), ssl_context)
+        self._server = _make_server(self, (self.host, int(self.port)), ssl_context, sock)
+        if sock is not None:
+            self.host = self._server.server_address[0]
         self.port = self._server.server_address[1]
         count = len(self._rules)
         log.info('%s: listening on %s (%d rule%s)', self.name, self.url, count,
@@ -1669,6 +1699,46 @@ def _stream_json(result, chunk=64 * 1024):
         yield body[start:start + chunk]
 
 
+_SIGINT = 2
+
+
+def _signal_name(signum):
+    import signal
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return 'signal %d' % signum
+
+
+def _on_stop_signals(callback):
+    """Route SIGTERM and SIGINT (Ctrl+C) to callback(signum) while a server runs in the
+    main thread; returns the function that puts the previous handlers back.  Handlers a
+    program set itself are left alone, and so is everything outside the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    import signal
+    previous = {}
+
+    def handler(signum, frame):
+        callback(signum)
+    for signum, ours_to_replace in ((signal.SIGTERM, (signal.SIG_DFL,)),
+                                    (signal.SIGINT, (signal.default_int_handler,
+                                                     _ws_on_sigint))):
+        try:
+            if signal.getsignal(signum) in ours_to_replace:
+                previous[signum] = signal.signal(signum, handler)
+        except (ValueError, OSError):
+            pass
+
+    def restore():
+        for signum, old in previous.items():
+            try:
+                signal.signal(signum, old)
+            except (ValueError, OSError):
+                pass
+    return restore
+
+
 def _default_logging():
     """Show INFO lines from run() when the application configured no logging (as Flask does)."""
     root = logging.getLogger()
@@ -1726,14 +1796,17 @@ class _ConnectionHandler:
             self.handshaken = True
         while True:
             max_body = server.service.max_body
-            if self.assemble and not self.rfile.has_request(max_body) \
+            # When stopping, a request that has started is read here, not parked: it
+            # was accepted, so it is answered.
+            if self.assemble and not server._stopping \
+                    and not self.rfile.has_request(max_body) \
                     and self.rfile.fill_nowait() and not self.rfile.has_request(max_body):
                 if self.request_started is None:
                     self.request_started = time.monotonic()
                 return True             # the rest of it will wake the selector
             self.request_started = None
             self.handle_one_request()
-            if self.close_connection:
+            if self.close_connection or server._stopping:
                 return False
             self.idle_since = time.monotonic()
             if not self._wait_for_request():
@@ -1745,6 +1818,10 @@ class _ConnectionHandler:
         server = self.server
         idle_timeout = server.service.timeout
         while not self.rfile.buffered():
+            if server._stopping:
+                # Idle when the server stops: closed, unless its next request is here.
+                self.close_connection = not self.readable_now()
+                return not self.close_connection
             if server.has_waiting():
                 return False
             remaining = self.idle_since + idle_timeout - time.monotonic()
@@ -1773,6 +1850,15 @@ class _ConnectionHandler:
                 self.rfile.has_request(self.server.service.max_body)
         return self.rfile.buffered() > 0
 
+    def readable_now(self):
+        """Whether bytes (or EOF) wait to be read, without waiting for them."""
+        if self.rfile.buffered():
+            return True
+        try:
+            return bool(select.select([self.request], [], [], 0)[0])
+        except (OSError, ValueError):
+            return False
+
     def finish(self):
         pass                # nothing buffered for writing: responses are sent whole
 
@@ -1793,7 +1879,7 @@ class _ConnectionHandler:
             headers = parse_header_block(head[end:])
             connection = headers.get('connection', '').lower()
             keep_alive = ('close' not in connection if version >= (1, 1)
-                          else 'keep-alive' in connection)
+                          else 'keep-alive' in connection) and not self.server._stopping
             self.command, self.path = method, target
             body = self._read_body(headers, service.max_body)
             self.server.watch(self, False)      # the function may take its time
@@ -1916,6 +2002,8 @@ class _ServerMixin:
         self._demand_r.setblocking(False)
         self._demand_w.setblocking(False)
         self._stopping = False
+        self._active = 0                        # connections dispatched to the workers
+        self._drained = threading.Condition(self._lock)     # notified when _active is 0
         self._ready = queue.SimpleQueue()       # connections with a request to serve
         self._to_park = queue.SimpleQueue()     # connections handed back by workers
         self._workers = []
@@ -1926,6 +2014,7 @@ class _ServerMixin:
 
     def serve_forever(self, poll_interval=None):
         selector = selectors.DefaultSelector()
+        self.socket.setblocking(False)
         selector.register(self.socket, selectors.EVENT_READ)
         selector.register(self._wake_r, selectors.EVENT_READ)
         next_tick = time.monotonic() + _TICK
@@ -1948,30 +2037,71 @@ class _ServerMixin:
                     next_tick = now + _TICK
                     self._enforce_timeouts(selector, now)
         finally:
-            for key in list(selector.get_map().values()):
-                if key.data is not None:
-                    self._close(key.data)
+            selector.unregister(self.socket)
+            accepted = self._drain_backlog()
+            self.server_close()         # from now on, connecting is refused
+            parked = [key.data for key in selector.get_map().values() if key.data is not None]
             selector.close()
+            self._finish_parked(parked + accepted)
+
+    def _drain_backlog(self):
+        """Connections the kernel completed before we stopped: they were accepted, so a
+        request they carry is answered."""
+        accepted = []
+        try:
+            self.socket.setblocking(False)
+        except OSError:
+            return accepted
+        while True:
+            try:
+                request, client_address = self.socket.accept()
+            except OSError:         # BlockingIOError: the backlog is empty
+                return accepted
+            try:
+                accepted.append(self._adopt(request, client_address))
+            except Exception:
+                self.shutdown_request(request)
+
+    def _finish_parked(self, parked):
+        """On stop: serve the connections whose request has (started to) come in, close the
+        idle ones (their senders open a new connection, which is refused: they can go
+        elsewhere)."""
+        while True:
+            try:
+                parked.append(self._to_park.get_nowait())
+            except queue.Empty:
+                break
+        for conn in parked:
+            if conn.request_started is not None or conn.readable_now():
+                self._dispatch(conn)
+            else:
+                self._close(conn)
 
     def _accept(self, selector):
         try:
-            request, client_address = self.get_request()
+            # Non-blocking: several processes may share this socket (serve --workers), and
+            # the one that loses the race for a connection must not wait in accept().
+            request, client_address = self.socket.accept()
         except OSError:
             return
-        self.service.stats['connections'] += 1
         try:
-            conn = self.RequestHandlerClass(request, client_address, self)
+            conn = self._adopt(request, client_address)
         except Exception:
             self.shutdown_request(request)
             return
-        with self._lock:
-            self._connections.add(conn)
         # A new connection waits in the selector, not in a worker, until it sends bytes:
         # silent connections must not hold the workers.
         try:
             selector.register(request, selectors.EVENT_READ, conn)
         except (OSError, ValueError):
             self._close(conn)
+
+    def _adopt(self, request, client_address):
+        conn = self.RequestHandlerClass(request, client_address, self)
+        self.service.stats['connections'] += 1
+        with self._lock:
+            self._connections.add(conn)
+        return conn
 
     def _adopt_parked(self, selector):
         while True:
@@ -2030,6 +2160,7 @@ class _ServerMixin:
     def _dispatch(self, conn):
         self._ready.put(conn)
         with self._lock:
+            self._active += 1
             busy = self._idle_workers == 0
             start = busy and len(self._workers) < self.service.max_workers
             if busy and not start:
@@ -2058,12 +2189,11 @@ class _ServerMixin:
             if conn is None:
                 return
             park = False
-            if not self._stopping:
-                try:
-                    park = conn.serve_ready()
-                except Exception:
-                    log.exception('%s: error while serving %s', self.service.name,
-                                  conn.client_address[0])
+            try:
+                park = conn.serve_ready()
+            except Exception:
+                log.exception('%s: error while serving %s', self.service.name,
+                              conn.client_address[0])
             if park and not self._stopping:
                 self._to_park.put(conn)
                 try:
@@ -2072,6 +2202,10 @@ class _ServerMixin:
                     pass
             else:
                 self._close(conn)
+            with self._lock:
+                self._active -= 1
+                if not self._active:
+                    self._drained.notify_all()
 
     def _close(self, conn):
         with self._lock:
@@ -2086,15 +2220,32 @@ class _ServerMixin:
     # -- stopping -----------------------------------------------------------------------
 
     def stop(self):
+        """Stop accepting (the serving loop closes the listening socket at once); requests
+        in flight go on.  Safe to call from a signal handler."""
         self._stopping = True
-        try:
-            self._wake_w.send(b'x')
-        except OSError:
-            pass
+        for wake in (self._wake_w, self._demand_w):     # demand: workers holding idle ones
+            try:
+                wake.send(b'x')
+            except OSError:
+                pass
 
-    def close_all(self):
+    def in_flight(self):
+        """Connections with a request being served or waiting for a worker."""
+        return self._active
+
+    def close_all(self, grace=0.0):
+        """After stop() and the end of serve_forever(): wait up to `grace` seconds for the
+        requests in flight to be answered, then close every connection.  Returns the
+        number of requests cut short."""
         self.server_close()
+        deadline = time.monotonic() + grace
         with self._lock:
+            while self._active:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._drained.wait(remaining)
+            cut = self._active
             connections = list(self._connections)
             workers = len(self._workers)
         for conn in connections:
@@ -2106,6 +2257,7 @@ class _ServerMixin:
             self._ready.put(None)
         for s in (self._wake_r, self._wake_w, self._demand_r, self._demand_w):
             s.close()
+        return cut
 
 
 _server_classes = []
@@ -2122,20 +2274,29 @@ def server_ssl_context(certfile, keyfile=None, cafile=None):
     return context
 
 
-def _make_server(service, address, ssl_context=None):
-    """A bound ThreadingHTTPServer for `service` (http.server is imported on first use)."""
+def _make_server(service, address, ssl_context=None, sock=None):
+    """A bound ThreadingHTTPServer for `service` (http.server is imported on first use);
+    with `sock`, one that serves that listening socket (handed over by a parent process)."""
     if not _server_classes:
         import http.server
         handler = type('ListenerHandler', (_ConnectionHandler, http.server.BaseHTTPRequestHandler), {})
         server = type('ListenerServer', (_ServerMixin, http.server.ThreadingHTTPServer), {})
         _server_classes[:] = [server, handler]
     server_class, handler_class = _server_classes
-    if ':' in address[0]:
-        server_class = type('ListenerServer6', (server_class,), {'address_family': socket.AF_INET6})
+    family = sock.family if sock is not None else \
+        socket.AF_INET6 if ':' in address[0] else socket.AF_INET
+    if family == socket.AF_INET6:
+        server_class = type('ListenerServer6', (server_class,), {'address_family': family})
     server = server_class(address, handler_class, bind_and_activate=False)
     server.init_mconnector(service)
     try:
-        server.server_bind()
+        if sock is None:
+            server.server_bind()
+        else:
+            server.socket.close()
+            server.socket = sock
+            server.server_address = sock.getsockname()
+            server.server_name, server.server_port = server.server_address[:2]
         server.server_activate()
         if ssl_context is not None:
             server.socket = ssl_context.wrap_socket(server.socket, server_side=True,
@@ -4792,7 +4953,12 @@ def _serve_command(options):
                             debug=True if options.debug else None, certfile=options.certfile,
                             keyfile=options.keyfile, cafile=options.cafile)
         else:
-            threading.Event().wait()
+            stopped = threading.Event()
+            restore = _on_stop_signals(lambda signum: stopped.set())
+            try:
+                stopped.wait()
+            finally:
+                restore()
     except KeyboardInterrupt:
         pass
     finally:

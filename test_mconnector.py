@@ -1125,7 +1125,6 @@ class FaultsTest(unittest.TestCase):
     def test_hanging_function_does_not_block_others(self):
         M = Microservice('hang')
         release = threading.Event()
-        self.addCleanup(release.set)
 
         @M.typing('/hang')
         def hang():
@@ -1135,6 +1134,7 @@ class FaultsTest(unittest.TestCase):
         def ok():
             return 'ok'
         friend = Service.start(self, M, timeout=0.3)
+        self.addCleanup(release.set)        # before stop(), which answers calls in flight
         with self.assertRaises(mconnector.CallTimeout) as caught:
             friend.send('/hang')
         self.assertIn('%s/hang' % M.url, str(caught.exception))
