@@ -34,6 +34,7 @@ Map of this file, in the order data flows:
 
 import base64
 import binascii
+import bisect
 import enum
 import functools
 import json
@@ -81,6 +82,7 @@ __all__ = [
 ]
 
 log = logging.getLogger('mconnector')
+access_log = logging.getLogger('mconnector.access')     # one line per request, in debug mode
 
 
 # ###########################################################################################
@@ -1152,6 +1154,9 @@ def read_chunked(rfile, limit):
 
 _MODES = ('reply', 'json', 'dict', 'stream', 'raw')
 _ALL_RULES = '*'          # the token key that guards every rule
+_ADMIN_PREFIX = '/_mc/'   # health, rules and metrics of the listener itself
+_ADMIN_PAGES = ('health', 'rules', 'metrics')
+_PROMETHEUS_TYPE = 'text/plain; version=0.0.4; charset=utf-8'
 
 
 class _Endpoint:
@@ -1221,6 +1226,109 @@ def _query_value(text):
         return text
 
 
+# Counters for GET /_mc/metrics.  One lock, taken twice per request for a few integer
+# updates (about 0.2 us of a call's 200-300 us); the Prometheus text is built only when
+# someone asks for it.
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                    2.5, 5.0, 10.0)
+_NO_RULE = '(none)'         # the rule label of requests that matched no rule
+
+
+class _Metrics:
+    """What a listener has done since it was created: requests by rule, method and status,
+    latency by rule, requests in flight, bytes in and out."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests = {}          # (rule, method, status) -> count
+        self.latency = {}           # rule -> [count per bucket..., over the last, sum]
+        self.in_flight = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.started = time.time()
+        self.started_monotonic = time.monotonic()
+
+    def begin(self):
+        with self.lock:
+            self.in_flight += 1
+
+    def end(self, rule, method, status, seconds):
+        index = bisect.bisect_left(_LATENCY_BUCKETS, seconds)
+        key = (rule, method, status)
+        with self.lock:
+            self.in_flight -= 1
+            self.requests[key] = self.requests.get(key, 0) + 1
+            counts = self.latency.get(rule)
+            if counts is None:
+                counts = self.latency[rule] = [0] * (len(_LATENCY_BUCKETS) + 2)
+            counts[index] += 1
+            counts[-1] += seconds
+
+    def refused(self, method, status):
+        """A request the HTTP layer refused before the listener saw it (400, 413, 431...)."""
+        key = (_NO_RULE, method or '-', status)
+        with self.lock:
+            self.requests[key] = self.requests.get(key, 0) + 1
+
+    def transferred(self, received, sent):
+        with self.lock:
+            self.bytes_in += received
+            self.bytes_out += sent
+
+    def uptime(self):
+        return time.monotonic() - self.started_monotonic
+
+    def prometheus(self, name, connections=None):
+        """The counters in Prometheus' text exposition format (version 0.0.4)."""
+        with self.lock:
+            requests = sorted(self.requests.items())
+            latency = sorted((rule, list(counts)) for rule, counts in self.latency.items())
+            in_flight, bytes_in, bytes_out = self.in_flight, self.bytes_in, self.bytes_out
+        service = 'service="%s"' % _label(name)
+        out = []
+
+        def family(metric, kind, help_text):
+            out.append('# HELP mconnector_%s %s\n# TYPE mconnector_%s %s\n'
+                       % (metric, help_text, metric, kind))
+        family('requests_total', 'counter', 'Requests answered, by rule, method and status.')
+        for (rule, method, status), count in requests:
+            out.append('mconnector_requests_total{%s,rule="%s",method="%s",status="%d"} %d\n'
+                       % (service, _label(rule), _label(method), status, count))
+        family('request_duration_seconds', 'histogram',
+               'Time from a whole request to its response (the head of a streamed one).')
+        for rule, counts in latency:
+            labels = '%s,rule="%s"' % (service, _label(rule))
+            total = 0
+            for bound, count in zip(_LATENCY_BUCKETS + ('+Inf',), counts):
+                total += count
+                out.append('mconnector_request_duration_seconds_bucket{%s,le="%s"} %d\n'
+                           % (labels, bound, total))
+            out.append('mconnector_request_duration_seconds_sum{%s} %.6f\n' % (labels, counts[-1]))
+            out.append('mconnector_request_duration_seconds_count{%s} %d\n' % (labels, total))
+        family('requests_in_flight', 'gauge', 'Requests being answered now.')
+        out.append('mconnector_requests_in_flight{%s} %d\n' % (service, in_flight))
+        if connections is not None:
+            opened, accepted = connections
+            family('connections_open', 'gauge', 'Connections open now.')
+            out.append('mconnector_connections_open{%s} %d\n' % (service, opened))
+            family('connections_total', 'counter', 'Connections accepted.')
+            out.append('mconnector_connections_total{%s} %d\n' % (service, accepted))
+        family('received_bytes_total', 'counter',
+               'Bytes of requests received (heads and bodies; bodies only under WSGI).')
+        out.append('mconnector_received_bytes_total{%s} %d\n' % (service, bytes_in))
+        family('sent_bytes_total', 'counter',
+               'Bytes of responses sent (heads and bodies; bodies only under WSGI).')
+        out.append('mconnector_sent_bytes_total{%s} %d\n' % (service, bytes_out))
+        family('start_time_seconds', 'gauge', 'When the listener was created (Unix time).')
+        out.append('mconnector_start_time_seconds{%s} %.3f\n' % (service, self.started))
+        return ''.join(out).encode('utf-8')
+
+
+def _label(value):
+    """A Prometheus label value, escaped."""
+    return str(value).replace('\\', '\\\\').replace('"', '\\"').replace('\n', '\\n')
+
+
 def _alias(name):
     """A read-write property that is another name for attribute `name` (PEP 8 spellings
     beside the seed's own: secret_key for secretKey, last_message for lastMessage)."""
@@ -1249,13 +1357,19 @@ class Microservice:
     Stopping (stop(), or SIGTERM or Ctrl+C during run()) is graceful: new connections are
     refused at once, requests in flight are answered for up to `grace` seconds, idle
     keep-alive connections are closed.
+
+    `admin` (default True) answers GET /_mc/health, /_mc/rules and /_mc/metrics
+    (Prometheus text) and reserves the /_mc/ prefix; a listener-wide token, and the
+    secretKey, apply to them too.
     """
 
     def __init__(self, name, port=5000, host='0.0.0.0', debug=None, token=None,
                  secretKey=None, timeout=15.0, max_body=MAX_BODY, max_workers=64,
-                 request_timeout=10.0, grace=10.0):
+                 request_timeout=10.0, grace=10.0, admin=True):
         self.name = name
         self.grace = grace
+        self.admin = admin
+        self._metrics = _Metrics()
         self.host = host
         self.port = port
         self.debug = bool(debug)
@@ -1308,6 +1422,10 @@ class Microservice:
     route = typing
 
     def _add(self, compiled, func, mode, methods):
+        if self.admin and compiled.rule.startswith(_ADMIN_PREFIX):
+            raise RouteError('%s: rules under %s are reserved for the listener itself '
+                             '(Microservice(..., admin=False) frees them)'
+                             % (compiled.rule, _ADMIN_PREFIX))
         table = self._rules.get(compiled.rule)
         if table is None:
             table = self._rules[compiled.rule] = {}
@@ -1360,23 +1478,103 @@ class Microservice:
         """{rule: sorted methods} of everything this listener answers."""
         return {rule: sorted(table) for rule, table in self._rules.items()}
 
+    # -- what the listener says about itself: /_mc/health, /_mc/rules, /_mc/metrics -------
+
+    def describe(self):
+        """The rules as GET /_mc/rules gives them: methods, mode, function, parameter
+        names, and whether a token is required (never the token itself)."""
+        rules = []
+        for rule, table in sorted(self._rules.items()):
+            seen = []
+            for method, endpoint in sorted(table.items()):
+                if endpoint in seen:
+                    continue
+                seen.append(endpoint)
+                signature = endpoint.signature
+                doc = (getattr(endpoint.func, '__doc__', None) or '').strip()
+                rules.append({
+                    'rule': rule,
+                    'methods': sorted(m for m, e in table.items() if e is endpoint),
+                    'mode': endpoint.mode,
+                    'function': endpoint.name,
+                    'params': [str(p) for p in signature.parameters.values()]
+                    if signature is not None else None,
+                    'token': bool(self._tokens.get(rule) or self._tokens.get(_ALL_RULES)),
+                    'doc': doc.splitlines()[0] if doc else '',
+                })
+        return {'name': self.name, 'rules': rules}
+
+    def health(self):
+        """What GET /_mc/health answers: status ('ok', or 'stopping' once a graceful
+        stop has begun), the listener's name, and its uptime in seconds."""
+        server = self._server
+        stopping = server is not None and server._stopping
+        return {'status': 'stopping' if stopping else 'ok', 'name': self.name,
+                'uptime_s': round(self._metrics.uptime(), 3)}
+
+    def metrics(self):
+        """The Prometheus text that GET /_mc/metrics answers, as bytes."""
+        server = self._server
+        connections = None
+        if server is not None:
+            connections = (len(server._connections), self.stats['connections'])
+        return self._metrics.prometheus(self.name, connections)
+
+    def _admin(self, method, path, headers):
+        if method not in ('GET', 'HEAD'):
+            raise HTTPError(405, '%s takes GET, not %s' % (path, method), [('Allow', 'GET, HEAD')])
+        expected = self._tokens.get(_ALL_RULES)
+        if expected is not None:
+            auth = headers.get('authorization', '')
+            if auth[:7].lower() != 'bearer ' or not _token_matches(expected, auth[7:].strip()):
+                raise HTTPError(401, 'missing or wrong token for %s' % path,
+                                [('WWW-Authenticate', 'Bearer')])
+        name = path[len(_ADMIN_PREFIX):]
+        if name == 'health':
+            health = self.health()
+            return Response(200 if health['status'] == 'ok' else 503, dumps(health))
+        if name == 'rules':
+            return Response(200, dumps(self.describe()))
+        if name == 'metrics':
+            return Response(200, self.metrics(), content_type=_PROMETHEUS_TYPE)
+        raise HTTPError(404, 'no %s on %s (there are /_mc/health, /_mc/rules and /_mc/metrics)'
+                        % (path, self.name))
+
     # -- answering a request (shared by every server shell) ----------------------------
 
     def handle(self, method, target, headers, body):
         """Answer one request: the whole of the listener's logic, with no I/O.
 
         `headers` maps lower-case names to values; `body` is bytes.  Returns a Response;
-        never raises for anything a peer can send.
+        never raises for anything a peer can send.  Every server shell (the built-in
+        server, WSGI) calls this, and it counts what /_mc/metrics shows.
         """
+        metrics = self._metrics
+        metrics.begin()
+        started = time.perf_counter()
+        rule = _NO_RULE
+        response = None
         try:
-            return self._dispatch(method, target, headers, body)
+            if self.secretKey:
+                verify_request(self.secretKey, method, target, headers, body, self._nonces)
+            path, query = split_target(target)
+            if self.admin and path.startswith(_ADMIN_PREFIX):
+                if path[len(_ADMIN_PREFIX):] in _ADMIN_PAGES:   # unknown ones: no new label
+                    rule = path
+                response = self._admin(method, path, headers)
+            else:
+                endpoint, params = self._endpoint(method, path)
+                rule = endpoint.rule
+                response = self._dispatch(endpoint, path, query, params, headers, body)
         except HTTPError as exc:
-            return Response.refusal(exc)
+            response = Response.refusal(exc)
+        finally:
+            # (no response: an exception escaped, and the shell will send a 500)
+            metrics.end(rule, method, 500 if response is None else response.status,
+                        time.perf_counter() - started)
+        return response
 
-    def _dispatch(self, method, target, headers, body):
-        if self.secretKey:
-            verify_request(self.secretKey, method, target, headers, body, self._nonces)
-        path, query = split_target(target)
+    def _endpoint(self, method, path):
         table, params = self._router.find(path)
         if table is None:
             raise HTTPError(404, 'no rule %s on %s' % (path, self.name))
@@ -1385,6 +1583,9 @@ class Microservice:
             allowed = ', '.join(sorted(table))
             raise HTTPError(405, '%s takes %s, not %s' % (path, allowed, method),
                             [('Allow', allowed)])
+        return endpoint, params
+
+    def _dispatch(self, endpoint, path, query, params, headers, body):
         mode = endpoint.mode
         data = self._parse_body(body) if body and mode != 'raw' else {}
         if mode == 'raw':
@@ -1602,31 +1803,57 @@ class Microservice:
     # -- other shells ------------------------------------------------------------------
 
     def wsgi(self, environ, start_response):
-        """A WSGI application serving the same rules (for gunicorn, uwsgi, wsgiref)."""
+        """The listener as a WSGI application (PEP 3333), for gunicorn, uWSGI, mod_wsgi or
+        wsgiref: `gunicorn app1:Micro` serves the same rules with the same answers, since
+        both this and the built-in server call handle().  The Microservice itself is
+        this application too (calling it is calling wsgi)."""
         headers = {key[5:].replace('_', '-').lower(): value
                    for key, value in environ.items() if key.startswith('HTTP_')}
         for key in ('CONTENT_TYPE', 'CONTENT_LENGTH'):
             if environ.get(key):
                 headers[key.replace('_', '-').lower()] = environ[key]
+        method = environ['REQUEST_METHOD']
         try:
-            length = int(environ.get('CONTENT_LENGTH') or 0)
-        except ValueError:
-            length = -1
-        if length < 0:
-            response = Response.refusal(HTTPError(400, 'malformed Content-Length'))
-        elif length > self.max_body:
-            response = Response.refusal(HTTPError(413, 'body over %d bytes' % self.max_body))
+            body = self._wsgi_body(environ, method)
+        except HTTPError as exc:
+            self._metrics.refused(method, exc.status)
+            response = Response.refusal(exc)
         else:
-            from urllib.parse import quote
-            target = quote(environ.get('PATH_INFO', '') or '/', safe='/:@!$&\'()*+,;=-._~')
-            if environ.get('QUERY_STRING'):
-                target += '?' + environ['QUERY_STRING']
-            body = environ['wsgi.input'].read(length) if length else b''
-            response = self.handle(environ['REQUEST_METHOD'], target, headers, body)
+            response = self.handle(method, _wsgi_target(environ), headers, body)
+            self._metrics.transferred(len(body), len(response.body)
+                                      if isinstance(response.body, bytes) else 0)
         start_response('%d %s' % (response.status, _STATUS_TEXT.get(response.status, '')),
                        response.headers)
         body = response.body
         return [body] if isinstance(body, bytes) else body
+
+    __call__ = wsgi
+
+    def _wsgi_body(self, environ, method):
+        """The request body, with the built-in server's limits and statuses."""
+        text = environ.get('CONTENT_LENGTH') or ''
+        stream = environ['wsgi.input']
+        if not text:
+            # A chunked body reaches the application decoded, without a length (gunicorn
+            # does this; wsgi.input_terminated says the stream ends with the body).
+            if 'chunked' in environ.get('HTTP_TRANSFER_ENCODING', '').lower() \
+                    or environ.get('wsgi.input_terminated'):
+                body = stream.read(self.max_body + 1)
+                if len(body) > self.max_body:
+                    raise HTTPError(413, 'body over the %d bytes allowed' % self.max_body)
+                return body
+            if method in ('POST', 'PUT', 'PATCH'):
+                raise HTTPError(411, '%s needs a Content-Length (or chunked body)' % method)
+            return b''
+        if not text.isdigit():
+            raise HTTPError(400, 'malformed Content-Length %r' % text[:20])
+        length = int(text)
+        if length > self.max_body:
+            raise HTTPError(413, 'body of %d bytes, over the %d allowed' % (length, self.max_body))
+        body = stream.read(length) if length else b''
+        if len(body) != length:
+            raise HTTPError(400, 'body shorter than its Content-Length')
+        return body
 
     @property
     def app(self):
@@ -1639,6 +1866,20 @@ class Microservice:
 
 
 SanicApp = Microservice
+
+
+def _wsgi_target(environ):
+    """The request target as the sender wrote it (signatures cover it byte for byte)."""
+    raw = environ.get('RAW_URI') or environ.get('REQUEST_URI')   # gunicorn, uWSGI
+    if raw and raw.startswith('/') and not environ.get('SCRIPT_NAME'):
+        return raw
+    from urllib.parse import quote
+    # PATH_INFO arrives decoded (as latin-1 text of the bytes): encode it back.
+    path = environ.get('PATH_INFO', '') or '/'
+    target = quote(path.encode('latin-1'), safe='/:@!$&\'()*+,;=-._~')
+    if environ.get('QUERY_STRING'):
+        target += '?' + environ['QUERY_STRING']
+    return target
 
 
 
@@ -1865,6 +2106,7 @@ class _ConnectionHandler:
     def handle_one_request(self):
         service = self.server.service
         self.close_connection = True
+        self.command = self.path = '-'
         self.server.watch(self, True)
         try:
             head = self.rfile.read_block(MAX_HEAD)
@@ -1872,6 +2114,7 @@ class _ConnectionHandler:
                 head = self.rfile.read_block(MAX_HEAD)
             if not head:
                 return
+            started = time.perf_counter()
             end = head.find(b'\n') + 1 or len(head)
             if end > MAX_LINE:
                 raise HTTPError(414 if b' ' in head[:20] else 400, 'request line too long')
@@ -1883,6 +2126,7 @@ class _ConnectionHandler:
             self.command, self.path = method, target
             body = self._read_body(headers, service.max_body)
             self.server.watch(self, False)      # the function may take its time
+            received = len(head) + len(body)
             response = service.handle(method, target, headers, body)
             if keep_alive:
                 # Tells senders when this connection is closed as idle (see reusable()).
@@ -1893,16 +2137,20 @@ class _ConnectionHandler:
         except HTTPError as exc:
             response = Response.refusal(exc)
             keep_alive = False
-            method = None
+            method = received = None
+            service._metrics.refused(self.command if self.command != '-' else None,
+                                     exc.status)
         except (socket.timeout, OSError, ValueError):
             return
         finally:
             self.server.watch(self, False)
-        self._write(response, keep_alive, method == 'HEAD')
+        sent = self._write(response, keep_alive, method == 'HEAD')
         self.close_connection = not keep_alive
+        service._metrics.transferred(received or 0, sent)
         if service.debug:
-            log.info('%s %s "%s %s" %d', service.name, self.client_address[0],
-                     method, getattr(self, 'path', ''), response.status)
+            access_log.info('%s %s "%s %s" %d %d bytes %.1f ms', service.name,
+                            self.client_address[0], self.command, self.path, response.status,
+                            sent, (time.perf_counter() - started) * 1000)
 
     def _read_body(self, headers, limit):
         if 'transfer-encoding' in headers:
@@ -1934,9 +2182,11 @@ class _ConnectionHandler:
             self.request.sendall(b'HTTP/1.1 100 Continue\r\n\r\n')
 
     def _write(self, response, keep_alive, head_only):
+        """Send the response; returns the number of bytes sent."""
         body = response.body
         watch = self.server.watch
         sendall = self.connection.sendall
+        sent = 0
 
         def send(data):
             watch(self, True)
@@ -1944,26 +2194,26 @@ class _ConnectionHandler:
                 sendall(data)
             finally:
                 watch(self, False)
+            return len(data)
         try:
             if isinstance(body, (bytes, bytearray)):
                 head = build_response_head(response.status, response.headers, len(body), keep_alive)
-                send(head if head_only else head + body)
-                return
+                return send(head if head_only else head + body)
             head = build_response_head(response.status, response.headers, None, keep_alive)
             if head_only:
-                send(head)
-                return
+                return send(head)
             pending = head
             for data in body:
                 if data:
-                    send(pending + encode_chunk(data))
+                    sent += send(pending + encode_chunk(data))
                     pending = b''
-            send(pending + encode_chunk(b''))
+            sent += send(pending + encode_chunk(b''))
         except OSError:
             self.close_connection = True
         except Exception as exc:        # a generator that failed halfway: cut the stream
             log.warning('stream failed: %s: %s', type(exc).__name__, exc)
             self.close_connection = True
+        return sent
 
     def log_message(self, format, *args):
         log.debug(format, *args)
