@@ -29,7 +29,7 @@ Map of this file, in the order data flows:
   7. WebSocket core  sans-I/O RFC 6455: handshake, frames, the connection state machine
   8. WebSocket I/O   SocketServer (socketserver shell) and SocketClient
   9. Pools           ordered execution per key over any concurrent.futures.Executor
- 10. Command line    python -m mconnector serve | call | ws
+ 10. Command line    python -m mconnector serve | call | rules | ws
 """
 
 import base64
@@ -1962,7 +1962,7 @@ def _on_stop_signals(callback):
 
     def handler(signum, frame):
         callback(signum)
-    for signum, ours_to_replace in ((signal.SIGTERM, (signal.SIG_DFL,)),
+    for signum, ours_to_replace in ((signal.SIGTERM, (signal.SIG_DFL, _ws_on_sigint)),
                                     (signal.SIGINT, (signal.default_int_handler,
                                                      _ws_on_sigint))):
         try:
@@ -2734,6 +2734,16 @@ class Friend:
             extra = ()
         return self._call((method or self._method(rule)).upper(), rule, body, self._token(rule),
                           extra)
+
+    def rules(self):
+        """The listener's rules (GET /_mc/rules): a list of dicts with rule, methods, mode,
+        function, params, token (whether one is required) and doc."""
+        return self._call('GET', _ADMIN_PREFIX + 'rules', b'', self._token(_ALL_RULES))['rules']
+
+    def health(self):
+        """The listener's GET /_mc/health: {'status': 'ok', 'name': ..., 'uptime_s': ...}.
+        Raises CallError with status 503 while it is stopping."""
+        return self._call('GET', _ADMIN_PREFIX + 'health', b'', self._token(_ALL_RULES))
 
     async def send_async(self, rule, *args, **kwargs):
         """send() for asyncio code: runs in the loop's default executor."""
@@ -4089,8 +4099,9 @@ _ws_running_lock = threading.Lock()
 
 
 def _ws_on_sigint(signum, frame):
-    """Ctrl+C while websocket servers run: stop them, then do what Python's default handler
-    does (KeyboardInterrupt in the main thread).  When the main thread has already finished
+    """Ctrl+C or SIGTERM while websocket servers run: stop them (close 1001), then do what
+    Python's default handler does for Ctrl+C (KeyboardInterrupt in the main thread), or
+    exit 0 for SIGTERM.  When the main thread has already finished
     (a script that only called sk.run(), the interpreter waiting for the serving thread),
     there is nobody to interrupt: stopping is the whole answer, and the process then exits
     cleanly instead of printing a traceback from inside the interpreter's shutdown."""
@@ -4103,31 +4114,38 @@ def _ws_on_sigint(signum, frame):
     for server in servers:
         threading.Thread(target=server.stop, name='mconnector-ws-stop').start()
     import signal
-    signal.default_int_handler(signum, frame)
+    if signum == signal.SIGINT:
+        signal.default_int_handler(signum, frame)
+    raise SystemExit(0)         # SIGTERM: a clean stop is the expected answer
 
 
 def _ws_install_sigint():
+    """Route Ctrl+C and SIGTERM to _ws_on_sigint while websocket servers run."""
     import signal
     if threading.current_thread() is not threading.main_thread():
         return
-    try:
-        # Only Python's own handler is replaced (and only chained to): a program that set
-        # its own keeps it.
-        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            signal.signal(signal.SIGINT, _ws_on_sigint)
-    except (ValueError, OSError):
-        pass
+    for signum, default in ((signal.SIGINT, signal.default_int_handler),
+                            (signal.SIGTERM, signal.SIG_DFL)):
+        try:
+            # Only Python's own handlers are replaced (and only chained to): a program
+            # that set its own keeps it.
+            if signal.getsignal(signum) is default:
+                signal.signal(signum, _ws_on_sigint)
+        except (ValueError, OSError):
+            pass
 
 
 def _ws_restore_sigint():
     import signal
     if threading.current_thread() is not threading.main_thread():
         return
-    try:
-        if signal.getsignal(signal.SIGINT) is _ws_on_sigint:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-    except (ValueError, OSError):
-        pass
+    for signum, default in ((signal.SIGINT, signal.default_int_handler),
+                            (signal.SIGTERM, signal.SIG_DFL)):
+        try:
+            if signal.getsignal(signum) is _ws_on_sigint:
+                signal.signal(signum, default)
+        except (ValueError, OSError):
+            pass
 
 
 def _ws_stop_all(timeout=None):
@@ -5259,6 +5277,33 @@ def _call_command(options):
     return 0
 
 
+def _rules_command(options):
+    friend = Friend('cli', options.url, timeout=options.timeout, secretKey=options.secret_key,
+                    token=options.token, verify=not options.insecure, cafile=options.cafile,
+                    retries=0)
+    try:
+        rules = friend.rules()
+    except MConnectorError as exc:
+        sys.stderr.write('mconnector: %s: %s\n' % (type(exc).__name__, exc))
+        return 1
+    finally:
+        friend.close()
+    if options.json:
+        sys.stdout.write(json.dumps(rules, indent=2, ensure_ascii=False) + '\n')
+        return 0
+    rows = [('RULE', 'METHODS', 'PARAMETERS', 'TOKEN', 'FUNCTION')]
+    for rule in rules:
+        rows.append((rule['rule'], ','.join(rule['methods']),
+                     ', '.join(rule['params']) if rule['params'] is not None else '?',
+                     'yes' if rule['token'] else 'no',
+                     rule['function'] + (' - ' + rule['doc'] if rule['doc'] else '')))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        sys.stdout.write('  '.join(cell.ljust(width) for cell, width in zip(row, widths))
+                         + '  ' + row[4] + '\n')
+    return 0
+
+
 def _ws_cli(options):
     return _ws_command(options.url, timeout=options.timeout)
 
@@ -5308,6 +5353,19 @@ def _parser():
     call.add_argument('--secret-key', help='sign the call with this shared key (secretKey)')
     call.add_argument('--insecure', action='store_true', help='do not verify https certificates')
     call.set_defaults(run=_call_command)
+
+    rules = commands.add_parser(
+        'rules', help="list a running listener's rules",
+        description='Print the rules of the listener at URL (from its GET /_mc/rules): '
+                    'methods, parameters, and whether a token is required.')
+    rules.add_argument('url', metavar='URL', help='listener address, e.g. http://127.0.0.1:5000')
+    rules.add_argument('--token', help="the listener-wide token, if it has one")
+    rules.add_argument('--json', action='store_true', help='print the JSON as it came')
+    rules.add_argument('--timeout', type=float, default=10.0, help='seconds (default 10)')
+    rules.add_argument('--cafile', help='CA certificates for https:// listeners')
+    rules.add_argument('--secret-key', help='sign the request with this shared key (secretKey)')
+    rules.add_argument('--insecure', action='store_true', help='do not verify https certificates')
+    rules.set_defaults(run=_rules_command)
 
     ws = commands.add_parser(
         'ws', help='interactive websocket client',

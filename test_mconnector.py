@@ -5,6 +5,7 @@ Run with:  python -m unittest -v test_mconnector
 
 import ast
 import concurrent.futures
+import functools
 import json
 import os
 import queue
@@ -64,15 +65,61 @@ class RuleTest(unittest.TestCase):
 # ==========================================================================================
 
 class Service:
-    """A live listener on 127.0.0.1, port 0, for one test; stopped by the test's cleanup."""
+    """A live listener on 127.0.0.1, port 0, for one test; stopped by the test's cleanup.
+
+    Test classes whose `shell` is 'wsgi' get the listener through its WSGI entry, served by
+    the standard library's wsgiref (threaded), instead of the built-in server."""
 
     @staticmethod
     def start(test, service, **friend_options):
-        service.start(port=0, host='127.0.0.1')
-        test.addCleanup(service.stop)
+        if getattr(test, 'shell', 'builtin') == 'wsgi':
+            serve_wsgi(test, service)
+        else:
+            service.start(port=0, host='127.0.0.1')
+            test.addCleanup(service.stop)
         friend = Friend('test', service.url, **friend_options)
         test.addCleanup(friend.close)
         return friend
+
+
+def serve_wsgi(test, app):
+    """Serve the WSGI application `app` (a Microservice) with wsgiref on 127.0.0.1, port 0,
+    until the test's cleanup; sets app.host and app.port so that app.url points at it."""
+    import socketserver
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+
+    class Server(socketserver.ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, *args):
+            pass
+    server = Server(('127.0.0.1', 0), Quiet)
+    server.set_app(app)
+    thread = threading.Thread(target=server.serve_forever, kwargs={'poll_interval': 0.05})
+    thread.start()
+    test.addCleanup(thread.join)
+    test.addCleanup(server.server_close)
+    test.addCleanup(server.shutdown)
+    app.host, app.port = '127.0.0.1', server.server_port
+    return server
+
+
+def builtin_server_only(test_method):
+    """For what the HTTP server itself does (parsing heads, keep-alive, 100-continue):
+    under WSGI, that is the WSGI server's job, not the listener's."""
+    @functools.wraps(test_method)
+    def test(self):
+        if getattr(self, 'shell', 'builtin') != 'builtin':
+            self.skipTest('the HTTP layer is the WSGI server\'s own')
+        return test_method(self)
+    return test
+
+
+def status_of(reply):
+    """The status code of a raw HTTP reply (HTTP/1.1 from the built-in server, HTTP/1.0
+    from wsgiref)."""
+    return int(reply[9:12]) if reply[:7] == b'HTTP/1.' else None
 
 
 def raw_request(port, data, read_until_close=True, timeout=5):
@@ -326,6 +373,8 @@ class SeedTutorialTest(unittest.TestCase):
 class ListenerTest(unittest.TestCase):
     """Rules, modes, errors and statuses as a sender and curl see them."""
 
+    shell = 'builtin'
+
     def setUp(self):
         self.calls = []
         M = self.M = Microservice('svc', token={'/secret': 's3cret'})
@@ -433,7 +482,7 @@ class ListenerTest(unittest.TestCase):
                      b'{"args": [1], "types": [[[0, 0], "set"]]}', b'{"types": "x", "args": [1]}'):
             reply = raw_request(self.port, b'POST /add HTTP/1.1\r\nHost: x\r\nConnection: close\r\n'
                                 b'Content-Length: %d\r\n\r\n%s' % (len(body), body))
-            self.assertTrue(reply.startswith(b'HTTP/1.1 400 '), (body, reply))
+            self.assertEqual(status_of(reply), 400, (body, reply))
             self.assertEqual(json.loads(reply.split(b'\r\n\r\n', 1)[1])['error']['status'], 400)
         self.assertEqual(self.friend.send('/add', 1), 2)
 
@@ -474,7 +523,7 @@ class ListenerTest(unittest.TestCase):
         body = b'{"a": 5, "token": "t0k"}'
         reply = raw_request(self.port, b'POST /guarded HTTP/1.1\r\nHost: x\r\nConnection: close\r\n'
                             b'Content-Length: %d\r\n\r\n%s' % (len(body), body))
-        self.assertTrue(reply.startswith(b'HTTP/1.1 200 '), reply)
+        self.assertEqual(status_of(reply), 200, reply)
         self.assertTrue(reply.endswith(b'[5]'), reply)
         self.friend.setRule('/guarded', token='t0k')
         self.assertEqual(self.friend.json('/guarded', a=2), 2)
@@ -505,7 +554,8 @@ class ListenerTest(unittest.TestCase):
     def test_dict_stream_and_generator_modes(self):
         self.assertEqual(self.friend.json('/d', a=5), {'a': 5})
         self.assertEqual(self.friend.json('/stream', n=3), {'items': [0, 1, 2]})
-        self.assertEqual(self.friend.lastreply.headers['transfer-encoding'], 'chunked')
+        if self.shell == 'builtin':         # (wsgiref, an HTTP/1.0 server, cannot chunk)
+            self.assertEqual(self.friend.lastreply.headers['transfer-encoding'], 'chunked')
         self.assertEqual(self.friend.json('/gen', n=3), ({'i': 0}, {'i': 1}, {'i': 2}))
         self.assertEqual(self.friend.json('/agen', n=4), (0, 1, 4, 9))
 
@@ -519,6 +569,7 @@ class ListenerTest(unittest.TestCase):
         self.assertIn(b'Content-Type: text/html', reply)
         self.assertTrue(reply.endswith(b'<b>ann 1</b>'), reply)
 
+    @builtin_server_only
     def test_head_keep_alive_and_expect_continue(self):
         with socket.create_connection(('127.0.0.1', self.port), timeout=5) as sock:
             body = b'{"args": [1, 2]}'
@@ -532,6 +583,7 @@ class ListenerTest(unittest.TestCase):
             second = sock.recv(4096)
             self.assertTrue(second.startswith(b'HTTP/1.1 200') and second.endswith(b'\r\n\r\n'))
 
+    @builtin_server_only
     def test_malformed_requests_get_400_and_service_goes_on(self):
         for data in (b'garbage\r\n\r\n', b'GET / HTTP/1.1\r\nBad Header\r\n\r\n',
                      b'POST /add HTTP/1.1\r\nContent-Length: x\r\n\r\n',
@@ -543,24 +595,12 @@ class ListenerTest(unittest.TestCase):
         self.assertTrue(reply.startswith(b'HTTP/1.1 413'), reply)
         self.assertEqual(self.friend.send('/add', 41), 42)
 
-    def test_wsgi_shell_serves_the_same_rules(self):
-        from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-        class Quiet(WSGIRequestHandler):
-            def log_message(self, *args):
-                pass
-        server = make_server('127.0.0.1', 0, self.M.wsgi, handler_class=Quiet)
-        thread = threading.Thread(target=server.serve_forever, kwargs={'poll_interval': 0.05})
-        thread.start()
-        self.addCleanup(thread.join)
-        self.addCleanup(server.server_close)
-        self.addCleanup(server.shutdown)
-        friend = Friend('wsgi', 'http://127.0.0.1:%d' % server.server_port)
-        self.assertEqual(friend.send('/user/zoe/1'), ('zoe', 1, None))
-        with self.assertLogs('mconnector', 'WARNING'), self.assertRaises(mconnector.RemoteError):
-            friend.send('/boom', 1)
-        with self.assertRaises(mconnector.AuthError):
-            friend.send('/secret')
+class WSGIListenerTest(ListenerTest):
+    """Every listener test again, through the Microservice's WSGI entry under wsgiref:
+    the same statuses, errors, tokens and streams as with the built-in server."""
+
+    shell = 'wsgi'
 
 
 class SenderTest(unittest.TestCase):
@@ -859,6 +899,8 @@ def counting_service(**options):
 
 
 class SignedCallTest(unittest.TestCase):
+    shell = 'builtin'
+
     def setUp(self):
         self.M = counting_service(secretKey='k3y')
         self.good = Service.start(self, self.M, secretKey='k3y')
@@ -878,15 +920,15 @@ class SignedCallTest(unittest.TestCase):
         head += b''.join(b'%s: %s\r\n' % (k.encode(), v.encode()) for k, v in signed)
         first = raw_request(self.M.port, head + b'Connection: close\r\n\r\n' + body)
         again = raw_request(self.M.port, head + b'Connection: close\r\n\r\n' + body)
-        self.assertTrue(first.startswith(b'HTTP/1.1 200'), first)
-        self.assertTrue(again.startswith(b'HTTP/1.1 401'), again)
+        self.assertEqual(status_of(first), 200, first)
+        self.assertEqual(status_of(again), 401, again)
         self.assertIn(b'replayed', again)
         old = mconnector.sign_request('k3y', 'POST', '/count', body, timestamp=time.time() - 301)
         head = b'POST /count HTTP/1.1\r\nContent-Length: %d\r\nConnection: close\r\n' % len(body)
         head += b''.join(b'%s: %s\r\n' % (k.encode(), v.encode()) for k, v in old)
         self.assertIn(b'window', raw_request(self.M.port, head + b'\r\n' + body))
         tampered = raw_request(self.M.port, head.replace(b'/count', b'/echo') + b'\r\n' + body)
-        self.assertTrue(tampered.startswith(b'HTTP/1.1 401'), tampered)
+        self.assertEqual(status_of(tampered), 401, tampered)
         self.assertEqual(self.M.runs, [7])
 
     def test_signature_verifies_on_bytes(self):
@@ -904,6 +946,12 @@ class SignedCallTest(unittest.TestCase):
                                           mconnector.NonceCache() if now != 1100 or key != 'k'
                                           or target != '/a?b=1' or body else nonces, now=now)
             self.assertEqual(caught.exception.status, 401)
+
+
+class WSGISignedCallTest(SignedCallTest):
+    """Signed calls through the WSGI entry: the signature covers the target as sent."""
+
+    shell = 'wsgi'
 
 
 class TLSTest(unittest.TestCase):
@@ -1899,7 +1947,7 @@ if sys.argv[1] == 'blocking':           # as a script that runs an HTTP server a
         print('main interrupted', flush=True)
 '''
 
-    def run_and_interrupt(self, mode):
+    def run_and_interrupt(self, mode, signum=None):
         import signal
         proc = subprocess.Popen([sys.executable, '-c', self.SCRIPT % HERE, mode], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
@@ -1913,7 +1961,7 @@ if sys.argv[1] == 'blocking':           # as a script that runs an HTTP server a
             got = []
             reader = threading.Thread(target=lambda: got.extend(c))   # a client waiting
             reader.start()
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signum or signal.SIGINT)
             out, err = proc.communicate(timeout=10)
             reader.join(5)
             self.assertEqual((got, c.close_code), ([], 1001))
@@ -1930,6 +1978,12 @@ if sys.argv[1] == 'blocking':           # as a script that runs an HTTP server a
 
     def test_run_then_blocking_main(self):
         self.assertIn('main interrupted', self.run_and_interrupt('blocking'))
+
+    def test_sigterm_closes_with_1001_and_exits_0(self):
+        import signal
+        for mode in ('only-run', 'blocking'):
+            with self.subTest(mode=mode):
+                self.assertNotIn('main interrupted', self.run_and_interrupt(mode, signal.SIGTERM))
 
     def test_ws_command_from_a_pipe(self):
         sk = mconnector.SocketServer('cli')
