@@ -1733,7 +1733,7 @@ class Microservice:
                 raise KeyboardInterrupt
             return
         log.info('%s: stopping (%s): answering the %d request(s) in flight, for %ss at '
-                 'most', self.name, _signal_name(signum), server.in_flight(), self.grace)
+                 'most', self.name, _signal_name(signum), self._metrics.in_flight, self.grace)
         server.stop()
 
     def stop(self, grace=None):
@@ -2478,10 +2478,6 @@ class _ServerMixin:
                 wake.send(b'x')
             except OSError:
                 pass
-
-    def in_flight(self):
-        """Connections with a request being served or waiting for a worker."""
-        return self._active
 
     def close_all(self, grace=0.0):
         """After stop() and the end of serve_forever(): wait up to `grace` seconds for the

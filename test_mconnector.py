@@ -954,6 +954,295 @@ class WSGISignedCallTest(SignedCallTest):
     shell = 'wsgi'
 
 
+# ==========================================================================================
+# Operations (issue 6): /_mc/ endpoints, metrics, graceful stop
+# ==========================================================================================
+
+def metric_values(text):
+    """{'name{labels}': value} of a Prometheus text page."""
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith('#'):
+            key, _, value = line.rpartition(' ')
+            values[key] = float(value)
+    return values
+
+
+class AdminTest(unittest.TestCase):
+    """GET /_mc/health, /_mc/rules, /_mc/metrics as a load balancer, an operator and
+    Prometheus see them."""
+
+    shell = 'builtin'
+
+    def setUp(self):
+        M = self.M = Microservice('ops', token={'/guarded': 'g'})
+        self.release = threading.Event()
+
+        @M.typing('/add')
+        def add(a, b=1):
+            """Add two numbers.
+
+            The rest of the docstring is not shown."""
+            return a + b
+
+        @M.typing('/guarded', methods=['GET', 'POST'])
+        @M.json
+        def guarded(x):
+            return x
+
+        @M.typing('/wait')
+        def wait():
+            return self.release.wait(10)
+
+        self.friend = Service.start(self, M)
+        self.addCleanup(self.release.set)
+
+    def get(self, page, headers=b''):
+        reply = raw_request(self.M.port, b'GET /_mc/%s HTTP/1.1\r\nHost: x\r\n%s'
+                            b'Connection: close\r\n\r\n' % (page.encode(), headers))
+        head, _, body = reply.partition(b'\r\n\r\n')
+        return status_of(reply), head.decode('latin-1'), body
+
+    def metrics(self):
+        status, head, body = self.get('metrics')
+        self.assertEqual(status, 200)
+        self.assertIn('Content-Type: text/plain; version=0.0.4', head)
+        return metric_values(body.decode('utf-8'))
+
+    def test_health(self):
+        status, head, body = self.get('health')
+        health = json.loads(body)
+        self.assertEqual((status, health['status'], health['name']), (200, 'ok', 'ops'))
+        self.assertGreaterEqual(health['uptime_s'], 0)
+        self.assertEqual(self.friend.health()['name'], 'ops')
+
+    def test_rules_say_what_to_send_but_not_the_token(self):
+        status, _, body = self.get('rules')
+        self.assertEqual(status, 200)
+        self.assertNotIn(b'"g"', body)
+        rules = {rule['rule']: rule for rule in json.loads(body)['rules']}
+        self.assertEqual(sorted(rules), ['/add', '/guarded', '/wait'])
+        self.assertEqual(rules['/add'], {'rule': '/add', 'methods': ['POST'], 'mode': 'reply',
+                                         'function': 'add', 'params': ['a', 'b=1'],
+                                         'token': False, 'doc': 'Add two numbers.'})
+        self.assertEqual((rules['/guarded']['methods'], rules['/guarded']['token']),
+                         (['GET', 'POST'], True))
+        self.assertEqual(self.friend.rules(), json.loads(body)['rules'])
+
+    def test_metrics_count_requests_by_rule_method_and_status(self):
+        for n in range(3):
+            self.assertEqual(self.friend.send('/add', n), n + 1)
+        with self.assertRaises(mconnector.NotFound):
+            self.friend.send('/nowhere')
+        with self.assertRaises(mconnector.AuthError):
+            self.friend.json('/guarded', x=1)
+        self.get('health')
+        values = self.metrics()
+        label = 'service="ops",rule="%s",method="%s",status="%d"'
+        self.assertEqual(values['mconnector_requests_total{%s}' % (label % ('/add', 'POST', 200))], 3)
+        self.assertEqual(values['mconnector_requests_total{%s}' % (label % ('(none)', 'POST', 404))], 1)
+        self.assertEqual(values['mconnector_requests_total{%s}'
+                                % (label % ('/guarded', 'POST', 401))], 1)
+        self.assertEqual(values['mconnector_requests_total{%s}'
+                                % (label % ('/_mc/health', 'GET', 200))], 1)
+        buckets = [value for key, value in values.items() if key.startswith(
+            'mconnector_request_duration_seconds_bucket{service="ops",rule="/add"')]
+        self.assertEqual(len(buckets), 15)
+        self.assertEqual(buckets, sorted(buckets))          # cumulative
+        self.assertEqual(buckets[-1], 3)
+        self.assertEqual(values['mconnector_request_duration_seconds_count'
+                                '{service="ops",rule="/add"}'], 3)
+        self.assertEqual(values['mconnector_requests_in_flight{service="ops"}'], 1)  # this one
+        # (bodies only under WSGI: the heads are the WSGI server's)
+        self.assertGreater(values['mconnector_received_bytes_total{service="ops"}'], 100)
+        self.assertGreater(values['mconnector_sent_bytes_total{service="ops"}'], 100)
+        if self.shell == 'builtin':
+            self.assertEqual(values['mconnector_connections_open{service="ops"}'], 2)
+            self.assertEqual(values['mconnector_connections_total{service="ops"}'], 3)
+        sent = values['mconnector_sent_bytes_total{service="ops"}']
+        self.assertEqual(self.metrics()['mconnector_requests_total{%s}'
+                                        % (label % ('/_mc/metrics', 'GET', 200))], 1)
+        self.assertGreater(self.metrics()['mconnector_sent_bytes_total{service="ops"}'], sent)
+
+    def test_requests_in_flight(self):
+        calls = concurrent.futures.ThreadPoolExecutor(2)
+        self.addCleanup(calls.shutdown)
+
+        def call():
+            with Friend('w', self.M.url) as friend:
+                return friend.send('/wait')
+        waiting = [calls.submit(call) for _ in range(2)]
+        key = 'mconnector_requests_in_flight{service="ops"}'
+        self.assertTrue(wait_for(lambda: self.metrics()[key] == 3))
+        self.release.set()
+        self.assertEqual([f.result(5) for f in waiting], [True, True])
+        self.assertEqual(self.metrics()[key], 1)
+
+    def test_only_get_and_unknown_pages(self):
+        reply = raw_request(self.M.port, b'POST /_mc/health HTTP/1.1\r\nContent-Length: 0\r\n'
+                            b'Connection: close\r\n\r\n')
+        self.assertEqual(status_of(reply), 405)
+        status, _, body = self.get('nope')
+        self.assertEqual(status, 404)
+        self.assertIn(b'/_mc/health', body)
+        self.assertNotIn('rule="/_mc/nope"', self.get('metrics')[2].decode())
+
+    def test_listener_wide_token_guards_them(self):
+        M = Microservice('locked', token='all')
+        Service.start(self, M)
+        reply = raw_request(M.port, b'GET /_mc/rules HTTP/1.1\r\nConnection: close\r\n\r\n')
+        self.assertEqual(status_of(reply), 401)
+        reply = raw_request(M.port, b'GET /_mc/rules HTTP/1.1\r\nAuthorization: Bearer all\r\n'
+                            b'Connection: close\r\n\r\n')
+        self.assertEqual(status_of(reply), 200)
+        with Friend('ok', M.url, token='all') as friend:
+            self.assertEqual(friend.health()['status'], 'ok')
+
+    def test_prefix_is_reserved_unless_admin_is_off(self):
+        with self.assertRaises(mconnector.RouteError):
+            self.M.typing('/_mc/mine')(lambda: 1)
+        M = Microservice('plain', admin=False)
+        M.typing('/_mc/mine')(lambda: 'mine')
+        friend = Service.start(self, M)
+        self.assertEqual(friend.send('/_mc/mine'), 'mine')
+        with self.assertRaises(mconnector.NotFound):
+            friend.health()
+
+
+class WSGIAdminTest(AdminTest):
+    """The same pages through the WSGI entry."""
+
+    shell = 'wsgi'
+
+    def test_served_by_wsgiref(self):
+        self.friend.send('/add', 1)
+        self.assertIn('WSGIServer', self.friend.lastreply.headers['server'])
+
+
+def refuses_connections(port):
+    """Whether connecting to 127.0.0.1:port is refused (nothing listens there)."""
+    try:
+        socket.create_connection(('127.0.0.1', port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def call_once(url, rule, *args):
+    with Friend('once', url) as friend:
+        return friend.send(rule, *args)
+
+
+class GracefulStopTest(unittest.TestCase):
+    """Stopping answers every call already accepted, refuses new ones at connect time, and
+    closes idle keep-alive connections."""
+
+    def slow_service(self, **options):
+        M = Microservice('slow', **options)
+        M.entered = threading.Semaphore(0)
+        M.release = threading.Event()
+
+        @M.typing('/slow')
+        def slow(n):
+            M.entered.release()
+            M.release.wait(10)
+            return n
+
+        @M.typing('/quick')
+        def quick():
+            return 'q'
+        M.start(port=0, host='127.0.0.1')
+        self.addCleanup(M.stop)
+        self.addCleanup(M.release.set)
+        return M
+
+    def test_calls_in_flight_are_answered_and_new_connections_refused(self):
+        M = self.slow_service()
+        idle = socket.create_connection(('127.0.0.1', M.port), timeout=5)
+        self.addCleanup(idle.close)
+        idle.sendall(b'POST /quick HTTP/1.1\r\nContent-Length: 0\r\n\r\n')
+        self.assertTrue(idle.recv(4096).endswith(b'"q"]'))
+        calls = concurrent.futures.ThreadPoolExecutor(5)
+        self.addCleanup(calls.shutdown)
+        answers = [calls.submit(call_once, M.url, '/slow', n) for n in range(5)]
+        for _ in range(5):
+            self.assertTrue(M.entered.acquire(timeout=5))
+        stopper = threading.Thread(target=M.stop)
+        stopper.start()
+        self.assertTrue(wait_for(lambda: refuses_connections(M.port)))
+        self.assertEqual(M.health()['status'], 'stopping')
+        self.assertEqual(idle.recv(4096), b'')          # idle keep-alive: closed at once
+        self.assertTrue(stopper.is_alive())             # still answering the five
+        M.release.set()
+        self.assertEqual([f.result(5) for f in answers], [0, 1, 2, 3, 4])
+        stopper.join(5)
+        self.assertFalse(stopper.is_alive())
+
+    def test_grace_period_bounds_the_wait(self):
+        M = self.slow_service(grace=0.2)
+        calls = concurrent.futures.ThreadPoolExecutor(1)
+        self.addCleanup(calls.shutdown)
+        answer = calls.submit(call_once, M.url, '/slow', 1)
+        self.assertTrue(M.entered.acquire(timeout=5))
+        with self.assertLogs('mconnector', 'WARNING') as logs:
+            M.stop()
+        self.assertIn('1 request(s) cut short after 0.2s', logs.output[-1])
+        with self.assertRaises(mconnector.NetworkError):
+            answer.result(5)
+
+    SCRIPT = '''
+import os, sys
+sys.path.insert(0, %r)
+import mconnector
+M = mconnector.Microservice('term')
+
+@M.typing('/slow')
+def slow(n):
+    os.read(0, 3)               # each "go\\n" (3 bytes) from the test releases one call
+    return n
+M.run(port=0, host='127.0.0.1')
+print('run returned', flush=True)
+'''
+
+    def test_sigterm_and_ctrl_c_answer_calls_in_flight_and_exit_0(self):
+        import signal
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with self.subTest(signal=signum.name):
+                self.stop_process_with(signum)
+
+    def stop_process_with(self, signum):
+        import signal
+        proc = subprocess.Popen([sys.executable, '-c', self.SCRIPT % HERE], text=True,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        self.addCleanup(proc.communicate)
+        self.addCleanup(proc.kill)
+        line = proc.stderr.readline()
+        self.assertIn('listening on http://127.0.0.1:', line)
+        url = line.split('listening on ')[1].split()[0]
+        port = int(url.rsplit(':', 1)[1])
+        calls = concurrent.futures.ThreadPoolExecutor(3)
+        self.addCleanup(calls.shutdown)
+        answers = [calls.submit(call_once, url, '/slow', n) for n in range(3)]
+        with Friend('ops', url) as ops:
+            def in_flight():
+                metrics = metric_values(ops._call('GET', '/_mc/metrics', b'', None))
+                return metrics['mconnector_requests_in_flight{service="term"}'] - 1
+            self.assertTrue(wait_for(lambda: in_flight() == 3))
+        proc.send_signal(signum)
+        self.assertTrue(wait_for(lambda: refuses_connections(port)))
+        self.assertIsNone(proc.poll())
+        proc.stdin.write('go\n' * 3)
+        proc.stdin.flush()
+        self.assertEqual([f.result(5) for f in answers], [0, 1, 2])
+        out, err = proc.communicate(timeout=10)
+        self.assertEqual(proc.returncode, 0, err)
+        self.assertEqual(out, 'run returned\n')
+        self.assertIn('stopping (%s): answering the 3 request(s) in flight' % signum.name, err)
+        self.assertNotIn('Traceback', err)
+
+
 class TLSTest(unittest.TestCase):
     def test_https_round_trip_verifies_the_certificate(self):
         M = counting_service()
