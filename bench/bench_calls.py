@@ -1,6 +1,6 @@
 """Calls per second through mconnector, beside a plain http.server handler, in one run.
 
-    python bench/bench_calls.py [--calls N] [--seconds S]
+    python bench/bench_calls.py [--calls N] [--rounds R] [--against OTHER/mconnector.py]
 
 Each listener runs in its own process (as services do); the sender is this process.
 Rows: sequential calls (microseconds per call, one connection kept alive) and calls from
@@ -89,13 +89,14 @@ sys.stdin.read()
 }
 
 
-def start_listener(code):
+def start_listener(code, module_dir=None):
     # The listener prints its port once it is about to serve; a few listeners (0.3.7's)
     # only start accepting a moment later, so wait until a connection succeeds.
     import socket
     proc = subprocess.Popen([sys.executable, '-c', code], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env=dict(os.environ, PYTHONPATH=os.path.dirname(HERE)))
+                            cwd=module_dir or os.path.dirname(HERE),    # sys.path[0] of -c
+                            env=dict(os.environ, PYTHONPATH=module_dir or os.path.dirname(HERE)))
     line = proc.stdout.readline()
     if not line.strip().isdigit():
         proc.kill()
@@ -174,11 +175,17 @@ def main():
     parser.add_argument('--calls', type=int, default=1000, help='calls per round and row')
     parser.add_argument('--rounds', type=int, default=7,
                         help='rounds; the rows take turns in each, and the median is shown')
+    parser.add_argument('--against', metavar='PATH',
+                        help='another mconnector.py (an earlier version, say): its listener '
+                             'gets a row of its own, called by this Friend')
     options = parser.parse_args()
     running = []
     missing = []
+    listeners = list(LISTENERS.items())
+    if options.against:
+        listeners.insert(1, ('mconnector at ' + options.against, LISTENERS['mconnector']))
     try:
-        for name, code in LISTENERS.items():
+        for name, code in listeners:
             try:
                 if name.startswith('Flask'):
                     import flask, requests  # noqa: F401
@@ -187,7 +194,10 @@ def main():
             except ImportError:
                 missing.append(name)
                 continue
-            proc, port = start_listener(code or LISTENERS['http.server (plain handler)'])
+            other = name.startswith('mconnector at ')
+            proc, port = start_listener(code or LISTENERS['http.server (plain handler)'],
+                                        os.path.dirname(os.path.abspath(options.against))
+                                        if other else None)
             if proc is None:
                 missing.append(name)
                 continue
@@ -214,14 +224,14 @@ def main():
     median = lambda values: sorted(values)[len(values) // 2]
     rows = [(name, median(seq), median(par)) for name, _, _, seq, par in running]
     base = rows[0]
-    print('%-32s %14s %10s %14s %10s' % ('listener + sender', 'sequential us', 'ratio',
+    print('%-40s %14s %10s %14s %10s' % ('listener + sender', 'sequential us', 'ratio',
                                          '4 threads /s', 'ratio'))
     for name, seq, par in rows:
-        print('%-32s %14.0f %9.2fx %14.0f %9.2fx' % (name, seq, seq / base[1], par, par / base[2]))
+        print('%-40s %14.0f %9.2fx %14.0f %9.2fx' % (name, seq, seq / base[1], par, par / base[2]))
     for name in missing:
-        print('%-32s %14s' % (name, 'not installed'))
-    print('(median of %d rounds of %d calls; senders: mconnector.Friend for the first two rows,'
-          ' then http.client, 0.3.7\'s own Friend, requests.Session)'
+        print('%-40s %14s' % (name, 'not installed'))
+    print('(median of %d rounds of %d calls; senders: mconnector.Friend for the mconnector rows'
+          ' and the plain handler, then http.client, 0.3.7\'s own Friend, requests.Session)'
           % (options.rounds, options.calls))
 
 
