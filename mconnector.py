@@ -5377,7 +5377,15 @@ def _parser():
 
 def main(argv=None):
     """Entry point of `python -m mconnector` and of the `mconnector` console script."""
-    options = _parser().parse_args(argv)
+    parser = _parser()
+    options, extra = parser.parse_known_args(argv)
+    if extra:
+        # argparse stops taking `call`'s ARGS at the first option: `call URL RULE --json
+        # a=1` leaves a=1 over.  Values after options are still values, in their order.
+        if options.run is _call_command and not any(item.startswith('--') for item in extra):
+            options.args.extend(extra)
+        else:
+            parser.error('unrecognized arguments: %s' % ' '.join(extra))
     try:
         return options.run(options)
     except KeyboardInterrupt:

@@ -768,6 +768,12 @@ class CommandLineTest(unittest.TestCase):
         self.assertEqual((out.returncode, json.loads(out.stdout)), (0, 42), out.stderr)
         out = self.run_cli('call', M.url, '/j', 'name=ann', 'n=[1]', '--json')
         self.assertEqual(json.loads(out.stdout), {'name': 'ann', 'n': [1]})
+        out = self.run_cli('call', M.url, '/j', '--json', 'name=bo', '--timeout', '5', 'n=2')
+        self.assertEqual(json.loads(out.stdout), {'name': 'bo', 'n': 2}, out.stderr)
+        out = self.run_cli('rules', M.url)
+        self.assertEqual(out.stdout.splitlines()[:2],
+                         ['RULE  METHODS  PARAMETERS  TOKEN  FUNCTION',
+                          '/add  POST     a, b        no     add'])
         with self.assertLogs('mconnector', 'WARNING'):
             out = self.run_cli('call', M.url, '/add', '"x"', '1')
         self.assertEqual(out.returncode, 1)
