@@ -773,7 +773,7 @@ class CommandLineTest(unittest.TestCase):
         out = self.run_cli('rules', M.url)
         self.assertEqual(out.stdout.splitlines()[:2],
                          ['RULE  METHODS  PARAMETERS  TOKEN  FUNCTION',
-                          '/add  POST     a, b        no     add'])
+                          '/add  POST     a, b=0      no     add'])
         with self.assertLogs('mconnector', 'WARNING'):
             out = self.run_cli('call', M.url, '/add', '"x"', '1')
         self.assertEqual(out.returncode, 1)
