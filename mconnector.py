@@ -1226,9 +1226,9 @@ def _query_value(text):
         return text
 
 
-# Counters for GET /_mc/metrics.  One lock, taken twice per request for a few integer
-# updates (about 0.2 us of a call's 200-300 us); the Prometheus text is built only when
-# someone asks for it.
+# Counters for GET /_mc/metrics.  A request costs one lock-free count when it starts and
+# one short lock section when it ends (about 0.5 us of a call's 200-300 us); the Prometheus
+# text is built only when someone asks for it.
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                     2.5, 5.0, 10.0)
 _NO_RULE = '(none)'         # the rule label of requests that matched no rule
@@ -1239,36 +1239,47 @@ class _Metrics:
     latency by rule, requests in flight, bytes in and out."""
 
     def __init__(self):
+        import itertools
         self.lock = threading.Lock()
-        self.requests = {}          # (rule, method, status) -> count
-        self.latency = {}           # rule -> [count per bucket..., over the last, sum]
-        self.in_flight = 0
+        self.started_count = itertools.count()   # next() is atomic: no lock to start
+        # (rule, method, status) -> [requests, seconds in all, count per latency bucket...]
+        self.requests = {}
+        self.refusals = {}          # (method, status) -> requests refused by the HTTP layer
         self.bytes_in = 0
         self.bytes_out = 0
         self.started = time.time()
         self.started_monotonic = time.monotonic()
 
     def begin(self):
-        with self.lock:
-            self.in_flight += 1
+        next(self.started_count)
 
-    def end(self, rule, method, status, seconds):
-        index = bisect.bisect_left(_LATENCY_BUCKETS, seconds)
+    def end(self, rule, method, status, seconds, _buckets=_LATENCY_BUCKETS):
+        index = bisect.bisect_left(_buckets, seconds) + 2
         key = (rule, method, status)
-        with self.lock:
-            self.in_flight -= 1
-            self.requests[key] = self.requests.get(key, 0) + 1
-            counts = self.latency.get(rule)
+        lock = self.lock
+        lock.acquire()      # (not `with`: measurably slower on this path)
+        try:
+            counts = self.requests.get(key)
             if counts is None:
-                counts = self.latency[rule] = [0] * (len(_LATENCY_BUCKETS) + 2)
+                counts = self.requests[key] = [0, 0.0] + [0] * (len(_buckets) + 1)
+            counts[0] += 1
+            counts[1] += seconds
             counts[index] += 1
-            counts[-1] += seconds
+        finally:
+            lock.release()
+
+    @property
+    def in_flight(self):
+        # repr(itertools.count) is 'count(N)': the one way to read it without advancing it.
+        started = int(repr(self.started_count)[6:-1])
+        with self.lock:
+            return started - sum(counts[0] for counts in self.requests.values())
 
     def refused(self, method, status):
         """A request the HTTP layer refused before the listener saw it (400, 413, 431...)."""
-        key = (_NO_RULE, method or '-', status)
+        key = (method or '-', status)
         with self.lock:
-            self.requests[key] = self.requests.get(key, 0) + 1
+            self.refusals[key] = self.refusals.get(key, 0) + 1
 
     def transferred(self, received, sent):
         with self.lock:
@@ -1280,10 +1291,19 @@ class _Metrics:
 
     def prometheus(self, name, connections=None):
         """The counters in Prometheus' text exposition format (version 0.0.4)."""
+        in_flight = self.in_flight
         with self.lock:
-            requests = sorted(self.requests.items())
-            latency = sorted((rule, list(counts)) for rule, counts in self.latency.items())
-            in_flight, bytes_in, bytes_out = self.in_flight, self.bytes_in, self.bytes_out
+            requests = [(key, counts[:]) for key, counts in self.requests.items()]
+            refusals = list(self.refusals.items())
+            bytes_in, bytes_out = self.bytes_in, self.bytes_out
+        latency = {}
+        for (rule, _, _), counts in requests:
+            total = latency.setdefault(rule, [0.0] * (len(counts) - 1))
+            for n, value in enumerate(counts[1:]):
+                total[n] += value
+        requests = sorted([(key, counts[0]) for key, counts in requests] +
+                          [((_NO_RULE, method, status), count)
+                           for (method, status), count in refusals])
         service = 'service="%s"' % _label(name)
         out = []
 
@@ -1296,14 +1316,14 @@ class _Metrics:
                        % (service, _label(rule), _label(method), status, count))
         family('request_duration_seconds', 'histogram',
                'Time from a whole request to its response (the head of a streamed one).')
-        for rule, counts in latency:
+        for rule, counts in sorted(latency.items()):
             labels = '%s,rule="%s"' % (service, _label(rule))
             total = 0
-            for bound, count in zip(_LATENCY_BUCKETS + ('+Inf',), counts):
+            for bound, count in zip(_LATENCY_BUCKETS + ('+Inf',), counts[1:]):
                 total += count
                 out.append('mconnector_request_duration_seconds_bucket{%s,le="%s"} %d\n'
                            % (labels, bound, total))
-            out.append('mconnector_request_duration_seconds_sum{%s} %.6f\n' % (labels, counts[-1]))
+            out.append('mconnector_request_duration_seconds_sum{%s} %.6f\n' % (labels, counts[0]))
             out.append('mconnector_request_duration_seconds_count{%s} %d\n' % (labels, total))
         family('requests_in_flight', 'gauge', 'Requests being answered now.')
         out.append('mconnector_requests_in_flight{%s} %d\n' % (service, in_flight))
