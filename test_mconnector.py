@@ -1104,6 +1104,16 @@ class AdminTest(unittest.TestCase):
         with Friend('ok', M.url, token='all') as friend:
             self.assertEqual(friend.health()['status'], 'ok')
 
+    @builtin_server_only
+    def test_debug_mode_logs_each_request(self):
+        self.M.debug = True
+        with self.assertLogs('mconnector.access', 'INFO') as logs:
+            self.friend.send('/add', 1)
+            with self.assertRaises(mconnector.NotFound):
+                self.friend.send('/nowhere')
+        self.assertRegex(logs.output[0], r'ops 127\.0\.0\.1 "POST /add" 200 \d+ bytes [\d.]+ ms')
+        self.assertIn('"POST /nowhere" 404', logs.output[1])
+
     def test_prefix_is_reserved_unless_admin_is_off(self):
         with self.assertRaises(mconnector.RouteError):
             self.M.typing('/_mc/mine')(lambda: 1)
