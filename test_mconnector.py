@@ -1111,6 +1111,8 @@ class AdminTest(unittest.TestCase):
             self.friend.send('/add', 1)
             with self.assertRaises(mconnector.NotFound):
                 self.friend.send('/nowhere')
+            # (a line is written once its response is sent: the sender may be quicker)
+            self.assertTrue(wait_for(lambda: len(logs.output) == 2))
         self.assertRegex(logs.output[0], r'ops 127\.0\.0\.1 "POST /add" 200 \d+ bytes [\d.]+ ms')
         self.assertIn('"POST /nowhere" 404', logs.output[1])
 
