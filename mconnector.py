@@ -29,7 +29,8 @@ Map of this file, in the order data flows:
   7. WebSocket core  sans-I/O RFC 6455: handshake, frames, the connection state machine
   8. WebSocket I/O   SocketServer (socketserver shell) and SocketClient
   9. Pools           ordered execution per key over any concurrent.futures.Executor
- 10. Command line    python -m mconnector serve | call | ws
+ 10. Command line    python -m mconnector serve | call | ws, and process supervision:
+                     serve --workers N, the reloader of run(debug=True) and serve --debug
 """
 
 import base64
@@ -1626,9 +1627,7 @@ class Microservice:
 
     @property
     def url(self):
-        host = self.host or '0.0.0.0'
-        return '%s://%s:%s' % ('https' if self._tls else 'http',
-                               '[%s]' % host if ':' in host else host, self.port)
+        return _url(self.host, self.port, self._tls)
 
     @property
     def address(self):
@@ -4989,8 +4988,10 @@ def _load_servers(options):
 def _serve_command(options):
     if options.listen_fd is not None or options.reuse_port:
         return _serve_worker(options)
-    if options.workers is not None or _serve_reloads(options):
-        return _serve_supervised(options)
+    reload = _serve_reloads(options)
+    if options.workers is not None or reload:
+        _serve_logging(options)
+        return _serve_supervised(options, reload)
     services, sockets = _load_servers(options)
     if _RELOAD_FD_ENV in os.environ:
         _check_supervised(options, services, sockets, workers=False)
@@ -5112,6 +5113,7 @@ def _interpreter_flags():
 
 
 def _url(host, port, tls):
+    """The URL a listener on (host, port) answers at, as logged."""
     host = host or '0.0.0.0'
     return '%s://%s:%s' % ('https' if tls else 'http', '[%s]' % host if ':' in host else host,
                            port)
@@ -5217,7 +5219,7 @@ class _Supervisor:
         deadline = time.monotonic() + self.grace + _STOP_MARGIN
         while any(child.poll() is None for child in children):
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or self.signals[-1:] == [_SIGINT] and len(self.signals) > 1:
+            if remaining <= 0 or (len(self.signals) > 1 and self.signals[-1] == _SIGINT):
                 break
             self.wait(min(remaining, 1.0))
         for child in children:
@@ -5429,18 +5431,15 @@ def _watch_sources(on_change):
 
 # -- serve --workers, serve --debug --
 
-def _serve_supervised(options):
+def _serve_supervised(options, reload):
     """`serve` as the parent of workers (--workers) or of reload children (--debug)."""
-    _serve_logging(options)
-    reload = _serve_reloads(options)
     if options.workers is not None and options.workers < 1:
         raise SystemExit('mconnector: --workers takes a number of processes, 1 or more')
     if options.workers and reload:
         raise SystemExit('mconnector: --workers and reloading (--debug) do not go together: '
                          'add --no-reload, or drop --workers')
     if os.name != 'posix':
-        raise SystemExit('mconnector: --workers and reloading need a POSIX system (with '
-                         '--debug, add --no-reload)')
+        raise SystemExit('mconnector: --workers needs a POSIX system')
     host, port, grace = _serve_address(options)
     tls = bool(options.certfile)
     if options.workers:
@@ -5459,7 +5458,13 @@ def _serve_supervised(options):
 
 def _serve_reloads(options):
     """--debug without --no-reload, in the process the user started (not in its child)."""
-    return bool(options.debug) and not options.no_reload and _RELOAD_FD_ENV not in os.environ
+    if not options.debug or options.no_reload or _RELOAD_FD_ENV in os.environ:
+        return False
+    if os.name != 'posix':
+        _serve_logging(options)
+        log.warning('reloading on changes needs a POSIX system: serving without it')
+        return False
+    return True
 
 
 def _serve_address(options):

@@ -2395,19 +2395,22 @@ def word():
 
 
 class ServeProcess:
-    """`python -m mconnector serve ARGS` in a session of its own, stderr in a file; the
-    test's cleanup kills its whole process group (parent and children) if still there."""
+    """`python -m mconnector serve ARGS` (or `command`) in a session of its own, stdout and
+    stderr in files; the test's cleanup kills its whole process group (parent and
+    children) if still there."""
 
-    def __init__(self, test, folder, *args, env=None):
+    def __init__(self, test, folder, *args, env=None, command=None, cwd=HERE):
         import signal
         self.test = test
-        self.log_path = os.path.join(folder, 'serve.log')
-        with open(self.log_path, 'wb') as log_file:
-            self.proc = subprocess.Popen(
-                [sys.executable, '-m', 'mconnector', 'serve'] + list(args), cwd=HERE,
-                stdout=subprocess.DEVNULL, stderr=log_file, start_new_session=True,
-                env=dict(os.environ, MCONNECTOR_RELOAD_INTERVAL='0.05', **(env or {})))
         self.signal = signal
+        self.log_path = os.path.join(folder, 'serve.log')
+        self.out_path = os.path.join(folder, 'serve.out')
+        if command is None:
+            command = [sys.executable, '-m', 'mconnector', 'serve'] + list(args)
+        with open(self.log_path, 'wb') as log_file, open(self.out_path, 'wb') as out_file:
+            self.proc = subprocess.Popen(
+                command, cwd=cwd, stdout=out_file, stderr=log_file, start_new_session=True,
+                env=dict(os.environ, MCONNECTOR_RELOAD_INTERVAL='0.05', **(env or {})))
         test.addCleanup(self.kill)
 
     def kill(self):
@@ -2417,8 +2420,8 @@ class ServeProcess:
             pass
         self.proc.wait()
 
-    def output(self):
-        with open(self.log_path, encoding='utf-8', errors='replace') as f:
+    def output(self, path=None):
+        with open(path or self.log_path, encoding='utf-8', errors='replace') as f:
             return f.read()
 
     def url(self, timeout=5):
@@ -2561,6 +2564,60 @@ class SupervisionTest(unittest.TestCase):
         self.write_app(WORD_APP % 'fixed')
         self.assertTrue(wait_for(lambda: try_call(url, '/word') == 'fixed', 10), serve.output())
         serve.terminate()
+
+    def test_a_taken_port_fails_once_early(self):
+        self.app = self.write_app(WORD_APP % 'never imported')
+        with socket.socket() as taken:
+            taken.bind(('127.0.0.1', 0))
+            taken.listen()
+            port = str(taken.getsockname()[1])
+            for args in (['--debug'], ['--workers', '2']):
+                out = subprocess.run(
+                    [sys.executable, '-m', 'mconnector', 'serve', self.app, '--host',
+                     '127.0.0.1', '--port', port] + args,
+                    cwd=HERE, capture_output=True, text=True, timeout=10)
+                self.assertEqual(out.returncode, 1, args)
+                self.assertIn('Address already in use', out.stderr, args)
+                self.assertEqual(len(out.stderr.strip().splitlines()), 1, out.stderr)
+
+    def test_run_debug_in_a_script_reloads_it(self):
+        script = self.write_app(
+            'from mconnector import Microservice\n'
+            'M = Microservice("script", host="127.0.0.1", port=0)\n'
+            '@M.typing("/word")\n'
+            'def word():\n'
+            '    return "one"\n'
+            'if __name__ == "__main__":\n'
+            '    M.run(debug=True)\n'
+            '    print("after run", flush=True)\n', name='script.py')
+        run = ServeProcess(self, self.folder, command=[sys.executable, script],
+                           cwd=self.folder, env={'PYTHONPATH': HERE})
+        url = run.url()
+        self.assertEqual(try_call(url, '/word'), 'one', run.output())
+        with open(script) as f:
+            text = f.read()
+        self.write_app(text.replace('"one"', '"two"'), name='script.py')
+        self.assertTrue(wait_for(lambda: try_call(url, '/word') == 'two', 10), run.output())
+        run.terminate()
+        self.assertEqual(run.output(run.out_path), 'after run\n')     # in the last child only
+
+    def test_the_command_that_starts_the_program_again(self):
+        import types
+        from unittest import mock
+        main = types.ModuleType('__main__')
+        main.__spec__ = types.SimpleNamespace(name='pkg.__main__')
+        with mock.patch.dict(sys.modules, {'__main__': main}), \
+                mock.patch.object(sys, 'argv', ['/x/pkg/__main__.py', 'a', '-b']):
+            command = mconnector._script_command()
+        self.assertEqual(command[0], sys.executable)
+        self.assertEqual(command[-4:], ['-m', 'pkg', 'a', '-b'])
+        main.__spec__ = None
+        with mock.patch.dict(sys.modules, {'__main__': main}), \
+                mock.patch.object(sys, 'argv', [os.path.relpath(__file__), 'a']):
+            self.assertEqual(mconnector._script_command()[-2:], [os.path.abspath(__file__), 'a'])
+        with mock.patch.dict(sys.modules, {'__main__': main}), \
+                mock.patch.object(sys, 'argv', ['-c']):
+            self.assertIsNone(mconnector._script_command())
 
     def test_start_never_reloads(self):
         self.assertFalse(mconnector._reload_wanted(False, None))
