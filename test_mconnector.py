@@ -2513,6 +2513,34 @@ class SupervisionTest(unittest.TestCase):
                 self.assertTrue(wait_for(lambda: all(map(process_gone, everyone)), 5),
                                 [pid for pid in everyone if not process_gone(pid)])
 
+    def test_ctrl_c_lets_requests_in_flight_finish_then_everything_exits_0(self):
+        import signal
+        mark = os.path.join(self.folder, 'started')
+        self.app = self.write_app(PID_APP + (
+            '\n@M.typing("/slow")\n'
+            'def slow():\n'
+            '    import time\n'
+            '    open(%r, "w").close()\n'
+            '    time.sleep(0.5)\n'
+            '    return "done"\n' % mark))
+        for args in (['--workers', '2'], ['--debug']):
+            with self.subTest(args[0]):
+                serve = self.serve(*args)
+                url = serve.url()
+                pids = self.distinct_pids(serve, url, 2 if '--workers' in args else 1)
+                with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                    slow = pool.submit(try_call, url, '/slow', 10)
+                    self.assertTrue(wait_for(lambda: os.path.exists(mark), 5), serve.output())
+                    # As a terminal does: SIGINT to the parent and its children at once;
+                    # the parent then sends SIGTERM to children that are already stopping.
+                    os.killpg(serve.proc.pid, signal.SIGINT)
+                    self.assertEqual(slow.result(10), 'done', serve.output())
+                self.assertEqual(serve.proc.wait(5), 0, serve.output())
+                self.assertNotIn('Traceback', serve.output())
+                self.assertNotIn('cut short', serve.output())
+                self.assertTrue(wait_for(lambda: all(map(process_gone, pids)), 5))
+                os.remove(mark)
+
     def test_workers_stop_when_their_parent_is_killed(self):
         self.app = self.write_app(PID_APP)
         serve = self.serve('--workers', '2')
