@@ -4973,7 +4973,6 @@ def _serve_logging(options):
 
 def _load_servers(options):
     """Import the target of `serve` and return its ([Microservice], [SocketServer])."""
-    _serve_logging(options)
     module, attribute = _load_target(options.target)
     services, sockets = _find_servers(module, attribute)
     if not services and not sockets:
@@ -4982,6 +4981,7 @@ def _load_servers(options):
         names = ', '.join(sorted(k for k, v in vars(module).items() if v in services))
         raise SystemExit('mconnector: %s defines several Microservices (%s): name one as %s:NAME'
                          % (options.target, names, options.target))
+    _serve_logging(options)     # after the import: the app may configure logging itself
     return services, sockets
 
 
@@ -4990,7 +4990,6 @@ def _serve_command(options):
         return _serve_worker(options)
     reload = _serve_reloads(options)
     if options.workers is not None or reload:
-        _serve_logging(options)
         return _serve_supervised(options, reload)
     services, sockets = _load_servers(options)
     if _RELOAD_FD_ENV in os.environ:
@@ -5441,6 +5440,7 @@ def _serve_supervised(options, reload):
     if os.name != 'posix':
         raise SystemExit('mconnector: --workers needs a POSIX system')
     host, port, grace = _serve_address(options)
+    _serve_logging(options)
     tls = bool(options.certfile)
     if options.workers:
         return _serve_workers(options, host, port, grace, tls)
@@ -5547,8 +5547,8 @@ def _supervise_workers(supervisor, count, command, fds):
             code = worker.returncode
             quick_deaths = quick_deaths + 1 if time.monotonic() - started < _QUICK_DEATH else 0
             if code == _EXIT_BOOT_FAILED or quick_deaths >= _MAX_QUICK_DEATHS:
-                log.error('%s: worker %d %s right after it started: giving up (the reason '
-                          'is above)', supervisor.name, worker.pid, _exit_status(code))
+                log.error('%s: worker %d could not start (it %s): giving up, the reason is '
+                          'above', supervisor.name, worker.pid, _exit_status(code))
                 supervisor.stop(list(workers))
                 return 1
             log.warning('%s: worker %d %s: starting another', supervisor.name, worker.pid,
@@ -5564,17 +5564,22 @@ def _serve_worker(options):
     try:
         services, sockets = _load_servers(options)
         _check_supervised(options, services, sockets, workers=True)
-        if options.reuse_port:
-            sock = _listening_socket(options.host, options.port, reuse_port=True)
-        else:
-            sock = socket.socket(fileno=options.listen_fd)
     except SystemExit as exc:
+        _serve_logging(options)
         log.error('%s', exc.code if isinstance(exc.code, str) else
                   '%s: the app exited while loading (%s)' % (options.target, exc.code))
         raise SystemExit(_EXIT_BOOT_FAILED) from None
     except Exception:
+        _serve_logging(options)
         log.exception('%s: cannot load the app', options.target)
         raise SystemExit(_EXIT_BOOT_FAILED) from None
+    if options.reuse_port:
+        try:
+            sock = _bind_or_exit(options.target, options.host, options.port, reuse_port=True)
+        except SystemExit:
+            raise SystemExit(_EXIT_BOOT_FAILED) from None
+    else:
+        sock = socket.socket(fileno=options.listen_fd)
     _watch_parent()
     services[0].run(sock=sock, debug=True if options.debug else None, reload=False,
                     certfile=options.certfile, keyfile=options.keyfile, cafile=options.cafile)
