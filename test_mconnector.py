@@ -2408,9 +2408,12 @@ class ServeProcess:
         if command is None:
             command = [sys.executable, '-m', 'mconnector', 'serve'] + list(args)
         with open(self.log_path, 'wb') as log_file, open(self.out_path, 'wb') as out_file:
+            # SIGINT as in a terminal, even when these tests run where it is ignored (a
+            # background job of a non-interactive shell).
             self.proc = subprocess.Popen(
                 command, cwd=cwd, stdout=out_file, stderr=log_file, start_new_session=True,
-                env=dict(os.environ, MCONNECTOR_RELOAD_INTERVAL='0.05', **(env or {})))
+                env=dict(os.environ, MCONNECTOR_RELOAD_INTERVAL='0.05', **(env or {})),
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         test.addCleanup(self.kill)
 
     def kill(self):
