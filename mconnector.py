@@ -29,7 +29,8 @@ Map of this file, in the order data flows:
   7. WebSocket core  sans-I/O RFC 6455: handshake, frames, the connection state machine
   8. WebSocket I/O   SocketServer (socketserver shell) and SocketClient
   9. Pools           ordered execution per key over any concurrent.futures.Executor
- 10. Command line    python -m mconnector serve | call | rules | ws
+ 10. Command line    python -m mconnector serve | call | rules | ws, and process supervision:
+                     serve --workers N, the reloader of run(debug=True) and serve --debug
 """
 
 import base64
@@ -1716,7 +1717,7 @@ class Microservice:
         return self
 
     def run(self, port=None, host=None, debug=None, ssl_context=None, certfile=None,
-            keyfile=None, cafile=None, sock=None):
+            keyfile=None, cafile=None, sock=None, reload=None):
         """Serve until SIGTERM or Ctrl+C (or stop() from another thread), then return.
 
         Stopping is graceful (see the class): a second Ctrl+C stops at once.
@@ -1724,11 +1725,45 @@ class Microservice:
         key is in it); `cafile` then also asks every client for a certificate signed by
         one of those CAs (mutual TLS).  `sock`: a bound, listening socket to serve
         instead of binding host and port (one inherited from a supervising process).
+
+        `reload` (default: as `debug`) restarts the service when one of its source files
+        changes, on the same port: this process binds the port and keeps it, and runs the
+        script again in a child process that serves; it exits (SystemExit) with the
+        child's status once stopped, instead of returning.  See section 10.
         """
         _default_logging()
+        tls = dict(ssl_context=ssl_context, certfile=certfile, keyfile=keyfile, cafile=cafile)
+        if sock is None:
+            sock = _reload_child_socket()
+            if sock is not None:
+                return self._run_reload_child(port, host, debug, sock, tls)
+            if _reload_wanted(self.debug if debug is None else debug, reload):
+                raise SystemExit(_run_reloader(
+                    self, self.host if host is None else host,
+                    self.port if port is None else port, bool(ssl_context or certfile)))
+        self._serve_until_stopped(port, host, debug, sock, tls)
+
+    def _run_reload_child(self, port, host, debug, sock, tls):
+        """run() in the child of a reloader: serve the inherited socket until a source
+        file changes, then stop gracefully and exit with the status that asks the
+        reloader for a new child."""
+        changed = []
+
+        def on_change(path):
+            log.info('%s: %s changed: reloading', self.name, path)
+            changed.append(path)
+            server = self._server
+            if server is not None:
+                server.stop()
+        _watch_parent()
+        self._serve_until_stopped(port, host, debug, sock, tls,
+                                  on_serving=functools.partial(_watch_sources, on_change))
+        if changed:
+            raise SystemExit(_EXIT_RELOAD)
+
+    def _serve_until_stopped(self, port, host, debug, sock, tls, on_serving=None):
         try:
-            self._bind(port, host, debug, ssl_context=ssl_context, certfile=certfile,
-                       keyfile=keyfile, cafile=cafile, sock=sock)
+            self._bind(port, host, debug, sock=sock, **tls)
         except OSError as exc:
             # The script's main loop: a clear line, not a traceback (as Flask's run does).
             log.error('%s: cannot listen on %s:%s: %s', self.name, self.host, self.port,
@@ -1736,6 +1771,8 @@ class Microservice:
             raise SystemExit(1) from None
         server = self._server
         restore = _on_stop_signals(functools.partial(self._stop_signal, server))
+        if on_serving is not None:
+            on_serving()
         try:
             try:
                 server.serve_forever()
@@ -1811,9 +1848,7 @@ class Microservice:
 
     @property
     def url(self):
-        host = self.host or '0.0.0.0'
-        return '%s://%s:%s' % ('https' if self._tls else 'http',
-                               '[%s]' % host if ':' in host else host, self.port)
+        return _url(self.host, self.port, self._tls)
 
     @property
     def address(self):
@@ -1917,7 +1952,7 @@ class _FlaskLike:
         return decorator
 
     def run(self, host=None, port=None, debug=None, **options):
-        self.service.run(port=port, host=host, debug=debug)
+        self.service.run(port=port, host=host, debug=debug, reload=options.get('use_reloader'))
 
 
 def _raw_answer(result):
@@ -5214,7 +5249,14 @@ def _find_servers(module, attribute):
     return services, sockets
 
 
-def _serve_command(options):
+def _serve_logging(options):
+    _default_logging()
+    if options.debug:
+        log.setLevel(logging.DEBUG if options.debug > 1 else logging.INFO)
+
+
+def _load_servers(options):
+    """Import the target of `serve` and return its ([Microservice], [SocketServer])."""
     module, attribute = _load_target(options.target)
     services, sockets = _find_servers(module, attribute)
     if not services and not sockets:
@@ -5223,9 +5265,19 @@ def _serve_command(options):
         names = ', '.join(sorted(k for k, v in vars(module).items() if v in services))
         raise SystemExit('mconnector: %s defines several Microservices (%s): name one as %s:NAME'
                          % (options.target, names, options.target))
-    _default_logging()
-    if options.debug:
-        log.setLevel(logging.DEBUG if options.debug > 1 else logging.INFO)
+    _serve_logging(options)     # after the import: the app may configure logging itself
+    return services, sockets
+
+
+def _serve_command(options):
+    if options.listen_fd is not None or options.reuse_port:
+        return _serve_worker(options)
+    reload = _serve_reloads(options)
+    if options.workers is not None or reload:
+        return _serve_supervised(options, reload)
+    services, sockets = _load_servers(options)
+    if _RELOAD_FD_ENV in os.environ:
+        _check_supervised(options, services, sockets, workers=False)
     for server in sockets:
         kwargs = {} if options.ws_port is None else {'port': options.ws_port}
         if options.host is not None:
@@ -5233,9 +5285,11 @@ def _serve_command(options):
         server.run(**kwargs)
     try:
         if services:
+            # reload=False: here either reloading is off, or this is the reload child,
+            # which run() recognises by the socket its parent hands over.
             services[0].run(port=options.port, host=options.host,
                             debug=True if options.debug else None, certfile=options.certfile,
-                            keyfile=options.keyfile, cafile=options.cafile)
+                            keyfile=options.keyfile, cafile=options.cafile, reload=False)
         else:
             stopped = threading.Event()
             restore = _on_stop_signals(lambda signum: stopped.set())
@@ -5324,6 +5378,525 @@ def _ws_cli(options):
     return _ws_command(options.url, timeout=options.timeout)
 
 
+# -- process supervision: --workers and the reloader ----------------------------------------
+#
+# Two kinds of parent process, sharing one shell (_Supervisor):
+#   - `serve --workers N`: N worker processes, each a full listener, serve one port.  On
+#     Linux each worker binds its own socket with SO_REUSEPORT and the kernel spreads the
+#     connections; the parent binds one too, without listening, to resolve --port 0 and to
+#     keep the port while it restarts workers.  Elsewhere the parent creates one listening
+#     socket and the workers inherit it (the listener accepts without blocking, so they
+#     can share it).  A worker that dies is replaced.
+#   - the reloader (run(debug=True), `serve --debug`): the process the user started binds
+#     the port, keeps it, and runs the same command again as a child that serves the
+#     inherited socket (its fd is named in the environment) and watches the mtimes of
+#     its modules' source files.  On a change the child stops gracefully and exits with
+#     _EXIT_RELOAD; the parent starts a new one.  Connections that arrive in between wait
+#     in the listen backlog of the socket the parent keeps.
+# Children poll for their parent (_watch_parent): a parent killed with SIGKILL must not
+# leave orphans holding the port.
+
+RELOAD_INTERVAL = 1.0       # seconds between two looks at the sources (see _reload_interval)
+_RELOAD_FD_ENV = 'MCONNECTOR_RELOAD_FD'     # "PID:FD": the reloader's pid and socket's fd
+_EXIT_RELOAD = 3            # a reload child's status for "a source changed: start me again"
+_EXIT_BOOT_FAILED = 4       # a worker's status for "cannot load the app": retrying is futile
+_QUICK_DEATH = 1.0          # a worker dead this soon after its start counts as a failed start
+_MAX_QUICK_DEATHS = 3       # consecutive failed starts before the parent gives up
+_DEFAULT_GRACE = 10.0       # Microservice's default grace, for a parent that did not import it
+_STOP_MARGIN = 5.0          # beyond the grace, before a child that does not stop is killed
+_PARENT_CHECK = 1.0         # seconds between two looks at a child's parent
+
+
+def _reload_interval():
+    """RELOAD_INTERVAL, unless MCONNECTOR_RELOAD_INTERVAL says otherwise (tests shorten it)."""
+    try:
+        return float(os.environ.get('MCONNECTOR_RELOAD_INTERVAL', RELOAD_INTERVAL))
+    except ValueError:
+        return RELOAD_INTERVAL
+
+
+def _interpreter_flags():
+    """The -X, -W, -O... options of this interpreter, for a child to run like it."""
+    import subprocess
+    flags = getattr(subprocess, '_args_from_interpreter_flags', None)
+    return flags() if flags else []
+
+
+def _url(host, port, tls):
+    """The URL a listener on (host, port) answers at, as logged."""
+    host = host or '0.0.0.0'
+    return '%s://%s:%s' % ('https' if tls else 'http', '[%s]' % host if ':' in host else host,
+                           port)
+
+
+def _listening_socket(host, port, listen=True, reuse_port=False):
+    """A TCP socket bound to (host, port), listening unless told otherwise."""
+    host = host or '0.0.0.0'
+    sock = socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET)
+    try:
+        if os.name == 'posix':      # a restart must not wait for TIME_WAIT to pass
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, int(port)))
+        if listen:
+            sock.listen(_ServerMixin.request_queue_size)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _bind_or_exit(name, host, port, **options):
+    """_listening_socket(), or one clear line and exit status 1 (as run() does)."""
+    try:
+        return _listening_socket(host, port, **options)
+    except OSError as exc:
+        log.error('%s: cannot listen on %s:%s: %s', name, host, port, exc.strerror or exc)
+        raise SystemExit(1) from None
+
+
+def _reuse_port_wanted():
+    """SO_REUSEPORT spreads connections over the workers' sockets on Linux only (BSD and
+    macOS accept the option without balancing).  MCONNECTOR_REUSE_PORT=0 turns it off."""
+    return (hasattr(socket, 'SO_REUSEPORT') and sys.platform.startswith('linux')
+            and os.environ.get('MCONNECTOR_REUSE_PORT') != '0')
+
+
+def _exit_status(code):
+    if code is not None and code < 0:
+        return 'was killed by %s' % _signal_name(-code)
+    return 'exited with status %s' % code
+
+
+def _ignore_signal(signum, frame):
+    """A handler that does nothing: SIGCHLD only has to wake the supervisor's loop."""
+
+
+class _Supervisor:
+    """The parent of workers or of reload children.
+
+    Its loop sleeps in wait(), which returns at once when a stop signal (SIGTERM,
+    SIGINT) or a child's exit (SIGCHLD) arrives: signal.set_wakeup_fd writes to a
+    socketpair that wait() selects on.  Stop signals are collected in `signals`.
+    """
+
+    def __init__(self, name, grace):
+        import signal
+        self.name = name
+        self.grace = grace
+        self.signals = []
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._restore_stop = _on_stop_signals(self.signals.append)
+        self._old_wakeup = signal.set_wakeup_fd(self._wake_w.fileno())
+        self._old_child = signal.signal(signal.SIGCHLD, _ignore_signal)
+
+    def close(self):
+        import signal
+        signal.signal(signal.SIGCHLD, self._old_child)
+        signal.set_wakeup_fd(self._old_wakeup)
+        self._restore_stop()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    @property
+    def stopping(self):
+        return bool(self.signals)
+
+    def wait(self, timeout):
+        """Sleep until a signal arrives or `timeout` seconds pass."""
+        select.select([self._wake_r], [], [], timeout)
+        try:
+            self._wake_r.recv(4096)
+        except OSError:
+            pass
+
+    def start(self, command, fds, env=None):
+        import subprocess
+        child = subprocess.Popen(command, pass_fds=fds, env=env)
+        log.debug('%s: started process %d', self.name, child.pid)
+        return child
+
+    def stop(self, children):
+        """SIGTERM every child (each stops gracefully), wait for them up to the grace and
+        a margin, then SIGKILL those left; a second Ctrl+C kills them at once."""
+        import signal
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.grace + _STOP_MARGIN
+        while any(child.poll() is None for child in children):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or (len(self.signals) > 1 and self.signals[-1] == _SIGINT):
+                break
+            self.wait(min(remaining, 1.0))
+        for child in children:
+            if child.poll() is None:
+                log.warning('%s: process %d did not stop: killing it', self.name, child.pid)
+                child.kill()
+            child.wait()
+        log.info('%s: stopped', self.name)
+
+
+def _watch_parent():
+    """In a child: stop gracefully, as on SIGTERM, once the parent process is gone."""
+    import signal
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(_PARENT_CHECK)
+        log.warning('parent process %d is gone: stopping', parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=watch, name='mconnector-parent', daemon=True).start()
+
+
+# -- the reloader --
+
+def _reload_child_socket():
+    """In a reload child's main thread: the listening socket its reloader hands over."""
+    value = os.environ.get(_RELOAD_FD_ENV)
+    if not value or threading.current_thread() is not threading.main_thread():
+        return None
+    # Taken once: children of the app must not take the name of an fd they do not have.
+    del os.environ[_RELOAD_FD_ENV]
+    pid, _, fd = value.partition(':')
+    if pid != str(os.getppid()):
+        return None
+    return socket.socket(fileno=int(fd))
+
+
+def _reload_wanted(debug, reload):
+    """Whether run() should become a reloader (in the main thread of a POSIX system)."""
+    if not (debug if reload is None else reload):
+        return False
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    if os.name != 'posix':
+        log.warning('reloading on changes needs a POSIX system: serving without it')
+        return False
+    if _script_command() is None:
+        log.warning('reloading on changes needs a program started from a file or with -m: '
+                    'serving without it')
+        return False
+    return True
+
+
+def _script_command():
+    """The command that started this program, to start it again; None for python -c and
+    the interactive prompt."""
+    main = sys.modules.get('__main__')
+    spec = getattr(main, '__spec__', None)
+    head = [sys.executable] + _interpreter_flags()
+    if spec is not None and spec.name and spec.name != '__main__':     # python -m NAME
+        name = spec.name[:-len('.__main__')] if spec.name.endswith('.__main__') else spec.name
+        return head + ['-m', name] + sys.argv[1:]
+    if sys.argv and sys.argv[0] and os.path.exists(sys.argv[0]):
+        return head + [os.path.abspath(sys.argv[0])] + sys.argv[1:]
+    return None
+
+
+def _app_directory(path=None):
+    """Where to look for .py files after a child failed: the app's own directory."""
+    if path and os.path.exists(path):
+        return os.path.dirname(os.path.abspath(path))
+    return os.getcwd()
+
+
+def _run_reloader(service, host, port, tls):
+    """run(debug=True) in the process the user started: keep the port, serve from
+    children started again after each change.  Returns the exit status."""
+    sock = _bind_or_exit(service.name, host, port)
+    main = sys.modules.get('__main__')
+    url = _url(host, sock.getsockname()[1], tls)
+    log.info('%s: serving %s, restarting on source changes (reloader %d)', service.name,
+             url, os.getpid())
+    supervisor = _Supervisor(service.name, service.grace)
+    try:
+        return _supervise_reload(supervisor, sock, _script_command(),
+                                 _app_directory(getattr(main, '__file__', None)))
+    finally:
+        supervisor.close()
+        sock.close()
+
+
+def _supervise_reload(supervisor, sock, command, directory):
+    """Run `command` as a child serving `sock` again and again: at once when it asks
+    for it (_EXIT_RELOAD), after a change of a .py file under `directory` when it fails.
+    Returns the exit status: 0 once stopped by a signal, or the child's when it ends well
+    on its own."""
+    env = dict(os.environ)
+    env[_RELOAD_FD_ENV] = '%d:%d' % (os.getpid(), sock.fileno())
+    while True:
+        before = _py_mtimes(directory)
+        child = supervisor.start(command, (sock.fileno(),), env)
+        while child.poll() is None and not supervisor.stopping:
+            supervisor.wait(1.0)
+        if supervisor.stopping:
+            supervisor.stop([child])
+            return 0
+        if child.returncode == _EXIT_RELOAD:
+            continue
+        if child.returncode == 0:
+            log.info('%s: the service ended', supervisor.name)
+            return 0
+        log.warning('%s: the service %s: waiting for a change of a .py file under %s',
+                    supervisor.name, _exit_status(child.returncode), directory)
+        if not _wait_for_change(supervisor, directory, before):
+            return 0
+
+
+def _wait_for_change(supervisor, directory, before):
+    """Wait until a .py file under `directory` differs from `before`; False if stopped."""
+    interval = _reload_interval()
+    while not supervisor.stopping:
+        now = _py_mtimes(directory)
+        changed = sorted(set(now.items()) ^ set(before.items()))
+        if changed:
+            log.info('%s: %s changed: restarting', supervisor.name, changed[0][0])
+            return True
+        supervisor.wait(interval)
+    return False
+
+
+_SKIPPED_DIRECTORIES = frozenset(['__pycache__', 'node_modules', 'site-packages',
+                                  'dist-packages'])
+
+
+def _py_mtimes(directory):
+    """{path: mtime} of the .py files under `directory` (hidden directories, caches and
+    installed packages left out)."""
+    found = {}
+    for root, dirs, files in os.walk(directory):
+        dirs[:] = [d for d in dirs if not d.startswith('.') and d not in _SKIPPED_DIRECTORIES]
+        for name in files:
+            if name.endswith('.py'):
+                path = os.path.join(root, name)
+                try:
+                    found[path] = os.stat(path).st_mtime_ns
+                except OSError:
+                    pass
+    return found
+
+
+def _library_directories():
+    """Prefixes of the standard library and installed packages: their files are not watched."""
+    import site
+    import sysconfig
+    paths = sysconfig.get_paths()
+    found = {paths.get(key) for key in ('stdlib', 'platstdlib', 'purelib', 'platlib')}
+    try:
+        found.add(site.getusersitepackages())
+    except Exception:       # site may be disabled (python -S)
+        pass
+    return tuple(os.path.join(os.path.abspath(p), '') for p in found if p)
+
+
+def _source_files(library, verdicts):
+    """The files of the loaded modules that belong to the app (or to mconnector itself)."""
+    for module in list(sys.modules.values()):
+        path = getattr(module, '__file__', None)
+        if not isinstance(path, str):
+            continue
+        if path not in verdicts:
+            full = os.path.abspath(path)
+            parts = full.split(os.sep)
+            verdicts[path] = not (full.startswith(library) or 'site-packages' in parts
+                                  or 'dist-packages' in parts)
+        if verdicts[path]:
+            yield path
+
+
+def _watch_sources(on_change):
+    """Call on_change(path), once, when a loaded module's source file changes.
+
+    The first look is taken now, the next ones every _reload_interval() seconds in a
+    daemon thread; modules imported later are watched from the look that first sees them.
+    """
+    library, verdicts, seen = _library_directories(), {}, {}
+
+    def look():
+        for path in _source_files(library, verdicts):
+            try:
+                mtime = os.stat(path).st_mtime_ns
+            except OSError:         # an editor may be replacing it: look again next time
+                continue
+            if seen.setdefault(path, mtime) != mtime:
+                return path
+        return None
+    look()
+    interval = _reload_interval()
+
+    def watch():
+        while True:
+            time.sleep(interval)
+            path = look()
+            if path is not None:
+                on_change(path)
+                return
+    threading.Thread(target=watch, name='mconnector-reloader', daemon=True).start()
+
+
+# -- serve --workers, serve --debug --
+
+def _serve_supervised(options, reload):
+    """`serve` as the parent of workers (--workers) or of reload children (--debug)."""
+    if options.workers is not None and options.workers < 1:
+        raise SystemExit('mconnector: --workers takes a number of processes, 1 or more')
+    if options.workers and reload:
+        raise SystemExit('mconnector: --workers and reloading (--debug) do not go together: '
+                         'add --no-reload, or drop --workers')
+    if os.name != 'posix':
+        raise SystemExit('mconnector: --workers needs a POSIX system')
+    host, port, grace = _serve_address(options)
+    _serve_logging(options)
+    tls = bool(options.certfile)
+    if options.workers:
+        return _serve_workers(options, host, port, grace, tls)
+    sock = _bind_or_exit(options.target, host, port)
+    log.info('%s: serving %s, restarting on source changes (reloader %d)', options.target,
+             _url(host, sock.getsockname()[1], tls), os.getpid())
+    command = [sys.executable] + _interpreter_flags() + [os.path.abspath(__file__)] + options.argv
+    supervisor = _Supervisor(options.target, grace)
+    try:
+        return _supervise_reload(supervisor, sock, command, _app_directory(options.target))
+    finally:
+        supervisor.close()
+        sock.close()
+
+
+def _serve_reloads(options):
+    """--debug without --no-reload, in the process the user started (not in its child)."""
+    if not options.debug or options.no_reload or _RELOAD_FD_ENV in os.environ:
+        return False
+    if os.name != 'posix':
+        _serve_logging(options)
+        log.warning('reloading on changes needs a POSIX system: serving without it')
+        return False
+    return True
+
+
+def _serve_address(options):
+    """(host, port, grace) to serve: from --host and --port when both are given, so that
+    the parent need not import the app; else the parent imports it to learn them."""
+    if options.host is not None and options.port is not None:
+        return options.host, options.port, _DEFAULT_GRACE
+    services, sockets = _load_servers(options)
+    _check_supervised(options, services, sockets, bool(options.workers))
+    service = services[0]
+    host = service.host if options.host is None else options.host
+    port = service.port if options.port is None else options.port
+    return host, port, service.grace
+
+
+def _check_supervised(options, services, sockets, workers):
+    """Refuse what several processes cannot serve together."""
+    what = '--workers' if workers else 'reloading (--debug)'
+    if not services:
+        raise SystemExit('mconnector: %s serves a Microservice, and %s defines websocket '
+                         'servers only%s' % (what, options.target,
+                                             '' if workers else ': add --no-reload'))
+    if workers and sockets:
+        raise SystemExit('mconnector: --workers cannot share the websocket server(s) of %s '
+                         'between processes: serve them without --workers'
+                         % options.target)
+
+
+def _serve_workers(options, host, port, grace, tls):
+    """Bind (or reserve) the port, start the workers, replace those that die."""
+    fds = ()
+    sock = None
+    if _reuse_port_wanted():
+        try:        # reserved, not listening: connections go to the workers' sockets only
+            sock = _listening_socket(host, port, listen=False, reuse_port=True)
+        except OSError:
+            sock = None
+    if sock is None:
+        sock = _bind_or_exit(options.target, host, port)
+        fds = (sock.fileno(),)
+    port = sock.getsockname()[1]
+    log.info('%s: %d workers serving %s (supervisor %d)', options.target, options.workers,
+             _url(host, port, tls), os.getpid())
+    command = _worker_command(options, host, port, fds[0] if fds else None)
+    supervisor = _Supervisor(options.target, grace)
+    try:
+        return _supervise_workers(supervisor, options.workers, command, fds)
+    finally:
+        supervisor.close()
+        sock.close()
+
+
+def _worker_command(options, host, port, fd):
+    """A worker: this file's `serve` with the resolved address, told how to listen."""
+    command = [sys.executable] + _interpreter_flags() + [
+        os.path.abspath(__file__), 'serve', options.target, '--host', host, '--port', str(port)]
+    command += ['--debug'] * options.debug
+    for name in ('certfile', 'keyfile', 'cafile'):
+        if getattr(options, name):
+            command += ['--' + name, getattr(options, name)]
+    return command + (['--reuse-port'] if fd is None else ['--listen-fd', str(fd)])
+
+
+def _supervise_workers(supervisor, count, command, fds):
+    """Keep `count` workers alive until a stop signal; returns the exit status (1 when
+    the workers cannot start)."""
+    workers = {}        # Popen -> monotonic time it was started
+
+    def start():
+        workers[supervisor.start(command, fds)] = time.monotonic()
+    for _ in range(count):
+        start()
+    quick_deaths = 0
+    while not supervisor.stopping:
+        supervisor.wait(1.0)
+        for worker, started in list(workers.items()):
+            if supervisor.stopping or worker.poll() is None:
+                continue
+            del workers[worker]
+            code = worker.returncode
+            quick_deaths = quick_deaths + 1 if time.monotonic() - started < _QUICK_DEATH else 0
+            if code == _EXIT_BOOT_FAILED or quick_deaths >= _MAX_QUICK_DEATHS:
+                log.error('%s: worker %d could not start (it %s): giving up, the reason is '
+                          'above', supervisor.name, worker.pid, _exit_status(code))
+                supervisor.stop(list(workers))
+                return 1
+            log.warning('%s: worker %d %s: starting another', supervisor.name, worker.pid,
+                        _exit_status(code))
+            start()
+    supervisor.stop(list(workers))
+    return 0
+
+
+def _serve_worker(options):
+    """`serve` in a worker: load the app (a failure is reported with _EXIT_BOOT_FAILED,
+    so that the parent stops trying), then serve the shared or SO_REUSEPORT socket."""
+    try:
+        services, sockets = _load_servers(options)
+        _check_supervised(options, services, sockets, workers=True)
+    except SystemExit as exc:
+        _serve_logging(options)
+        log.error('%s', exc.code if isinstance(exc.code, str) else
+                  '%s: the app exited while loading (%s)' % (options.target, exc.code))
+        raise SystemExit(_EXIT_BOOT_FAILED) from None
+    except Exception:
+        _serve_logging(options)
+        log.exception('%s: cannot load the app', options.target)
+        raise SystemExit(_EXIT_BOOT_FAILED) from None
+    if options.reuse_port:
+        try:
+            sock = _bind_or_exit(options.target, options.host, options.port, reuse_port=True)
+        except SystemExit:
+            raise SystemExit(_EXIT_BOOT_FAILED) from None
+    else:
+        sock = socket.socket(fileno=options.listen_fd)
+    _watch_parent()
+    services[0].run(sock=sock, debug=True if options.debug else None, reload=False,
+                    certfile=options.certfile, keyfile=options.keyfile, cafile=options.cafile)
+    return 0
+
+
 def _parser():
     import argparse
     parser = argparse.ArgumentParser(
@@ -5343,11 +5916,21 @@ def _parser():
     serve.add_argument('--port', type=int, help="port (default: the service's own, 5000)")
     serve.add_argument('--ws-port', type=int, help='port for the websocket server')
     serve.add_argument('--debug', action='count', default=0,
-                       help='log every request, return tracebacks (twice: debug logging)')
+                       help='log every request, return tracebacks, restart when a source '
+                            'file changes (twice: debug logging)')
     serve.add_argument('--certfile', help='serve HTTPS with this certificate (PEM)')
     serve.add_argument('--keyfile', help='private key of --certfile, if not inside it')
     serve.add_argument('--cafile', help='with --certfile: require client certificates '
                                         'signed by these CAs (mutual TLS)')
+    serve.add_argument('--workers', type=int, metavar='N',
+                       help='serve from N processes sharing the port; a worker that dies '
+                            'is replaced')
+    serve.add_argument('--no-reload', action='store_true',
+                       help='with --debug: do not restart when a source file changes')
+    # How a worker started by --workers listens: on the parent's socket, inherited as this
+    # fd, or on its own socket bound with SO_REUSEPORT.
+    serve.add_argument('--listen-fd', type=int, help=argparse.SUPPRESS)
+    serve.add_argument('--reuse-port', action='store_true', help=argparse.SUPPRESS)
     serve.set_defaults(run=_serve_command)
 
     call = commands.add_parser(
@@ -5397,6 +5980,7 @@ def _parser():
 
 def main(argv=None):
     """Entry point of `python -m mconnector` and of the `mconnector` console script."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = _parser()
     options, extra = parser.parse_known_args(argv)
     if extra:
@@ -5406,6 +5990,7 @@ def main(argv=None):
             options.args.extend(extra)
         else:
             parser.error('unrecognized arguments: %s' % ' '.join(extra))
+    options.argv = argv         # for `serve` to start its children with the same options
     try:
         return options.run(options)
     except KeyboardInterrupt:

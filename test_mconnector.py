@@ -2731,5 +2731,299 @@ class SeedExampleTest(unittest.TestCase):
         self.assertEqual(self.by_id(lines), self.expected('working on b'))
 
 
+# ==========================================================================================
+# Process supervision: serve --workers, reload on changes (issue 6)
+# ==========================================================================================
+
+PID_APP = '''\
+import os
+from mconnector import Microservice
+M = Microservice('procs')
+
+@M.typing('/pid')
+def pid():
+    return os.getpid()
+'''
+
+WORD_APP = '''\
+from mconnector import Microservice
+M = Microservice('words')
+
+@M.typing('/word')
+def word():
+    return %r
+'''
+
+
+class ServeProcess:
+    """`python -m mconnector serve ARGS` (or `command`) in a session of its own, stdout and
+    stderr in files; the test's cleanup kills its whole process group (parent and
+    children) if still there."""
+
+    def __init__(self, test, folder, *args, env=None, command=None, cwd=HERE):
+        import signal
+        self.test = test
+        self.signal = signal
+        self.log_path = os.path.join(folder, 'serve.log')
+        self.out_path = os.path.join(folder, 'serve.out')
+        if command is None:
+            command = [sys.executable, '-m', 'mconnector', 'serve'] + list(args)
+        with open(self.log_path, 'wb') as log_file, open(self.out_path, 'wb') as out_file:
+            # SIGINT as in a terminal, even when these tests run where it is ignored (a
+            # background job of a non-interactive shell).
+            self.proc = subprocess.Popen(
+                command, cwd=cwd, stdout=out_file, stderr=log_file, start_new_session=True,
+                env=dict(os.environ, MCONNECTOR_RELOAD_INTERVAL='0.05', **(env or {})),
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        test.addCleanup(self.kill)
+
+    def kill(self):
+        try:
+            os.killpg(self.proc.pid, self.signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+    def output(self, path=None):
+        with open(path or self.log_path, encoding='utf-8', errors='replace') as f:
+            return f.read()
+
+    def url(self, timeout=5):
+        import re
+        found = wait_for(lambda: re.search(r'http://127\.0\.0\.1:\d+', self.output()), timeout)
+        self.test.assertTrue(found, 'no URL logged:\n' + self.output())
+        return found.group(0)
+
+    def terminate(self, timeout=5):
+        """SIGTERM the parent: it must exit 0, in time."""
+        self.proc.send_signal(self.signal.SIGTERM)
+        self.test.assertEqual(self.proc.wait(timeout), 0, self.output())
+
+
+def try_call(url, rule, timeout=2):
+    """The result of one call over a new connection, or None if the call failed."""
+    try:
+        with Friend('procs', url, timeout=timeout, retries=0) as friend:
+            return friend.send(rule)
+    except mconnector.MConnectorError:
+        return None
+
+
+def process_gone(pid):
+    """No such process, or only its zombie: an orphan's zombie waits for init to reap it,
+    which some containers' init does slowly."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        with open('/proc/%d/stat' % pid) as f:
+            return f.read().rpartition(')')[2].split()[0] == 'Z'
+    except OSError:
+        return False
+
+
+class SupervisionTest(unittest.TestCase):
+    def setUp(self):
+        import tempfile
+        folder = tempfile.TemporaryDirectory()
+        self.addCleanup(folder.cleanup)
+        self.folder = folder.name
+
+    def write_app(self, text, name='app.py'):
+        path = os.path.join(self.folder, name)
+        with open(path, 'w') as f:
+            f.write(text)
+        # In the future, so that a rewrite within the same second is seen as a change.
+        self.writes = getattr(self, 'writes', 0) + 1
+        later = time.time() + 100 + self.writes
+        os.utime(path, (later, later))
+        return path
+
+    def serve(self, *args, env=None):
+        return ServeProcess(self, self.folder, self.app, '--host', '127.0.0.1', '--port', '0',
+                            *args, env=env)
+
+    def distinct_pids(self, serve, url, count):
+        """Pids of the workers answering calls over new connections, once `count` are seen."""
+        pids = set()
+        self.assertTrue(wait_for(lambda: pids.add(try_call(url, '/pid')) or
+                                 len(pids - {None}) >= count, 10), serve.output())
+        return pids - {None}
+
+    def test_workers_share_the_port_and_dead_ones_are_replaced(self):
+        import signal
+        self.app = self.write_app(PID_APP)
+        modes = [('inherited socket', {'MCONNECTOR_REUSE_PORT': '0'})]
+        if mconnector._reuse_port_wanted():
+            modes.insert(0, ('SO_REUSEPORT', {}))
+        for mode, env in modes:
+            with self.subTest(mode):
+                serve = self.serve('--workers', '2', env=env)
+                url = serve.url()
+                first = self.distinct_pids(serve, url, 2)
+                victim = sorted(first)[0]
+                os.kill(victim, signal.SIGKILL)
+                seen = set()
+
+                def replaced():
+                    pid = try_call(url, '/pid')
+                    seen.add(pid)
+                    return pid is not None and pid not in first
+                self.assertTrue(wait_for(replaced, 10), serve.output())
+                self.assertIn('worker %d was killed by SIGKILL' % victim, serve.output())
+                serve.terminate()
+                everyone = (first | seen) - {None}
+                self.assertTrue(wait_for(lambda: all(map(process_gone, everyone)), 5),
+                                [pid for pid in everyone if not process_gone(pid)])
+
+    def test_ctrl_c_lets_requests_in_flight_finish_then_everything_exits_0(self):
+        import signal
+        mark = os.path.join(self.folder, 'started')
+        self.app = self.write_app(PID_APP + (
+            '\n@M.typing("/slow")\n'
+            'def slow():\n'
+            '    import time\n'
+            '    open(%r, "w").close()\n'
+            '    time.sleep(0.5)\n'
+            '    return "done"\n' % mark))
+        for args in (['--workers', '2'], ['--debug']):
+            with self.subTest(args[0]):
+                serve = self.serve(*args)
+                url = serve.url()
+                pids = self.distinct_pids(serve, url, 2 if '--workers' in args else 1)
+                with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                    slow = pool.submit(try_call, url, '/slow', 10)
+                    self.assertTrue(wait_for(lambda: os.path.exists(mark), 5), serve.output())
+                    # As a terminal does: SIGINT to the parent and its children at once;
+                    # the parent then sends SIGTERM to children that are already stopping.
+                    os.killpg(serve.proc.pid, signal.SIGINT)
+                    self.assertEqual(slow.result(10), 'done', serve.output())
+                self.assertEqual(serve.proc.wait(5), 0, serve.output())
+                self.assertNotIn('Traceback', serve.output())
+                self.assertNotIn('cut short', serve.output())
+                self.assertTrue(wait_for(lambda: all(map(process_gone, pids)), 5))
+                os.remove(mark)
+
+    def test_workers_stop_when_their_parent_is_killed(self):
+        self.app = self.write_app(PID_APP)
+        serve = self.serve('--workers', '2')
+        url = serve.url()
+        pids = self.distinct_pids(serve, url, 2)
+        serve.proc.kill()
+        serve.proc.wait()
+        self.assertTrue(wait_for(lambda: all(map(process_gone, pids)), 5), serve.output())
+        self.assertIn('parent process %d is gone' % serve.proc.pid, serve.output())
+
+    def test_workers_that_cannot_load_the_app_make_the_parent_give_up(self):
+        self.app = self.write_app('import mconnector\nraise RuntimeError("no way to start")\n')
+        serve = self.serve('--workers', '2')
+        self.assertEqual(serve.proc.wait(10), 1)
+        out = serve.output()
+        self.assertIn('RuntimeError: no way to start', out)
+        self.assertIn('giving up', out)
+
+    def test_what_cannot_be_supervised_is_refused_clearly(self):
+        self.app = self.write_app('from mconnector import SocketServer\nsk = SocketServer("s")\n')
+        cases = [(['--workers', '2', '--debug'], 'add --no-reload'),
+                 (['--workers', '0'], '1 or more'),
+                 (['--workers', '2', '--port', '0'], 'websocket servers only'),
+                 (['--debug', '--port', '0'], 'websocket servers only: add --no-reload')]
+        for args, message in cases:
+            out = subprocess.run([sys.executable, '-m', 'mconnector', 'serve', self.app] + args,
+                                 cwd=HERE, capture_output=True, text=True, timeout=10)
+            self.assertNotEqual(out.returncode, 0, args)
+            self.assertIn(message, out.stderr, args)
+
+    def test_debug_reloads_a_changed_app_on_the_same_port(self):
+        self.app = self.write_app(WORD_APP % 'one')
+        serve = self.serve('--debug')
+        url = serve.url()
+        self.assertEqual(try_call(url, '/word'), 'one', serve.output())
+        self.write_app(WORD_APP % 'two')
+        self.assertTrue(wait_for(lambda: try_call(url, '/word') == 'two', 10), serve.output())
+        self.assertIn('app.py changed: reloading', serve.output())
+        serve.terminate()
+
+    def test_the_reloader_waits_for_a_fix_when_the_app_fails(self):
+        self.app = self.write_app('from mconnector import Microservice\nM = Microservice(\n')
+        serve = self.serve('--debug', '--no-reload')
+        self.assertNotEqual(serve.proc.wait(10), 0)     # --no-reload: nobody waits for a fix
+        serve = self.serve('--debug')
+        url = serve.url()
+        self.assertTrue(wait_for(lambda: 'waiting for a change' in serve.output(), 10),
+                        serve.output())
+        self.write_app(WORD_APP % 'fixed')
+        self.assertTrue(wait_for(lambda: try_call(url, '/word') == 'fixed', 10), serve.output())
+        serve.terminate()
+
+    def test_a_taken_port_fails_once_early(self):
+        self.app = self.write_app(WORD_APP % 'never imported')
+        with socket.socket() as taken:
+            taken.bind(('127.0.0.1', 0))
+            taken.listen()
+            port = str(taken.getsockname()[1])
+            for args in (['--debug'], ['--workers', '2']):
+                out = subprocess.run(
+                    [sys.executable, '-m', 'mconnector', 'serve', self.app, '--host',
+                     '127.0.0.1', '--port', port] + args,
+                    cwd=HERE, capture_output=True, text=True, timeout=10)
+                self.assertEqual(out.returncode, 1, args)
+                self.assertIn('Address already in use', out.stderr, args)
+                self.assertEqual(len(out.stderr.strip().splitlines()), 1, out.stderr)
+
+    def test_run_debug_in_a_script_reloads_it(self):
+        script = self.write_app(
+            'from mconnector import Microservice\n'
+            'M = Microservice("script", host="127.0.0.1", port=0)\n'
+            '@M.typing("/word")\n'
+            'def word():\n'
+            '    return "one"\n'
+            'if __name__ == "__main__":\n'
+            '    M.run(debug=True)\n'
+            '    print("after run", flush=True)\n', name='script.py')
+        run = ServeProcess(self, self.folder, command=[sys.executable, script],
+                           cwd=self.folder, env={'PYTHONPATH': HERE})
+        url = run.url()
+        self.assertEqual(try_call(url, '/word'), 'one', run.output())
+        with open(script) as f:
+            text = f.read()
+        self.write_app(text.replace('"one"', '"two"'), name='script.py')
+        self.assertTrue(wait_for(lambda: try_call(url, '/word') == 'two', 10), run.output())
+        run.terminate()
+        self.assertEqual(run.output(run.out_path), 'after run\n')     # in the last child only
+
+    def test_the_command_that_starts_the_program_again(self):
+        import types
+        from unittest import mock
+        main = types.ModuleType('__main__')
+        main.__spec__ = types.SimpleNamespace(name='pkg.__main__')
+        with mock.patch.dict(sys.modules, {'__main__': main}), \
+                mock.patch.object(sys, 'argv', ['/x/pkg/__main__.py', 'a', '-b']):
+            command = mconnector._script_command()
+        self.assertEqual(command[0], sys.executable)
+        self.assertEqual(command[-4:], ['-m', 'pkg', 'a', '-b'])
+        main.__spec__ = None
+        with mock.patch.dict(sys.modules, {'__main__': main}), \
+                mock.patch.object(sys, 'argv', [os.path.relpath(__file__), 'a']):
+            self.assertEqual(mconnector._script_command()[-2:], [os.path.abspath(__file__), 'a'])
+        with mock.patch.dict(sys.modules, {'__main__': main}), \
+                mock.patch.object(sys, 'argv', ['-c']):
+            self.assertIsNone(mconnector._script_command())
+
+    def test_start_never_reloads(self):
+        self.assertFalse(mconnector._reload_wanted(False, None))
+        outcome = []
+        thread = threading.Thread(target=lambda: outcome.append(
+            mconnector._reload_wanted(True, None)))
+        thread.start()
+        thread.join()
+        self.assertEqual(outcome, [False])
+        M = Microservice('quiet', debug=True)
+        M.start(port=0, host='127.0.0.1')
+        self.addCleanup(M.stop)
+        self.assertNotIn(mconnector._RELOAD_FD_ENV, os.environ)
+
+
 if __name__ == '__main__':
     unittest.main()
