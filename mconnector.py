@@ -2308,6 +2308,7 @@ class _ServerMixin:
         self._demand_w.setblocking(False)
         self._stopping = False
         self._active = 0                        # connections dispatched to the workers
+        self._queued = 0                        # ... and not yet taken by one
         self._drained = threading.Condition(self._lock)     # notified when _active is 0
         self._ready = queue.SimpleQueue()       # connections with a request to serve
         self._to_park = queue.SimpleQueue()     # connections handed back by workers
@@ -2463,10 +2464,12 @@ class _ServerMixin:
     # -- workers ------------------------------------------------------------------------
 
     def _dispatch(self, conn):
-        self._ready.put(conn)
         with self._lock:
             self._active += 1
-            busy = self._idle_workers == 0
+            # Counted against the idle workers with the connections already queued: an idle
+            # worker may be about to take an earlier one, and then this one needs another.
+            self._queued += 1
+            busy = self._queued > self._idle_workers
             start = busy and len(self._workers) < self.service.max_workers
             if busy and not start:
                 try:
@@ -2478,6 +2481,7 @@ class _ServerMixin:
                                           name='mconnector-%s-%d' % (self.service.name,
                                                                      len(self._workers)))
                 self._workers.append(worker)
+        self._ready.put(conn)
         if start:
             worker.start()
 
@@ -2491,8 +2495,9 @@ class _ServerMixin:
             conn = self._ready.get()
             with self._lock:
                 self._idle_workers -= 1
-            if conn is None:
-                return
+                if conn is None:
+                    return
+                self._queued -= 1
             park = False
             try:
                 park = conn.serve_ready()

@@ -1293,6 +1293,34 @@ class TLSTest(unittest.TestCase):
         self.assertEqual(M.runs, [None])
 
 
+class WorkerDispatchTest(unittest.TestCase):
+    def test_requests_arriving_together_each_get_a_worker(self):
+        # One idle worker and two requests ready at once: the second must get a worker of
+        # its own, not wait behind the first one's function.
+        M = Microservice('pair')
+        entered = threading.Semaphore(0)
+        release = threading.Event()
+
+        @M.typing('/wait')
+        def wait():
+            entered.release()
+            return release.wait(10)
+        Service.start(self, M)
+        self.addCleanup(release.set)
+        raw_request(M.port, b'GET /_mc/health HTTP/1.1\r\nConnection: close\r\n\r\n')
+        pair = [socket.create_connection(('127.0.0.1', M.port), timeout=5) for _ in range(2)]
+        for sock in pair:
+            self.addCleanup(sock.close)
+        self.assertTrue(wait_for(lambda: M.stats['connections'] == 3))
+        for sock in pair:
+            sock.sendall(b'POST /wait HTTP/1.1\r\nContent-Length: 0\r\n\r\n')
+        self.assertTrue(entered.acquire(timeout=5))
+        self.assertTrue(entered.acquire(timeout=5), 'the second request got no worker')
+        release.set()
+        for sock in pair:
+            self.assertTrue(sock.recv(4096).endswith(b'[true]'))
+
+
 class LimitsTest(unittest.TestCase):
     def setUp(self):
         self.M = counting_service(max_body=4096, request_timeout=0.5, timeout=0.5, max_workers=4)
