@@ -2464,10 +2464,13 @@ class _ServerMixin:
     # -- workers ------------------------------------------------------------------------
 
     def _dispatch(self, conn):
+        # Queued first: a holding worker woken by the demand below must find it waiting.
+        self._ready.put(conn)
         with self._lock:
             self._active += 1
             # Counted against the idle workers with the connections already queued: an idle
             # worker may be about to take an earlier one, and then this one needs another.
+            # (A worker may take it before this count: _queued is then -1 for a moment.)
             self._queued += 1
             busy = self._queued > self._idle_workers
             start = busy and len(self._workers) < self.service.max_workers
@@ -2481,7 +2484,6 @@ class _ServerMixin:
                                           name='mconnector-%s-%d' % (self.service.name,
                                                                      len(self._workers)))
                 self._workers.append(worker)
-        self._ready.put(conn)
         if start:
             worker.start()
 
