@@ -1754,6 +1754,9 @@ class Microservice:
             changed.append(path)
             server = self._server
             if server is not None:
+                # The reloader keeps the socket open: connections waiting in its backlog
+                # are the next child's to serve.
+                server.keep_backlog = True
                 server.stop()
         _watch_parent()
         self._serve_until_stopped(port, host, debug, sock, tls,
@@ -2290,6 +2293,7 @@ class _ServerMixin:
 
     request_queue_size = 1024           # the listen backlog: bursts wait in the kernel
     allow_reuse_address = True
+    keep_backlog = False                # on stop, leave waiting connections to the next owner
 
     def server_bind(self):
         socketserver.TCPServer.server_bind(self)     # without HTTPServer's getfqdn() lookup
@@ -2344,7 +2348,7 @@ class _ServerMixin:
                     self._enforce_timeouts(selector, now)
         finally:
             selector.unregister(self.socket)
-            accepted = self._drain_backlog()
+            accepted = [] if self.keep_backlog else self._drain_backlog()
             self.server_close()         # from now on, connecting is refused
             parked = [key.data for key in selector.get_map().values() if key.data is not None]
             selector.close()
@@ -5642,6 +5646,7 @@ def _supervise_reload(supervisor, sock, command, directory):
         while child.poll() is None and not supervisor.stopping:
             supervisor.wait(1.0)
         if supervisor.stopping:
+            sock.close()        # so that, once the child closes it too, connecting is refused
             supervisor.stop([child])
             return 0
         if child.returncode == _EXIT_RELOAD:
@@ -5829,7 +5834,7 @@ def _serve_workers(options, host, port, grace, tls):
     command = _worker_command(options, host, port, fds[0] if fds else None)
     supervisor = _Supervisor(options.target, grace)
     try:
-        return _supervise_workers(supervisor, options.workers, command, fds)
+        return _supervise_workers(supervisor, options.workers, command, sock, fds)
     finally:
         supervisor.close()
         sock.close()
@@ -5846,9 +5851,10 @@ def _worker_command(options, host, port, fd):
     return command + (['--reuse-port'] if fd is None else ['--listen-fd', str(fd)])
 
 
-def _supervise_workers(supervisor, count, command, fds):
+def _supervise_workers(supervisor, count, command, sock, fds):
     """Keep `count` workers alive until a stop signal; returns the exit status (1 when
-    the workers cannot start)."""
+    the workers cannot start).  `sock` is the listening socket the workers inherit (as
+    `fds`), or the port reserved beside their own SO_REUSEPORT sockets."""
     workers = {}        # Popen -> monotonic time it was started
 
     def start():
@@ -5867,11 +5873,13 @@ def _supervise_workers(supervisor, count, command, fds):
             if code == _EXIT_BOOT_FAILED or quick_deaths >= _MAX_QUICK_DEATHS:
                 log.error('%s: worker %d could not start (it %s): giving up, the reason is '
                           'above', supervisor.name, worker.pid, _exit_status(code))
+                sock.close()
                 supervisor.stop(list(workers))
                 return 1
             log.warning('%s: worker %d %s: starting another', supervisor.name, worker.pid,
                         _exit_status(code))
             start()
+    sock.close()        # so that, once the workers close theirs, connecting is refused
     supervisor.stop(list(workers))
     return 0
 

@@ -2284,8 +2284,10 @@ if sys.argv[1] == 'blocking':           # as a script that runs an HTTP server a
 
     def run_and_interrupt(self, mode, signum=None):
         import signal
+        # (SIGINT as in a terminal, even where these tests run as a background job)
         proc = subprocess.Popen([sys.executable, '-c', self.SCRIPT % HERE, mode], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             port = int(proc.stdout.readline())
             c = mconnector.SocketClient('127.0.0.1:%d' % port, '/hello')
