@@ -23,8 +23,9 @@ Map of this file, in the order data flows:
   3. Routing         rule patterns such as /item/<id:int>, shared by HTTP and websockets
   4. HTTP            sans-I/O heads, bodies, responses and request signing (secretKey),
                      shared by the listener, the sender and the websocket handshake
-  5. Listener        Microservice: decorators, dispatch (no I/O), and its server shell:
-                     bounded workers, parked idle connections, deadlines, TLS; WSGI
+  5. Listener        Microservice: decorators, dispatch (no I/O), /_mc/ health, rules
+                     and metrics; its server shell: bounded workers, parked idle
+                     connections, deadlines, TLS, graceful stop; the WSGI entry
   6. Sender          Friend: keep-alive connections, retries, errors as exceptions
   7. WebSocket core  sans-I/O RFC 6455: handshake, frames, the connection state machine
   8. WebSocket I/O   SocketServer (socketserver shell) and SocketClient

@@ -1143,6 +1143,8 @@ def refuses_connections(port):
         socket.create_connection(('127.0.0.1', port), timeout=1).close()
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:    # caught in the backlog as the socket closed: ask again
+        pass
     return False
 
 
