@@ -5657,14 +5657,17 @@ def _supervise_reload(supervisor, sock, command, directory):
             return 0
         log.warning('%s: the service %s: waiting for a change of a .py file under %s',
                     supervisor.name, _exit_status(child.returncode), directory)
-        if not _wait_for_change(supervisor, directory, before):
+        if not _wait_for_change(supervisor, directory, before, sock):
             return 0
 
 
-def _wait_for_change(supervisor, directory, before):
-    """Wait until a .py file under `directory` differs from `before`; False if stopped."""
+def _wait_for_change(supervisor, directory, before, sock):
+    """Wait until a .py file under `directory` differs from `before`; False if stopped.
+    Meanwhile, calls get a 503 that says why at once, instead of hanging in the backlog."""
     interval = _reload_interval()
     while not supervisor.stopping:
+        _answer_unavailable(sock, '%s failed to start: fix it (see its log), it restarts on '
+                                  'the next change' % supervisor.name)
         now = _py_mtimes(directory)
         changed = sorted(set(now.items()) ^ set(before.items()))
         if changed:
@@ -5672,6 +5675,27 @@ def _wait_for_change(supervisor, directory, before):
             return True
         supervisor.wait(interval)
     return False
+
+
+def _answer_unavailable(sock, message):
+    """Answer 503 on every connection waiting on `sock`, without waiting for any."""
+    response = Response.error(503, 'ServiceUnavailable', message)
+    data = build_response_head(503, response.headers, len(response.body), False) + response.body
+    sock.setblocking(False)     # (the next child sets its own mode on this shared socket)
+    while True:
+        try:
+            conn, _ = sock.accept()
+        except OSError:
+            return
+        try:
+            conn.settimeout(0.2)
+            conn.recv(65536)    # the request: closing with it unread would reset the answer
+            conn.sendall(data)
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        finally:
+            conn.close()
 
 
 _SKIPPED_DIRECTORIES = frozenset(['__pycache__', 'node_modules', 'site-packages',

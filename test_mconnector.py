@@ -2985,6 +2985,11 @@ class SupervisionTest(unittest.TestCase):
         url = serve.url()
         self.assertTrue(wait_for(lambda: 'waiting for a change' in serve.output(), 10),
                         serve.output())
+        with Friend('early', url, retries=0) as friend, \
+                self.assertRaises(mconnector.CallError) as caught:
+            friend.send('/word')        # answered at once, not left hanging
+        self.assertEqual(caught.exception.status, 503)
+        self.assertIn('failed to start', str(caught.exception))
         self.write_app(WORD_APP % 'fixed')
         self.assertTrue(wait_for(lambda: try_call(url, '/word') == 'fixed', 10), serve.output())
         serve.terminate()
