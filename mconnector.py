@@ -57,7 +57,7 @@ import time
 # this module must stay cheap (under 30 ms).  The codec asks sys.modules for datetime,
 # decimal and uuid: a value of those types cannot exist before its module is imported.
 
-__version__ = '1.0.0'
+__version__ = '1.1.0'
 
 __all__ = [
     # listener and sender
