@@ -1564,12 +1564,14 @@ class Microservice:
 
     # -- answering a request (shared by every server shell) ----------------------------
 
-    def handle(self, method, target, headers, body):
+    def handle(self, method, target, headers, body, signed_target=None):
         """Answer one request: the whole of the listener's logic, with no I/O.
 
         `headers` maps lower-case names to values; `body` is bytes.  Returns a Response;
         never raises for anything a peer can send.  Every server shell (the built-in
         server, WSGI) calls this, and it counts what /_mc/metrics shows.
+        `signed_target`: the target as the sender wrote it, when `target` differs (the
+        path below a WSGI mount point); a secretKey signature covers that one.
         """
         metrics = self._metrics
         metrics.begin()
@@ -1578,7 +1580,8 @@ class Microservice:
         response = None
         try:
             if self.secretKey:
-                verify_request(self.secretKey, method, target, headers, body, self._nonces)
+                verify_request(self.secretKey, method, signed_target or target, headers, body,
+                               self._nonces)
             path, query = split_target(target)
             if self.admin and path.startswith(_ADMIN_PREFIX):
                 if path[len(_ADMIN_PREFIX):] in _ADMIN_PAGES:   # unknown ones: no new label
@@ -1878,7 +1881,8 @@ class Microservice:
             self._metrics.refused(method, exc.status)
             response = Response.refusal(exc)
         else:
-            response = self.handle(method, _wsgi_target(environ), headers, body)
+            target, sent_target = _wsgi_targets(environ)
+            response = self.handle(method, target, headers, body, sent_target)
             self._metrics.transferred(len(body), len(response.body)
                                       if isinstance(response.body, bytes) else 0)
         start_response('%d %s' % (response.status, _STATUS_TEXT.get(response.status, '')),
@@ -1927,18 +1931,20 @@ class Microservice:
 SanicApp = Microservice
 
 
-def _wsgi_target(environ):
-    """The request target as the sender wrote it (signatures cover it byte for byte)."""
-    raw = environ.get('RAW_URI') or environ.get('REQUEST_URI')   # gunicorn, uWSGI
-    if raw and raw.startswith('/') and not environ.get('SCRIPT_NAME'):
-        return raw
+def _wsgi_targets(environ):
+    """(target to route: the path below the mount point, target as the sender wrote it,
+    which signatures cover byte for byte)."""
     from urllib.parse import quote
-    # PATH_INFO arrives decoded (as latin-1 text of the bytes): encode it back.
-    path = environ.get('PATH_INFO', '') or '/'
-    target = quote(path.encode('latin-1'), safe='/:@!$&\'()*+,;=-._~')
-    if environ.get('QUERY_STRING'):
-        target += '?' + environ['QUERY_STRING']
-    return target
+
+    def encoded(path):      # WSGI paths arrive decoded, as latin-1 text of the bytes
+        return quote(path.encode('latin-1'), safe='/:@!$&\'()*+,;=-._~')
+    query = '?' + environ['QUERY_STRING'] if environ.get('QUERY_STRING') else ''
+    target = encoded(environ.get('PATH_INFO', '') or '/') + query
+    raw = environ.get('RAW_URI') or environ.get('REQUEST_URI')   # gunicorn, uWSGI
+    if not (raw and raw.startswith('/')):
+        raw = encoded(environ.get('SCRIPT_NAME', '') + (environ.get('PATH_INFO', '') or '/'))
+        raw += query
+    return target, raw
 
 
 
@@ -5297,6 +5303,8 @@ def _serve_command(options):
         server.run(**kwargs)
     try:
         if services:
+            if options.grace is not None:
+                services[0].grace = options.grace
             # reload=False: here either reloading is off, or this is the reload child,
             # which run() recognises by the socket its parent hands over.
             services[0].run(port=options.port, host=options.host,
@@ -5819,13 +5827,14 @@ def _serve_address(options):
     """(host, port, grace) to serve: from --host and --port when both are given, so that
     the parent need not import the app; else the parent imports it to learn them."""
     if options.host is not None and options.port is not None:
-        return options.host, options.port, _DEFAULT_GRACE
+        return options.host, options.port, \
+            _DEFAULT_GRACE if options.grace is None else options.grace
     services, sockets = _load_servers(options)
     _check_supervised(options, services, sockets, bool(options.workers))
     service = services[0]
     host = service.host if options.host is None else options.host
     port = service.port if options.port is None else options.port
-    return host, port, service.grace
+    return host, port, service.grace if options.grace is None else options.grace
 
 
 def _check_supervised(options, services, sockets, workers):
@@ -5870,6 +5879,8 @@ def _worker_command(options, host, port, fd):
     command = [sys.executable] + _interpreter_flags() + [
         os.path.abspath(__file__), 'serve', options.target, '--host', host, '--port', str(port)]
     command += ['--debug'] * options.debug
+    if options.grace is not None:
+        command += ['--grace', str(options.grace)]
     for name in ('certfile', 'keyfile', 'cafile'):
         if getattr(options, name):
             command += ['--' + name, getattr(options, name)]
@@ -5932,6 +5943,8 @@ def _serve_worker(options):
     else:
         sock = socket.socket(fileno=options.listen_fd)
     _watch_parent()
+    if options.grace is not None:
+        services[0].grace = options.grace
     services[0].run(sock=sock, debug=True if options.debug else None, reload=False,
                     certfile=options.certfile, keyfile=options.keyfile, cafile=options.cafile)
     return 0
@@ -5958,6 +5971,9 @@ def _parser():
     serve.add_argument('--debug', action='count', default=0,
                        help='log every request, return tracebacks, restart when a source '
                             'file changes (twice: debug logging)')
+    serve.add_argument('--grace', type=float, metavar='SECONDS',
+                       help="on SIGTERM or Ctrl+C, answer the calls in flight for this long "
+                            "at most (default: the service's own, 10)")
     serve.add_argument('--certfile', help='serve HTTPS with this certificate (PEM)')
     serve.add_argument('--keyfile', help='private key of --certfile, if not inside it')
     serve.add_argument('--cafile', help='with --certfile: require client certificates '

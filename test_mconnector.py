@@ -799,6 +799,35 @@ class CommandLineTest(unittest.TestCase):
         self.assertEqual(proc.wait(10), 0)
         self.assertNotIn('Traceback', rest)
 
+    def test_serve_grace_bounds_the_stop(self):
+        import signal
+        import tempfile
+        folder = tempfile.TemporaryDirectory()
+        self.addCleanup(folder.cleanup)
+        with open(os.path.join(folder.name, 'stuck.py'), 'w') as f:
+            f.write('import threading\nfrom mconnector import Microservice\n'
+                    'M = Microservice("stuck")\n\n@M.typing("/stuck")\ndef stuck():\n'
+                    '    threading.Event().wait()\n')
+        proc = subprocess.Popen(
+            [sys.executable, '-m', 'mconnector', 'serve', os.path.join(folder.name, 'stuck.py'),
+             '--host', '127.0.0.1', '--port', '0', '--grace', '0.2'], cwd=HERE,
+            stderr=subprocess.PIPE, text=True)
+        self.addCleanup(proc.stderr.close)
+        self.addCleanup(proc.wait)
+        self.addCleanup(proc.kill)
+        url = proc.stderr.readline().split('listening on ')[1].split()[0]
+        calls = concurrent.futures.ThreadPoolExecutor(1)
+        self.addCleanup(calls.shutdown)
+        answer = calls.submit(call_once, url, '/stuck')
+        with Friend('ops', url) as ops:
+            self.assertTrue(wait_for(lambda: metric_values(ops._call(
+                'GET', '/_mc/metrics', b'', None))['mconnector_requests_in_flight{service="stuck"}'] == 2))
+        proc.send_signal(signal.SIGTERM)
+        self.assertEqual(proc.wait(5), 0)
+        self.assertIn('1 request(s) cut short after 0.2s', proc.stderr.read())
+        with self.assertRaises(mconnector.NetworkError):
+            answer.result(5)
+
     def test_run_on_a_taken_port_says_so_and_exits(self):
         with socket.socket() as taken:
             taken.bind(('127.0.0.1', 0))
@@ -958,6 +987,20 @@ class WSGISignedCallTest(SignedCallTest):
     """Signed calls through the WSGI entry: the signature covers the target as sent."""
 
     shell = 'wsgi'
+
+    def test_mounted_under_a_prefix(self):
+        # Routed on PATH_INFO, verified on SCRIPT_NAME + PATH_INFO: what the sender signed.
+        def mounted(environ, start_response):
+            from wsgiref.util import shift_path_info
+            if shift_path_info(environ) != 'svc':
+                start_response('404 Not Found', [('Content-Type', 'text/plain')])
+                return [b'not here']
+            return self.M(environ, start_response)
+        server = serve_wsgi(self, mounted)
+        with Friend('mounted', 'http://127.0.0.1:%d/svc' % server.server_port,
+                    secretKey='k3y') as friend:
+            self.assertEqual(friend.send('/count', 'm'), len(self.M.runs))
+        self.assertEqual(self.M.runs[-1], 'm')
 
 
 # ==========================================================================================
