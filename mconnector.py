@@ -4188,31 +4188,19 @@ def _ws_on_sigint(signum, frame):
     raise SystemExit(0)         # SIGTERM: a clean stop is the expected answer
 
 
-def _ws_install_sigint():
-    """Route Ctrl+C and SIGTERM to _ws_on_sigint while websocket servers run."""
+def _ws_route_signals(on):
+    """Route Ctrl+C and SIGTERM to _ws_on_sigint while websocket servers run (on=True),
+    then give them back to Python's defaults.  Only Python's own handlers are replaced:
+    a program that set its own keeps it."""
     import signal
     if threading.current_thread() is not threading.main_thread():
         return
     for signum, default in ((signal.SIGINT, signal.default_int_handler),
                             (signal.SIGTERM, signal.SIG_DFL)):
+        current, wanted = (default, _ws_on_sigint) if on else (_ws_on_sigint, default)
         try:
-            # Only Python's own handlers are replaced (and only chained to): a program
-            # that set its own keeps it.
-            if signal.getsignal(signum) is default:
-                signal.signal(signum, _ws_on_sigint)
-        except (ValueError, OSError):
-            pass
-
-
-def _ws_restore_sigint():
-    import signal
-    if threading.current_thread() is not threading.main_thread():
-        return
-    for signum, default in ((signal.SIGINT, signal.default_int_handler),
-                            (signal.SIGTERM, signal.SIG_DFL)):
-        try:
-            if signal.getsignal(signum) is _ws_on_sigint:
-                signal.signal(signum, default)
+            if signal.getsignal(signum) is current:
+                signal.signal(signum, wanted)
         except (ValueError, OSError):
             pass
 
@@ -4332,7 +4320,7 @@ class SocketServer:
         self._bind(host, port)
         with _ws_running_lock:
             _ws_running.add(self)
-        _ws_install_sigint()
+        _ws_route_signals(True)
         self._thread = threading.Thread(target=self._serve, name='mconnector-ws-%d' % self.port)
         self._thread.start()
         if sys.version_info[:3] in ((3, 12, 0), (3, 12, 1)) and \
@@ -4437,7 +4425,7 @@ class SocketServer:
         with _ws_running_lock:
             _ws_running.discard(self)
             if not _ws_running:
-                _ws_restore_sigint()
+                _ws_route_signals(False)
         with self._lock:
             self._server = None
             self._thread = None
