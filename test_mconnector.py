@@ -2960,8 +2960,10 @@ class SupervisionTest(unittest.TestCase):
             'def slow():\n'
             '    import time\n'
             '    open(%r, "w").close()\n'
-            '    time.sleep(0.5)\n'
-            '    return "done"\n' % mark))
+            '    deadline = time.monotonic() + 10\n'     # answered only once the stop began
+            '    while M.health()["status"] != "stopping" and time.monotonic() < deadline:\n'
+            '        time.sleep(0.01)\n'
+            '    return "done" if time.monotonic() < deadline else "never stopped"\n' % mark))
         for args in (['--workers', '2'], ['--debug']):
             with self.subTest(args[0]):
                 serve = self.serve(*args)
