@@ -5950,7 +5950,8 @@ def _parser():
     serve = commands.add_parser(
         'serve', help='run the Microservice (and websocket servers) that a module defines',
         description='Import TARGET and serve the Microservice it defines, plus any '
-                    'SocketServer, until Ctrl+C.')
+                    'SocketServer, until SIGTERM or Ctrl+C; stopping answers the calls in '
+                    'flight first, then exits 0.')
     serve.add_argument('target', metavar='TARGET',
                        help='module name (app1), file (path/app1.py), optionally :NAME')
     serve.add_argument('--host', help="address to bind (default: the service's own, 0.0.0.0)")
