@@ -2365,11 +2365,7 @@ class _ServerMixin:
         """Connections the kernel completed before we stopped: they were accepted, so a
         request they carry is answered."""
         accepted = []
-        try:
-            self.socket.setblocking(False)
-        except OSError:
-            return accepted
-        while True:
+        while True:         # (the listening socket is non-blocking: see serve_forever)
             try:
                 request, client_address = self.socket.accept()
             except OSError:         # BlockingIOError: the backlog is empty
