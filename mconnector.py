@@ -5735,8 +5735,8 @@ def _source_files(library, verdicts):
         if path not in verdicts:
             full = os.path.abspath(path)
             parts = full.split(os.sep)
-            verdicts[path] = not (full.startswith(library) or 'site-packages' in parts
-                                  or 'dist-packages' in parts)
+            verdicts[path] = not full.startswith(library) and \
+                _SKIPPED_DIRECTORIES.isdisjoint(parts)
         if verdicts[path]:
             yield path
 
