@@ -800,31 +800,25 @@ class CommandLineTest(unittest.TestCase):
         self.assertNotIn('Traceback', rest)
 
     def test_serve_grace_bounds_the_stop(self):
-        import signal
         import tempfile
         folder = tempfile.TemporaryDirectory()
         self.addCleanup(folder.cleanup)
-        with open(os.path.join(folder.name, 'stuck.py'), 'w') as f:
+        app = os.path.join(folder.name, 'stuck.py')
+        with open(app, 'w') as f:
             f.write('import threading\nfrom mconnector import Microservice\n'
                     'M = Microservice("stuck")\n\n@M.typing("/stuck")\ndef stuck():\n'
                     '    threading.Event().wait()\n')
-        proc = subprocess.Popen(
-            [sys.executable, '-m', 'mconnector', 'serve', os.path.join(folder.name, 'stuck.py'),
-             '--host', '127.0.0.1', '--port', '0', '--grace', '0.2'], cwd=HERE,
-            stderr=subprocess.PIPE, text=True)
-        self.addCleanup(proc.stderr.close)
-        self.addCleanup(proc.wait)
-        self.addCleanup(proc.kill)
-        url = proc.stderr.readline().split('listening on ')[1].split()[0]
+        serve = ServeProcess(self, folder.name, app, '--host', '127.0.0.1', '--port', '0',
+                             '--grace', '0.2')
+        url = serve.url()
         calls = concurrent.futures.ThreadPoolExecutor(1)
         self.addCleanup(calls.shutdown)
         answer = calls.submit(call_once, url, '/stuck')
         with Friend('ops', url) as ops:
             self.assertTrue(wait_for(lambda: metric_values(ops._call(
                 'GET', '/_mc/metrics', b'', None))['mconnector_requests_in_flight{service="stuck"}'] == 2))
-        proc.send_signal(signal.SIGTERM)
-        self.assertEqual(proc.wait(5), 0)
-        self.assertIn('1 request(s) cut short after 0.2s', proc.stderr.read())
+        serve.terminate()
+        self.assertIn('1 request(s) cut short after 0.2s', serve.output())
         with self.assertRaises(mconnector.NetworkError):
             answer.result(5)
 
