@@ -1769,24 +1769,28 @@ class Microservice:
         except OSError as exc:
             _cannot_listen(self.name, self.host, self.port, exc)
         server = self._server
-        restore = _on_stop_signals(functools.partial(self._stop_signal, server))
+        interrupts = []
+        restore = _on_stop_signals(functools.partial(self._stop_signal, server, interrupts))
         if on_serving is not None:
             on_serving()
         try:
-            try:
-                server.serve_forever()
-                self._close(self.grace)
-            except KeyboardInterrupt:       # a second Ctrl+C: no more waiting
-                log.warning('%s: stopping now', self.name)
-                self._close(0)
+            server.serve_forever()
+            self._close(self.grace)
         finally:
             restore()
             _ws_stop_all()      # websocket servers the script started beside this one
 
-    def _stop_signal(self, server, signum):
+    def _stop_signal(self, server, interrupts, signum):
+        # Only a second Ctrl+C forces the stop, not any second signal: under a supervisor
+        # one Ctrl+C reaches this process twice, as SIGINT from the terminal and SIGTERM
+        # from the parent, in either order (one handler may even run inside the other).
+        if signum == _SIGINT:
+            interrupts.append(signum)
+            if len(interrupts) > 1:
+                log.warning('%s: stopping now', self.name)
+                server.hurry()
+                return
         if server._stopping:
-            if signum == _SIGINT:
-                raise KeyboardInterrupt
             return
         log.info('%s: stopping (%s): answering the %d request(s) in flight, for %ss at '
                  'most', self.name, _signal_name(signum), self._metrics.in_flight, self.grace)
@@ -1811,8 +1815,8 @@ class Microservice:
             cut = server.close_all(grace)
             self._server = None
             if cut:
-                log.warning('%s: stopped, %d request(s) cut short after %ss', self.name,
-                            cut, grace)
+                log.warning('%s: stopped, %d request(s) cut short %s', self.name, cut,
+                            'by a second Ctrl+C' if server._hurried else 'after %ss' % grace)
             else:
                 log.info('%s: stopped', self.name)
 
@@ -2310,6 +2314,7 @@ class _ServerMixin:
         self._demand_r.setblocking(False)
         self._demand_w.setblocking(False)
         self._stopping = False
+        self._hurried = False
         self._active = 0                        # connections dispatched to the workers
         self._queued = 0                        # ... and not yet taken by one
         self._drained = threading.Condition(self._lock)     # notified when _active is 0
@@ -2540,6 +2545,12 @@ class _ServerMixin:
             except OSError:
                 pass
 
+    def hurry(self):
+        """End the wait for the requests in flight now (a second Ctrl+C).  Safe to call
+        from a signal handler: it takes no lock."""
+        self._hurried = True
+        self.stop()
+
     def close_all(self, grace=0.0):
         """After stop() and the end of serve_forever(): wait up to `grace` seconds for the
         requests in flight to be answered, then close every connection.  Returns the
@@ -2547,11 +2558,12 @@ class _ServerMixin:
         self.server_close()
         deadline = time.monotonic() + grace
         with self._lock:
-            while self._active:
+            while self._active and not self._hurried:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                self._drained.wait(remaining)
+                # In slices, for hurry(): a signal handler must not take the lock to notify.
+                self._drained.wait(min(remaining, _TICK))
             cut = self._active
             connections = list(self._connections)
             workers = len(self._workers)
@@ -5537,7 +5549,7 @@ class _Supervisor:
         deadline = time.monotonic() + self.grace + _STOP_MARGIN
         while any(child.poll() is None for child in children):
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or (len(self.signals) > 1 and self.signals[-1] == _SIGINT):
+            if remaining <= 0 or self.signals.count(_SIGINT) > 1:
                 break
             self.wait(min(remaining, 1.0))
         for child in children:

@@ -799,7 +799,8 @@ class CommandLineTest(unittest.TestCase):
         self.assertEqual(proc.wait(10), 0)
         self.assertNotIn('Traceback', rest)
 
-    def test_serve_grace_bounds_the_stop(self):
+    def serve_a_stuck_call(self, *args):
+        """`serve` of a service whose one call in flight never returns: (serve, answer)."""
         import tempfile
         folder = tempfile.TemporaryDirectory()
         self.addCleanup(folder.cleanup)
@@ -809,7 +810,7 @@ class CommandLineTest(unittest.TestCase):
                     'M = Microservice("stuck")\n\n@M.typing("/stuck")\ndef stuck():\n'
                     '    threading.Event().wait()\n')
         serve = ServeProcess(self, folder.name, app, '--host', '127.0.0.1', '--port', '0',
-                             '--grace', '0.2')
+                             *args)
         url = serve.url()
         calls = concurrent.futures.ThreadPoolExecutor(1)
         self.addCleanup(calls.shutdown)
@@ -817,8 +818,35 @@ class CommandLineTest(unittest.TestCase):
         with Friend('ops', url) as ops:
             self.assertTrue(wait_for(lambda: metric_values(ops._call(
                 'GET', '/_mc/metrics', b'', None))['mconnector_requests_in_flight{service="stuck"}'] == 2))
+        return serve, answer
+
+    def test_serve_grace_bounds_the_stop(self):
+        serve, answer = self.serve_a_stuck_call('--grace', '0.2')
         serve.terminate()
         self.assertIn('1 request(s) cut short after 0.2s', serve.output())
+        with self.assertRaises(mconnector.NetworkError):
+            answer.result(5)
+
+    def test_a_ctrl_c_after_sigterm_is_the_same_stop(self):
+        # A supervised process gets both for one Ctrl+C: the terminal's, and its parent's.
+        import signal
+        serve, answer = self.serve_a_stuck_call('--grace', '0.5')
+        serve.proc.send_signal(signal.SIGTERM)
+        self.assertTrue(wait_for(lambda: 'stopping (SIGTERM)' in serve.output(), 5))
+        serve.proc.send_signal(signal.SIGINT)
+        self.assertEqual(serve.proc.wait(5), 0, serve.output())
+        self.assertIn('1 request(s) cut short after 0.5s', serve.output())
+
+    def test_a_second_ctrl_c_stops_at_once(self):
+        import signal
+        serve, answer = self.serve_a_stuck_call()       # the grace: 10 s
+        serve.proc.send_signal(signal.SIGINT)
+        self.assertTrue(wait_for(lambda: 'stopping (SIGINT)' in serve.output(), 5))
+        self.assertIsNone(serve.proc.poll())
+        serve.proc.send_signal(signal.SIGINT)
+        self.assertEqual(serve.proc.wait(5), 0, serve.output())
+        self.assertIn('1 request(s) cut short by a second Ctrl+C', serve.output())
+        self.assertNotIn('Traceback', serve.output())
         with self.assertRaises(mconnector.NetworkError):
             answer.result(5)
 
