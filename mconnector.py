@@ -1769,32 +1769,35 @@ class Microservice:
         except OSError as exc:
             _cannot_listen(self.name, self.host, self.port, exc)
         server = self._server
-        interrupts = []
-        restore = _on_stop_signals(functools.partial(self._stop_signal, server, interrupts))
+        signals = []
+        restore = _on_stop_signals(functools.partial(self._stop_signal, server, signals))
         if on_serving is not None:
             on_serving()
         try:
             server.serve_forever()
+            if signals:
+                log.info('%s: stopping (%s): answering the %d request(s) in flight, for %ss '
+                         'at most', self.name, _signal_name(signals[0]),
+                         self._metrics.in_flight, self.grace)
             self._close(self.grace)
         finally:
             restore()
             _ws_stop_all()      # websocket servers the script started beside this one
 
-    def _stop_signal(self, server, interrupts, signum):
-        # Only a second Ctrl+C forces the stop, not any second signal: under a supervisor
+    @staticmethod
+    def _stop_signal(server, signals, signum):
+        # A signal handler runs between two bytecodes of the main thread, which may hold
+        # any lock at that moment, and may even run inside another handler: it takes
+        # none (server.stop() and hurry() only set flags and write to a socket), and the
+        # stop is logged by the serving loop once it has returned.
+        signals.append(signum)
+        # Only a second Ctrl+C hurries the stop, not any second signal: under a supervisor
         # one Ctrl+C reaches this process twice, as SIGINT from the terminal and SIGTERM
-        # from the parent, in either order (one handler may even run inside the other).
-        if signum == _SIGINT:
-            interrupts.append(signum)
-            if len(interrupts) > 1:
-                log.warning('%s: stopping now', self.name)
-                server.hurry()
-                return
-        if server._stopping:
-            return
-        log.info('%s: stopping (%s): answering the %d request(s) in flight, for %ss at '
-                 'most', self.name, _signal_name(signum), self._metrics.in_flight, self.grace)
-        server.stop()
+        # from the parent, in either order.
+        if signals.count(_SIGINT) > 1:
+            server.hurry()
+        else:
+            server.stop()
 
     def stop(self, grace=None):
         """Stop serving, gracefully: refuse new connections at once, answer the requests
@@ -2039,6 +2042,10 @@ def _on_stop_signals(callback):
             except (ValueError, OSError):
                 pass
     return restore
+
+
+def _interrupt(signum):
+    raise KeyboardInterrupt
 
 
 def _default_logging():
@@ -5299,10 +5306,12 @@ def _serve_command(options):
                             debug=True if options.debug else None, certfile=options.certfile,
                             keyfile=options.keyfile, cafile=options.cafile, reload=False)
         else:
-            stopped = threading.Event()
-            restore = _on_stop_signals(lambda signum: stopped.set())
+            # Only the websocket servers' threads serve: wait for a stop signal.  Its
+            # handler interrupts the wait with an exception rather than set an Event, as
+            # a handler must not take a lock the interrupted thread may hold.
+            restore = _on_stop_signals(_interrupt)
             try:
-                stopped.wait()
+                threading.Event().wait()
             finally:
                 restore()
     except KeyboardInterrupt:

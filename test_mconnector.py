@@ -860,6 +860,31 @@ class CommandLineTest(unittest.TestCase):
         self.assertEqual(caught.exception.code, 1)
         self.assertIn('Address already in use', logs.output[0])
 
+    def test_serve_of_websocket_servers_alone_stops_on_a_signal(self):
+        import re
+        import signal
+        import tempfile
+        folder = tempfile.TemporaryDirectory()
+        self.addCleanup(folder.cleanup)
+        with open(os.path.join(folder.name, 'wsonly.py'), 'w') as f:
+            f.write('from mconnector import SocketServer\nsk = SocketServer("wsonly")\n'
+                    '@sk.router("/echo")\ndef echo(message):\n    return message\n')
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with self.subTest(signal=signum):
+                serve = ServeProcess(self, folder.name, 'wsonly.py', '--host', '127.0.0.1',
+                                     '--ws-port', '0', cwd=folder.name,
+                                     env={'PYTHONPATH': HERE})
+                found = wait_for(lambda: re.search(r'ws://127\.0\.0\.1:\d+', serve.output()), 5)
+                self.assertTrue(found, serve.output())
+                with mconnector.SocketClient(found.group(0), '/echo') as ws:
+                    ws.send('ping')
+                    self.assertEqual(ws.recv(5), 'ping')
+                    serve.proc.send_signal(signum)
+                    self.assertEqual(list(ws), [])
+                    self.assertEqual(ws.close_code, 1001)
+                self.assertEqual(serve.proc.wait(5), 0, serve.output())
+                self.assertNotIn('Traceback', serve.output())
+
     def test_serve_starts_the_websocket_server_beside_the_listener(self):
         import signal
         import tempfile
