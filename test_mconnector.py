@@ -861,7 +861,6 @@ class CommandLineTest(unittest.TestCase):
         self.assertIn('Address already in use', logs.output[0])
 
     def test_serve_of_websocket_servers_alone_stops_on_a_signal(self):
-        import re
         import signal
         import tempfile
         folder = tempfile.TemporaryDirectory()
@@ -874,9 +873,7 @@ class CommandLineTest(unittest.TestCase):
                 serve = ServeProcess(self, folder.name, 'wsonly.py', '--host', '127.0.0.1',
                                      '--ws-port', '0', cwd=folder.name,
                                      env={'PYTHONPATH': HERE})
-                found = wait_for(lambda: re.search(r'ws://127\.0\.0\.1:\d+', serve.output()), 5)
-                self.assertTrue(found, serve.output())
-                with mconnector.SocketClient(found.group(0), '/echo') as ws:
+                with mconnector.SocketClient(serve.url(scheme='ws'), '/echo') as ws:
                     ws.send('ping')
                     self.assertEqual(ws.recv(5), 'ping')
                     serve.proc.send_signal(signum)
@@ -2910,10 +2907,12 @@ class ServeProcess:
         with open(path or self.log_path, encoding='utf-8', errors='replace') as f:
             return f.read()
 
-    def url(self, timeout=5):
+    def url(self, timeout=5, scheme='http'):
+        """The first `scheme` URL the process logged."""
         import re
-        found = wait_for(lambda: re.search(r'http://127\.0\.0\.1:\d+', self.output()), timeout)
-        self.test.assertTrue(found, 'no URL logged:\n' + self.output())
+        found = wait_for(lambda: re.search(scheme + r'://127\.0\.0\.1:\d+', self.output()),
+                         timeout)
+        self.test.assertTrue(found, 'no %s URL logged:\n%s' % (scheme, self.output()))
         return found.group(0)
 
     def terminate(self, timeout=5):
