@@ -65,13 +65,17 @@ __all__ = [
     # values
     'register', 'to_wire', 'from_wire', 'dumps', 'loads',
     # routing and HTTP pieces
-    'Rule', 'Router', 'parse_request_line', 'parse_header_line', 'parse_status_line',
-    'parse_header_block', 'read_chunked', 'SocketReader', 'build_response_head', 'build_request',
+    'Rule', 'Router', 'HTTPConnection', 'RequestHead', 'ResponseHead', 'NEED_DATA', 'PAUSED',
+    'END_OF_MESSAGE', 'CLOSED', 'parse_request_line', 'parse_header_line', 'parse_status_line',
+    'parse_header_block',
     # security
     'sign_request', 'verify_request', 'NonceCache', 'server_ssl_context',
     # errors
     'MConnectorError', 'CodecError', 'RouteError', 'HTTPError', 'RemoteError', 'CallError',
-    'BadRequest', 'AuthError', 'NotFound', 'MethodNotAllowed', 'NetworkError', 'Unreachable',
+    'BadRequest', 'AuthError', 'Forbidden', 'NotFound', 'MethodNotAllowed', 'RequestTimeout',
+    'LengthRequired', 'PayloadTooLarge', 'URITooLong', 'UnsupportedMediaType', 'UpgradeRequired',
+    'HeadersTooLarge', 'Unimplemented', 'ServiceUnavailable', 'VersionNotSupported',
+    'NetworkError', 'Unreachable',
     'CallTimeout', 'PoolError', 'PoolClosed', 'TaskNotPicklable',
     # websockets
     'SocketServer', 'SocketClient', 'WebSocket', 'WebSocketProtocol', 'WebSocketError',
@@ -101,9 +105,15 @@ class MConnectorError(Exception):
      +-- RemoteError                 the remote function raised (HTTP 500); .type, .message
      +-- CallError                   the listener refused the call; .status, .message
      |    +-- BadRequest             400: body or arguments do not fit the function
-     |    +-- AuthError              401: missing or wrong token
+     |    |    +-- LengthRequired 411, PayloadTooLarge 413, URITooLong 414,
+     |    |        UnsupportedMediaType 415, HeadersTooLarge 431
+     |    +-- AuthError              401: missing or wrong token (Forbidden 403)
      |    +-- NotFound               404 unknown rule, 405 (subclass MethodNotAllowed)
-     +-- HTTPError                   a request the listener refuses; .status (section 4)
+     |    +-- RequestTimeout 408 (also TimeoutError), UpgradeRequired 426,
+     |        Unimplemented 501 (also NotImplementedError), ServiceUnavailable 503,
+     |        VersionNotSupported 505: one class per status (_STATUS_ERRORS)
+     +-- HTTPError                   a message the HTTP core refuses; .status to answer with,
+     |                               None when the peer was the server (section 4)
      +-- NetworkError (also ConnectionError)
      |    +-- Unreachable            nothing listens at the address
      |    +-- CallTimeout (also TimeoutError)
@@ -167,6 +177,11 @@ class AuthError(CallError):
     status = 401
 
 
+class Forbidden(AuthError, PermissionError):
+    """403: the listener refuses this caller (a websocket Origin not allowed, say)."""
+    status = 403
+
+
 class NotFound(CallError):
     """404: the listener has no such rule."""
     status = 404
@@ -175,6 +190,64 @@ class NotFound(CallError):
 class MethodNotAllowed(NotFound):
     """405: the rule exists but does not take this HTTP method."""
     status = 405
+
+
+class RequestTimeout(CallError, TimeoutError):
+    """408: the request did not arrive whole within the listener's request_timeout."""
+    status = 408
+
+
+class LengthRequired(BadRequest):
+    """411: a body-carrying method came with neither Content-Length nor chunked coding."""
+    status = 411
+
+
+class PayloadTooLarge(BadRequest):
+    """413: the body is over the listener's max_body."""
+    status = 413
+
+
+class URITooLong(BadRequest):
+    """414: the request line is over MAX_LINE bytes."""
+    status = 414
+
+
+class UnsupportedMediaType(BadRequest):
+    """415: the body is not of the type the listener takes."""
+    status = 415
+
+
+class UpgradeRequired(CallError):
+    """426: a websocket handshake asked for a protocol version other than 13."""
+    status = 426
+
+
+class HeadersTooLarge(BadRequest):
+    """431: too many header lines, or one too long, or a head over its limit."""
+    status = 431
+
+
+class Unimplemented(CallError, NotImplementedError):
+    """501: the request uses a feature the listener does not have (a transfer coding)."""
+    status = 501
+
+
+class ServiceUnavailable(CallError):
+    """503: the listener is stopping, or its application failed to start."""
+    status = 503
+
+
+class VersionNotSupported(CallError):
+    """505: an HTTP major version other than 1."""
+    status = 505
+
+
+# The one table that pairs statuses with exceptions: the listener names its refusals from
+# it (the "type" of the error body) and Friend raises from it.  500 is RemoteError.
+_STATUS_ERRORS = {cls.status: cls for cls in (
+    BadRequest, AuthError, Forbidden, NotFound, MethodNotAllowed, RequestTimeout,
+    LengthRequired, PayloadTooLarge, URITooLong, UnsupportedMediaType, UpgradeRequired,
+    HeadersTooLarge, Unimplemented, ServiceUnavailable, VersionNotSupported)}
 
 
 class NetworkError(MConnectorError, ConnectionError):
@@ -680,8 +753,14 @@ class Router:
 
 
 # ###########################################################################################
-# 4. HTTP: sans-I/O request heads and responses
+# 4. HTTP: the sans-I/O protocol core (RFC 9112), both roles
 # ###########################################################################################
+
+# Every framing decision and every limit of HTTP/1.1 is made here, on bytes, with no socket
+# and no clock: HTTPConnection reads requests and writes responses for the listener (the
+# built-in server, the WSGI entry for bodies a WSGI server left chunked, the websocket
+# handshake), and writes requests and reads responses for Friend and SocketClient.  The
+# shells only move bytes and keep time.
 
 # Limits on what a peer may send, as named constants (settable per Microservice).  8 KiB per
 # line and 100 header lines follow common servers (nginx's default buffer, Apache's
@@ -690,6 +769,9 @@ MAX_LINE = 8192
 MAX_HEADERS = 100
 MAX_BODY = 16 * 1024 * 1024
 MAX_HEAD = MAX_LINE * (MAX_HEADERS + 2)      # a whole head: what the two above allow
+ASSEMBLE = 65536        # bodies up to this size are delivered with their head (see next_event)
+_MAX_CHUNK_LINE = 1024  # a chunk-size line with its extensions
+_CHUNK_SLACK = 65536    # chunk framing allowed beyond the size of the data it frames
 
 _STATUS_TEXT = {
     100: 'Continue', 101: 'Switching Protocols', 200: 'OK', 204: 'No Content', 400: 'Bad Request', 401: 'Unauthorized',
@@ -699,17 +781,15 @@ _STATUS_TEXT = {
     500: 'Internal Server Error', 501: 'Not Implemented', 503: 'Service Unavailable',
     505: 'HTTP Version Not Supported',
 }
-# The `type` an error body gives for each status the listener refuses a request with.
-_ERROR_NAMES = {400: 'BadRequest', 401: 'AuthError', 404: 'NotFound', 405: 'MethodNotAllowed',
-                408: 'RequestTimeout', 411: 'LengthRequired', 413: 'PayloadTooLarge',
-                431: 'HeadersTooLarge', 505: 'VersionNotSupported'}
 
 _TOKEN_CHARS = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")   # RFC 9110 token
 _METHOD_OK = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_TARGET_OK = re.compile(r'[\x21-\x7e]+\Z')          # visible ASCII: no controls, no spaces
 
 
 class HTTPError(MConnectorError):
-    """A request the listener refuses; `status` is the HTTP status to answer with."""
+    """A message the HTTP core refuses.  `status` is what a server answers with (400, 411,
+    413, 414, 431, 501, 505...); None when the refused message was a server's reply."""
 
     def __init__(self, status, message, headers=()):
         self.status = status
@@ -718,7 +798,7 @@ class HTTPError(MConnectorError):
         super().__init__(status, message)
 
     def __str__(self):
-        return '%d %s' % (self.status, self.message)
+        return self.message if self.status is None else '%d %s' % (self.status, self.message)
 
 
 _REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) (/[\x21-\x7e]*) HTTP/1\.([0-9])\r?\n")
@@ -744,12 +824,13 @@ def parse_request_line(line):
     if not _METHOD_OK.match(method):
         raise HTTPError(400, 'malformed method %r' % method[:20])
     if not version.startswith('HTTP/') or len(version) != 8 or version[6] != '.' \
-            or not (version[5].isdigit() and version[7].isdigit()):
+            or not (version[5] in '0123456789' and version[7] in '0123456789'):
         raise HTTPError(400, 'malformed HTTP version %r' % version[:20])
     if version[5] != '1':
         raise HTTPError(505, 'only HTTP/1.x is served')
-    if not target or not (target.startswith('/') or target == '*'
-                          or target.startswith(('http://', 'https://'))):
+    if not _TARGET_OK.match(target):
+        raise HTTPError(400, 'control character or space in the request target %r' % target[:100])
+    if not (target.startswith('/') or target == '*' or target.startswith(('http://', 'https://'))):
         raise HTTPError(400, 'malformed request target %r' % target[:100])
     return method, target, (1, int(version[7]))
 
@@ -774,147 +855,17 @@ def parse_header_line(line, headers):
     headers[key] = text if old is None else old + ', ' + text
 
 
-class SocketReader:
-    """Lines and blocks read from a socket through a buffer that stays in view.
-
-    What BufferedReader (socket.makefile) does, plus `buffered()`: a server can then
-    wait for the next request with select() and still see a request already read into
-    the buffer; and a timeout leaves it usable (a socket file refuses reads after one).
-    """
-
-    __slots__ = ('_sock', '_buf')
-
-    def __init__(self, sock):
-        self._sock = sock
-        self._buf = bytearray()
-
-    def buffered(self):
-        """Bytes read from the socket and not yet consumed (TLS records included)."""
-        pending = getattr(self._sock, 'pending', None)
-        return len(self._buf) + (pending() if pending is not None else 0)
-
-    def _fill(self):
-        data = self._sock.recv(65536)
-        self._buf += data
-        return len(data)
-
-    def readline(self, limit=-1):
-        """A line with its b'\\n', at most `limit` bytes; shorter (or b'') at EOF."""
-        buf = self._buf
-        start = 0
-        while True:
-            end = buf.find(b'\n', start)
-            if end >= 0 and (limit < 0 or end < limit):
-                end += 1
-                break
-            if 0 <= limit <= len(buf):
-                end = limit
-                break
-            start = len(buf)
-            if not self._fill():
-                end = len(buf)
-                break
-        line = bytes(buf[:end])
-        del buf[:end]
-        return line
-
-    def fill_nowait(self):
-        """Take in what has arrived, without waiting (plain sockets, on systems with
-        MSG_DONTWAIT).  Returns False at EOF."""
-        while True:
-            try:
-                data = self._sock.recv(65536, _MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                return True
-            except OSError:             # reset by the peer: as good as closed
-                return False
-            if not data:
-                return False
-            self._buf += data
-            if len(data) < 65536:
-                return True
-
-    def has_request(self, max_body=65536):
-        """Whether a whole request is buffered: its head and, when a Content-Length of at
-        most 64 KiB (and `max_body`) announces one, its body.  Larger and chunked bodies,
-        and bodies sent after '100 Continue', are read as they come, under the server's
-        deadline; a body over `max_body` is refused before it is read.  True as well when
-        too much is buffered to be a request, for the parser to refuse it."""
-        buf = self._buf
-        if len(buf) > MAX_HEAD:
-            return True
-        if buf[:1] == b'\n' or buf[:2] == b'\r\n':
-            return True
-        match = _BLANK_LINE.search(buf)
-        if match is None:
-            return False
-        end = match.end()
-        lengths = _CONTENT_LENGTH.findall(buf, 0, end)
-        # Heads the parser will refuse, or that wait for our answer, go to it at once.
-        if len(lengths) != 1 or _HOLD_NOT.search(buf, 0, end):
-            return True
-        size = int(lengths[0])
-        return size > min(65536, max_body) or len(buf) >= end + size
-
-    def read_block(self, limit):
-        """Bytes up to and including the first empty line (the end of a head's header
-        lines), or what there is at EOF.  Raises HTTPError(431) past `limit` bytes."""
-        buf = self._buf
-        start = 0
-        while True:
-            if buf[:1] == b'\n' or buf[:2] == b'\r\n':        # no header lines at all
-                end = buf.index(b'\n') + 1
-                break
-            match = _BLANK_LINE.search(buf, start)
-            if match:
-                end = match.end()
-                break
-            if len(buf) > limit:
-                raise HTTPError(431, 'request head over %d bytes' % limit)
-            start = max(0, len(buf) - 2)
-            if not self._fill():
-                end = len(buf)
-                break
-        block = bytes(buf[:end])
-        del buf[:end]
-        return block
-
-    def read(self, size=-1):
-        """`size` bytes (fewer at EOF); all until EOF when size is -1."""
-        buf = self._buf
-        if size < 0:
-            while self._fill():
-                pass
-            size = len(buf)
-        elif len(buf) < size:
-            # Large bodies go straight into their final buffer, without the slices.
-            out = bytearray(size)
-            view = memoryview(out)
-            have = len(buf)
-            view[:have] = buf
-            buf.clear()
-            while have < size:
-                got = self._sock.recv_into(view[have:])
-                if not got:
-                    return bytes(view[:have])
-                have += got
-            return bytes(out)
-        data = bytes(buf[:size])
-        del buf[:size]
-        return data
-
-
 # The usual head in one pass of C: well-formed lines with CRLF, checked whole by the first
 # pattern, split by the second.  Anything else goes line by line through
 # parse_header_line, which says what is wrong with it.
 _BLANK_LINE = re.compile(rb'\n\r?\n')
-_CONTENT_LENGTH = re.compile(rb'\ncontent-length:[ \t]*([0-9]{1,12})[ \t]*(?=\r?\n)', re.I)
-_HOLD_NOT = re.compile(rb'\n(?:expect:[ \t]*100-continue|transfer-encoding:)', re.I)
-_MSG_DONTWAIT = getattr(socket, 'MSG_DONTWAIT', 0)
 _FIELD_NAME = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}"
 _FIELD_VALUE = rb'[^\r\n\x00]{0,%d}' % MAX_LINE
 _FIELD_BLOCK = re.compile(rb'(?:%s:%s\r\n)*\r\n' % (_FIELD_NAME, _FIELD_VALUE))
 _FIELD = re.compile(rb'(%s):[ \t]*(%s?)[ \t]*\r\n' % (_FIELD_NAME, _FIELD_VALUE))
+_STATUS_LINE = re.compile(rb'HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?\r?\n')
+_CHUNK_SIZE = re.compile(rb'([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\r\n')
+_DIGITS = re.compile(r'[0-9]{1,18}\Z')
 
 
 def parse_header_block(block):
@@ -944,11 +895,13 @@ def parse_header_block(block):
 
 
 def parse_status_line(line):
-    """b'HTTP/1.1 200 OK\\r\\n' -> ((1, 1), 200).  Raises HTTPError(502) if malformed."""
-    if line[:7] != b'HTTP/1.' or line[8:9] != b' ' or not line[9:12].isdigit() \
-            or not line[7:8].isdigit():
-        raise HTTPError(502, 'malformed status line %r' % line[:60])
-    return (1, line[7] - 48), int(line[9:12])
+    """b'HTTP/1.1 200 OK\\r\\n' -> ((1, 1), 200, 'OK').  Raises HTTPError (status None),
+    quoting the line, when it is not a status line of HTTP/1.0 or 1.1."""
+    match = _STATUS_LINE.fullmatch(line)
+    if match is None:
+        raise HTTPError(None, 'malformed status line %r' % bytes(line[:80]))
+    minor, status, reason = match.groups()
+    return (1, minor[0] - 48), int(status), (reason or b'').decode('latin-1')
 
 
 def host_header(host, port, secure):
@@ -957,13 +910,490 @@ def host_header(host, port, secure):
     return shown if port == (443 if secure else 80) else '%s:%d' % (shown, port)
 
 
-def build_request(method, path, host, headers, body):
-    """A whole request as bytes, for one write (header values must be latin-1)."""
-    lines = ['%s %s HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n' % (method, path, host, len(body))]
+class RequestHead:
+    """Event: a request's head.  `headers` maps lower-case names to values (repeated
+    fields joined with ', ')."""
+
+    __slots__ = ('method', 'target', 'version', 'headers')
+
+    def __init__(self, method, target, version, headers):
+        self.method, self.target, self.version, self.headers = method, target, version, headers
+
+    def __repr__(self):
+        return '<RequestHead %s %s>' % (self.method, self.target)
+
+
+class ResponseHead:
+    """Event: a response's head (`status`, `reason`, `version`, `headers`)."""
+
+    __slots__ = ('status', 'reason', 'version', 'headers')
+
+    def __init__(self, status, reason, version, headers):
+        self.status, self.reason, self.version, self.headers = status, reason, version, headers
+
+    def __repr__(self):
+        return '<ResponseHead %d>' % self.status
+
+
+class _Sentinel:
+    __slots__ = ('name',)
+
+    def __init__(self, name):
+        self.name = name
+
+    def __repr__(self):
+        return self.name
+
+
+NEED_DATA = _Sentinel('NEED_DATA')            # feed more bytes with receive_data()
+PAUSED = _Sentinel('PAUSED')                  # a message is done; respond, or start_next_cycle()
+END_OF_MESSAGE = _Sentinel('END_OF_MESSAGE')  # the body (if any) is complete
+CLOSED = _Sentinel('CLOSED')                  # the peer ended the connection between messages
+
+# What a connection waits for from its peer.
+_HEAD, _HELD, _BODY, _DONE, _SWITCHED, _GONE = range(6)
+
+
+class _BodyReader:
+    """The framing of one body: `length` bytes, chunked (length None), or until the end of
+    input (length -1).  read() decodes what a buffer holds, however many chunks carried it,
+    into one piece, so that memory follows the data and not the chunk count."""
+
+    __slots__ = ('remaining', 'limit', 'server', 'total', 'framing', 'chunked', 'trailer',
+                 'done')
+
+    def __init__(self, length, limit, server=True):
+        self.chunked = length is None
+        self.remaining = length         # of the body (Content-Length), or of the chunk
+        self.limit = limit
+        self.server = server            # whether refusals carry a status to answer with
+        self.total = 0                  # data bytes so far
+        self.framing = 0                # chunk-size lines, CRLFs and trailers so far
+        self.trailer = False
+        self.done = length == 0
+
+    def fail(self, status, message):
+        raise HTTPError(status if self.server else None, message)
+
+    def read(self, buf, eof):
+        """Consume from `buf` (a bytearray); return the data decoded (bytes, maybe b'')."""
+        if self.chunked:
+            return self._read_chunked(buf, eof)
+        if self.remaining < 0:                      # until the end of input
+            data = bytes(buf)
+            buf.clear()
+            self.total += len(data)
+            if self.total > self.limit:
+                self.fail(413, 'body over the %d bytes allowed' % self.limit)
+            self.done = eof
+            return data
+        take = min(self.remaining, len(buf))
+        if take == len(buf):
+            data = bytes(buf)
+            buf.clear()
+        else:
+            data = bytes(buf[:take])
+            del buf[:take]
+        self.remaining -= take
+        self.done = not self.remaining
+        if not self.done and eof:
+            self.fail(400, 'body shorter than its Content-Length (%d bytes missing)'
+                      % self.remaining)
+        return data
+
+    def _read_chunked(self, buf, eof):
+        out = bytearray()
+        pos = 0
+        size = len(buf)
+        while not self.done:
+            if self.trailer:                    # trailer fields: checked, and ignored
+                end = buf.find(b'\n', pos)
+                if end < 0:
+                    if size - pos > MAX_HEAD:
+                        self.fail(431, 'chunked trailer over %d bytes' % MAX_HEAD)
+                    break
+                line = buf[pos:end + 1]
+                pos = end + 1
+                self.framing += len(line)
+                if line in (b'\r\n', b'\n'):
+                    self.done = True
+                elif self.framing > MAX_HEAD:
+                    self.fail(431, 'chunked trailer over %d bytes' % MAX_HEAD)
+                else:
+                    parse_header_line(bytes(line), {})
+            elif self.remaining is None:        # a chunk-size line
+                match = _CHUNK_SIZE.match(buf, pos)
+                if match is None:
+                    if b'\n' in buf[pos:pos + _MAX_CHUNK_LINE] or size - pos >= _MAX_CHUNK_LINE:
+                        # RFC 9112 7.1: hexadecimal digits only; no sign, no 0x, no
+                        # spaces or underscores (int(x, 16) would take those).
+                        self.fail(400, 'malformed chunk size line %r'
+                                  % bytes(buf[pos:pos + 40].split(b'\n')[0]))
+                    break
+                pos = match.end()
+                self.framing += pos - match.start() + 2     # its line and the data's CRLF
+                length = int(match.group(1), 16)
+                if not length:
+                    self.trailer = True
+                    self.framing -= 2
+                    continue
+                self.total += length
+                if self.total > self.limit:
+                    self.fail(413, 'body over the %d bytes allowed' % self.limit)
+                if self.framing > self.total + _CHUNK_SLACK:
+                    self.fail(400, 'chunk framing larger than the data it frames '
+                                   '(too many tiny chunks)')
+                self.remaining = length
+            elif self.remaining:                # a chunk's data
+                take = min(self.remaining, size - pos)
+                if not take:
+                    break
+                out += buf[pos:pos + take]
+                pos += take
+                self.remaining -= take
+            else:                               # the CRLF after a chunk's data
+                if size - pos < 2:
+                    break
+                if buf[pos:pos + 2] != b'\r\n':
+                    self.fail(400, 'chunk data longer than its size')
+                pos += 2
+                self.remaining = None
+        del buf[:pos]
+        if eof and not self.done:
+            self.fail(400, 'truncated chunked body')
+        return bytes(out)
+
+
+def _request_framing(head, max_body, length_required=('POST', 'PUT', 'PATCH')):
+    """The _BodyReader that a request head calls for (None: no body), or HTTPError.
+    RFC 9112 6: Transfer-Encoding (HTTP/1.1 only, chunked only, never with Content-Length),
+    else Content-Length, else no body, which `length_required` methods may not omit."""
+    headers = head.headers
+    coding = headers.get('transfer-encoding')
+    length = headers.get('content-length')
+    if coding is not None:
+        if head.version < (1, 1):
+            raise HTTPError(400, 'Transfer-Encoding in an HTTP/1.0 request')
+        if length is not None:
+            raise HTTPError(400, 'both Content-Length and Transfer-Encoding')
+        if coding.strip().lower() != 'chunked':
+            raise HTTPError(501, 'transfer coding %r (only chunked is supported)' % coding[:40])
+        return _BodyReader(None, max_body)
+    if length is not None:
+        size = _content_length(length, 400)
+        if size > max_body:
+            raise HTTPError(413, 'body of %d bytes, over the %d allowed' % (size, max_body))
+        return _BodyReader(size, max_body) if size else None
+    if head.method in length_required:
+        raise HTTPError(411, '%s needs a Content-Length (or chunked body)' % head.method)
+    return None
+
+
+def _content_length(text, status):
+    """The value of a Content-Length field; HTTPError (with `status`) when it is not one
+    number of ASCII digits (repeated fields arrive joined with ', ', and are refused)."""
+    text = text.strip()
+    if not _DIGITS.match(text):
+        raise HTTPError(status, 'malformed Content-Length %r' % text[:20])
+    return int(text)
+
+
+class HTTPConnection:
+    """One HTTP/1.1 connection without I/O, in either role, in the manner of h11.
+
+    Bytes in: receive_data(data), with b'' for the end of input.  Events out: next_event()
+    returns RequestHead (server role) or ResponseHead (client role), then the body as
+    `bytes` pieces, then END_OF_MESSAGE; NEED_DATA when it needs more input, PAUSED once a
+    message is done (until start_next_cycle(), or for good after a 101), CLOSED when the
+    peer ended the connection between messages.  Bytes out: send_request(),
+    send_response(), send_data(), send_end() and send_continue() return the bytes of each
+    outgoing piece, for one write each.
+
+    It owns keep-alive (`keep_alive`), body framing (Content-Length; chunked, with strict
+    hexadecimal sizes and framing bounded by the data; 100-continue) and every limit, and
+    raises HTTPError for what a peer must not send: on the server side with the status to
+    answer (400, 411, 413, 414, 431, 501, 505), on the client side with status None.
+
+    A request whose Content-Length body is at most `assemble` bytes (and which does not
+    wait for 100 Continue) is delivered only once it is whole: its RequestHead, then its
+    body and END_OF_MESSAGE at once.  A shell can thus wait for small requests without
+    giving them a thread; larger and chunked bodies come as they arrive.
+    """
+
+    def __init__(self, client=False, max_body=MAX_BODY, max_head=MAX_HEAD, assemble=ASSEMBLE,
+                 length_required=('POST', 'PUT', 'PATCH'), keep_alive_timeout=None):
+        self.client = client
+        self.max_body = max_body
+        self.max_head = max_head
+        self.assemble = assemble
+        self.length_required = length_required
+        self.keep_alive_timeout = keep_alive_timeout    # announced in Keep-Alive: timeout=N
+        self.keep_alive = True
+        self.head = None                # the head of the message being received
+        self.expects_continue = False   # the peer waits for send_continue() before its body
+        self._buf = bytearray()
+        self._eof = False
+        self._state = _HEAD
+        self._body = None
+        self._method = None             # of the request in flight (HEAD: no body, either way)
+        self._streaming = None          # our body: 'chunked', 'raw' (HTTP/1.0), None
+        self._head_only = False
+
+    @property
+    def trailing_data(self):
+        """(bytes received after the current message, whether input has ended): after a
+        101, the first bytes of the new protocol."""
+        return bytes(self._buf), self._eof
+
+    def buffered(self):
+        """Whether unprocessed bytes are waiting (a pipelined request, say)."""
+        return bool(self._buf)
+
+    def receive_data(self, data):
+        """Take bytes from the peer; b'' means that its input has ended."""
+        if data:
+            self._buf += data
+        else:
+            self._eof = True
+
+    def next_event(self):
+        state = self._state
+        if state is _BODY:
+            body = self._body
+            data = body.read(self._buf, self._eof)
+            if data:
+                return data
+            if body.done:
+                self._body = None
+                self._state = _DONE
+                return END_OF_MESSAGE
+            return NEED_DATA
+        if state is _HEAD:
+            return self._next_head()
+        if state is _HELD:
+            if len(self._buf) < self._body.remaining and not self._eof:
+                return NEED_DATA
+            self._state = _BODY
+            return self.head
+        if state is _GONE:
+            return CLOSED
+        return PAUSED
+
+    def _refuse(self, status, message):
+        self.keep_alive = False
+        self._state = _GONE
+        raise HTTPError(None if self.client else status, message)
+
+    def _next_head(self):
+        buf = self._buf
+        if not self.client:
+            while buf[:2] == b'\r\n' or buf[:1] == b'\n':   # RFC 9112 2.2: ignored
+                del buf[:2 if buf[:1] == b'\r' else 1]
+        match = _BLANK_LINE.search(buf)
+        line_end = buf.find(b'\n', 0, MAX_LINE + 1)
+        if line_end < 0 and len(buf) > MAX_LINE or line_end >= MAX_LINE:
+            self._refuse(414 if b' ' in buf[:20] else 400, 'request line too long'
+                         if not self.client else 'status line too long')
+        if match is None:
+            if len(buf) > self.max_head:
+                self._refuse(431, 'head over %d bytes' % self.max_head)
+            if self._eof:
+                if buf:
+                    self._refuse(400, 'connection closed in the middle of a head')
+                self._state = _GONE
+                self.keep_alive = False
+                return CLOSED
+            return NEED_DATA
+        end = match.end()
+        if end > self.max_head:
+            self._refuse(431, 'head over %d bytes' % self.max_head)
+        if buf[:line_end + 1].rstrip(b'\r\n') == b'':
+            self._refuse(400, 'empty status line')
+        first = bytes(buf[:line_end + 1])
+        block = bytes(buf[line_end + 1:end])
+        del buf[:end]
+        try:
+            headers = parse_header_block(block)
+            if self.client:
+                return self._response_head(first, headers)
+            return self._request_head(first, headers)
+        except HTTPError as exc:
+            self._refuse(exc.status, exc.message)
+
+    def _request_head(self, line, headers):
+        method, target, version = parse_request_line(line)
+        self._method = method
+        host = headers.get('host')
+        if version >= (1, 1) and host is None:
+            raise HTTPError(400, 'HTTP/1.1 request without a Host header')
+        if host is not None and ',' in host:
+            raise HTTPError(400, 'more than one Host header')
+        connection = headers.get('connection', '').lower()
+        self.keep_alive = 'close' not in connection if version >= (1, 1) \
+            else 'keep-alive' in connection
+        self.head = head = RequestHead(method, target, version, headers)
+        body = _request_framing(head, self.max_body, self.length_required)
+        self.expects_continue = body is not None and version >= (1, 1) and \
+            headers.get('expect', '').lower() == '100-continue'
+        self._body = body or _BodyReader(0, 0)
+        if body is not None and not body.chunked and body.remaining <= self.assemble \
+                and not self.expects_continue:
+            self._state = _HELD
+            return self.next_event()
+        self._state = _BODY
+        return head
+
+    def _response_head(self, line, headers):
+        version, status, reason = parse_status_line(line)
+        if 100 <= status < 200 and status != 101:
+            return self._next_head()        # an interim answer: the real one follows
+        self.head = head = ResponseHead(status, reason, version, headers)
+        connection = headers.get('connection', '').lower()
+        self.keep_alive = self.keep_alive and version >= (1, 1) and 'close' not in connection
+        if status == 101:
+            self._state = _SWITCHED
+            return head
+        coding = headers.get('transfer-encoding')
+        length = headers.get('content-length')
+        if self._method == 'HEAD' or status in (204, 304) or status < 200:
+            reader = _BodyReader(0, 0, False)
+        elif coding is not None:
+            if coding.strip().lower() != 'chunked':
+                raise HTTPError(None, 'reply in transfer coding %r' % coding[:40])
+            reader = _BodyReader(None, self.max_body, False)
+        elif length is not None:
+            size = _content_length(length, None)
+            if size > self.max_body:
+                raise HTTPError(None, 'reply of %d bytes, over the %d allowed (max_reply)'
+                                % (size, self.max_body))
+            reader = _BodyReader(size, self.max_body, False)
+        else:
+            self.keep_alive = False             # the body ends when the connection does
+            reader = _BodyReader(-1, self.max_body, False)
+        self._body = reader
+        self._state = _BODY
+        return head
+
+    def start_next_cycle(self):
+        """After a complete exchange on a kept-alive connection: ready for the next one."""
+        if self._state is not _DONE or self._streaming is not None or not self.keep_alive:
+            raise RuntimeError('no complete exchange to move on from')
+        self._state = _HEAD
+        self.head = self._method = None
+        self.expects_continue = self._head_only = False
+
+    # -- bytes out ------------------------------------------------------------------------
+
+    def send_request(self, method, target, headers, body=b''):
+        """The bytes of a request (`headers`: (name, value) pairs, Host among them)."""
+        self._method = method
+        lines = ['%s %s HTTP/1.1\r\n' % (method, target)]
+        lines += ['%s: %s\r\n' % item for item in headers]
+        if body or method not in ('GET', 'HEAD', 'OPTIONS', 'DELETE'):
+            lines.append('Content-Length: %d\r\n' % len(body))
+        lines.append('\r\n')
+        return ''.join(lines).encode('latin-1') + body
+
+    def send_continue(self):
+        """'100 Continue', once, for a peer that waits for it before sending its body."""
+        if not self.expects_continue:
+            return b''
+        self.expects_continue = False
+        return b'HTTP/1.1 100 Continue\r\n\r\n'
+
+    def close_after_response(self):
+        """The response about to be sent ends the connection (Connection: close)."""
+        self.keep_alive = False
+
+    def send_response(self, status, headers, body=b''):
+        """The bytes of a response's head, and of `body` when it is bytes; body None: the
+        body follows through send_data() and send_end().  A response to HEAD carries no
+        body; after 101 the connection belongs to the new protocol."""
+        self.expects_continue = False
+        if self._state is _HELD or self._state is _BODY and not self._body.done:
+            # Answered before the request was read whole: the rest cannot be told apart
+            # from a next request.
+            self.keep_alive = False
+        head = self.head
+        version = head.version if head is not None else (1, 1)
+        keep_alive = self.keep_alive
+        extra = []
+        if status == 101:
+            self._state = _SWITCHED
+        elif keep_alive:
+            if self.keep_alive_timeout is not None:
+                extra.append(('Keep-Alive', 'timeout=%d' % self.keep_alive_timeout))
+            if version < (1, 1):
+                extra.append(('Connection', 'keep-alive'))
+        self._head_only = self._method == 'HEAD'
+        if status == 101:
+            return _head_bytes(status, list(headers), None, True, False)
+        if body is None:
+            self._streaming = 'chunked' if version >= (1, 1) else 'raw'
+            if self._streaming == 'raw':
+                self.keep_alive = keep_alive = False
+            return _head_bytes(status, list(headers) + extra, None, keep_alive,
+                               self._streaming == 'chunked')
+        data = _head_bytes(status, list(headers) + extra, len(body), keep_alive, False)
+        self._finish_ours()
+        return data if self._head_only else data + body
+
+    def send_data(self, data):
+        """One piece of a streamed body (b'' sends nothing)."""
+        if not data or self._head_only:
+            return b''
+        if self._streaming == 'chunked':
+            return b'%x\r\n%s\r\n' % (len(data), data)
+        return bytes(data)
+
+    def send_end(self):
+        """The end of a streamed body."""
+        chunked = self._streaming == 'chunked' and not self._head_only
+        self._streaming = None
+        self._finish_ours()
+        return b'0\r\n\r\n' if chunked else b''
+
+    def _finish_ours(self):
+        if not self.keep_alive:
+            self._state = _GONE if self._state is not _SWITCHED else _SWITCHED
+
+
+_date_cache = [0, b'']
+
+
+def _http_date():
+    now = int(time.time())
+    if _date_cache[0] != now:
+        t = time.gmtime(now)
+        _date_cache[:] = [now, ('%s, %02d %s %04d %02d:%02d:%02d GMT' % (
+            ('Mon', 'Tue', 'Wed', 'Thu', 'Fri', 'Sat', 'Sun')[t.tm_wday], t.tm_mday,
+            ('Jan', 'Feb', 'Mar', 'Apr', 'May', 'Jun', 'Jul', 'Aug', 'Sep', 'Oct', 'Nov',
+             'Dec')[t.tm_mon - 1], t.tm_year, t.tm_hour, t.tm_min, t.tm_sec)).encode('ascii')]
+    return _date_cache[1]
+
+
+def _head_bytes(status, headers, length, keep_alive, chunked):
+    lines = [b'HTTP/1.1 %d %s\r\nServer: mconnector/%s\r\nDate: %s\r\n' % (
+        status, _STATUS_TEXT.get(status, 'Unknown').encode('ascii'),
+        __version__.encode('ascii'), _http_date())]
     for name, value in headers:
-        lines.append('%s: %s\r\n' % (name, value))
-    lines.append('\r\n')
-    return ''.join(lines).encode('latin-1') + body
+        lines.append(b'%s: %s\r\n' % (name.encode('ascii'), value.encode('latin-1')))
+    if chunked:
+        lines.append(b'Transfer-Encoding: chunked\r\n')
+    elif length is not None:
+        lines.append(b'Content-Length: %d\r\n' % length)
+    if not keep_alive:
+        lines.append(b'Connection: close\r\n')
+    lines.append(b'\r\n')
+    return b''.join(lines)
+
+
+def _closing_response(status, headers, body):
+    """The bytes of a whole response that ends its connection, outside any exchange (a
+    refused handshake, a listener that cannot start)."""
+    http = HTTPConnection()
+    http.close_after_response()
+    return http.send_response(status, headers, body)
 
 
 def split_target(target):
@@ -1052,45 +1482,6 @@ def verify_request(key, method, target, headers, body, nonces, now=None):
         raise HTTPError(401, 'replayed request (nonce already seen)')
 
 
-_date_cache = [0, b'']
-
-
-def _http_date():
-    now = int(time.time())
-    if _date_cache[0] != now:
-        t = time.gmtime(now)
-        _date_cache[:] = [now, ('%s, %02d %s %04d %02d:%02d:%02d GMT' % (
-            ('Mon', 'Tue', 'Wed', 'Thu', 'Fri', 'Sat', 'Sun')[t.tm_wday], t.tm_mday,
-            ('Jan', 'Feb', 'Mar', 'Apr', 'May', 'Jun', 'Jul', 'Aug', 'Sep', 'Oct', 'Nov',
-             'Dec')[t.tm_mon - 1], t.tm_year, t.tm_hour, t.tm_min, t.tm_sec)).encode('ascii')]
-    return _date_cache[1]
-
-
-def build_response_head(status, headers, length=None, keep_alive=True):
-    """The status line and headers of a response, as bytes, ending with the blank line.
-
-    `length` None means the body follows in chunked transfer coding.
-    """
-    lines = [b'HTTP/1.1 %d %s\r\nServer: mconnector/%s\r\nDate: %s\r\n' % (
-        status, _STATUS_TEXT.get(status, 'Unknown').encode('ascii'),
-        __version__.encode('ascii'), _http_date())]
-    for name, value in headers:
-        lines.append(b'%s: %s\r\n' % (name.encode('ascii'), value.encode('latin-1')))
-    if length is None:
-        lines.append(b'Transfer-Encoding: chunked\r\n')
-    else:
-        lines.append(b'Content-Length: %d\r\n' % length)
-    if not keep_alive:
-        lines.append(b'Connection: close\r\n')
-    lines.append(b'\r\n')
-    return b''.join(lines)
-
-
-def encode_chunk(data):
-    """One chunk of chunked transfer coding; b'' gives the last chunk."""
-    return b'%x\r\n%s\r\n' % (len(data), data) if data else b'0\r\n\r\n'
-
-
 class Response:
     """What a handler answers: a status, headers, and a body (bytes, or an iterable of
     bytes to send chunked)."""
@@ -1112,42 +1503,9 @@ class Response:
 
     @classmethod
     def refusal(cls, exc):
-        """The error response for an HTTPError."""
-        return cls.error(exc.status, _ERROR_NAMES.get(exc.status, 'HTTPError'), exc.message,
-                         exc.headers)
-
-
-def read_chunked(rfile, limit):
-    """Read a chunked request body from a binary file; raises HTTPError (400, 413)."""
-    parts = []
-    total = 0
-    while True:
-        line = rfile.readline(MAX_LINE + 1)
-        if not line.endswith(b'\n'):
-            raise HTTPError(400, 'truncated chunk size line')
-        size_text = line.split(b';', 1)[0].strip()
-        try:
-            if not size_text or size_text.startswith((b'-', b'+', b'0x')):
-                raise ValueError
-            size = int(size_text, 16)
-        except ValueError:
-            raise HTTPError(400, 'malformed chunk size %r' % line[:40]) from None
-        if size == 0:
-            break
-        total += size
-        if total > limit:
-            raise HTTPError(413, 'body larger than %d bytes' % limit)
-        data = rfile.read(size)
-        if len(data) != size or rfile.read(2) != b'\r\n':
-            raise HTTPError(400, 'truncated chunk')
-        parts.append(data)
-    for _ in range(MAX_HEADERS + 1):          # trailer fields: read and ignored
-        line = rfile.readline(MAX_LINE + 1)
-        if line in (b'\r\n', b'\n'):
-            return b''.join(parts)
-        if not line.endswith(b'\n'):
-            break
-    raise HTTPError(400, 'malformed chunked trailer')
+        """The error response for an HTTPError, its type named from _STATUS_ERRORS."""
+        return cls.error(exc.status, _STATUS_ERRORS.get(exc.status, CallError).__name__,
+                         exc.message, exc.headers)
 
 
 # ###########################################################################################
@@ -1875,7 +2233,7 @@ class Microservice:
                 headers[key.replace('_', '-').lower()] = environ[key]
         method = environ['REQUEST_METHOD']
         try:
-            body = self._wsgi_body(environ, method)
+            body = self._wsgi_body(environ, method, headers)
         except HTTPError as exc:
             self._metrics.refused(method, exc.status)
             response = Response.refusal(exc)
@@ -1884,38 +2242,49 @@ class Microservice:
             response = self.handle(method, target, headers, body, sent_target)
             self._metrics.transferred(len(body), len(response.body)
                                       if isinstance(response.body, bytes) else 0)
-        start_response('%d %s' % (response.status, _STATUS_TEXT.get(response.status, '')),
-                       response.headers)
         body = response.body
+        headers = response.headers
+        if method == 'HEAD':
+            # No body (PEP 3333 leaves that to the application), but the length it has.
+            if isinstance(body, bytes):
+                headers = headers + [('Content-Length', str(len(body)))]
+            elif hasattr(body, 'close'):
+                body.close()
+            body = b''
+        start_response('%d %s' % (response.status, _STATUS_TEXT.get(response.status, '')),
+                       headers)
         return [body] if isinstance(body, bytes) else body
 
     __call__ = wsgi
 
-    def _wsgi_body(self, environ, method):
-        """The request body, with the built-in server's limits and statuses."""
-        text = environ.get('CONTENT_LENGTH') or ''
+    def _wsgi_body(self, environ, method, headers):
+        """The request body, framed by the same rules and limits as the built-in server's.
+        A server that decoded a chunked body says so with wsgi.input_terminated (gunicorn,
+        mod_wsgi); one that passes it on as it came (wsgiref) leaves the decoding to us."""
         stream = environ['wsgi.input']
-        if not text:
-            # A chunked body reaches the application decoded, without a length (gunicorn
-            # does this; wsgi.input_terminated says the stream ends with the body).
-            if 'chunked' in environ.get('HTTP_TRANSFER_ENCODING', '').lower() \
-                    or environ.get('wsgi.input_terminated'):
-                body = stream.read(self.max_body + 1)
-                if len(body) > self.max_body:
-                    raise HTTPError(413, 'body over the %d bytes allowed' % self.max_body)
-                return body
-            if method in ('POST', 'PUT', 'PATCH'):
-                raise HTTPError(411, '%s needs a Content-Length (or chunked body)' % method)
-            return b''
-        if not text.isdigit():
-            raise HTTPError(400, 'malformed Content-Length %r' % text[:20])
-        length = int(text)
-        if length > self.max_body:
-            raise HTTPError(413, 'body of %d bytes, over the %d allowed' % (length, self.max_body))
-        body = stream.read(length) if length else b''
-        if len(body) != length:
-            raise HTTPError(400, 'body shorter than its Content-Length')
-        return body
+        if environ.get('wsgi.input_terminated'):
+            headers = {k: v for k, v in headers.items() if k != 'content-length'}
+            reader = _BodyReader(-1, self.max_body)         # until the input ends
+        else:
+            protocol = environ.get('SERVER_PROTOCOL', 'HTTP/1.1')
+            version = (1, 0) if protocol == 'HTTP/1.0' else (1, 1)
+            reader = _request_framing(RequestHead(method, '', version, headers), self.max_body)
+            if reader is None:
+                return b''
+        # Reads never go past the body: exactly the rest of a Content-Length, one line of
+        # a chunked body at a time.
+        readline = getattr(stream, 'readline', None)
+        buf = bytearray()
+        parts = []
+        while not reader.done:
+            if reader.chunked and readline is not None:
+                data = readline(65536)
+            else:
+                size = 65536 if reader.remaining < 0 else min(reader.remaining, 65536)
+                data = stream.read(size)
+            buf += data
+            parts.append(reader.read(buf, not data))
+        return b''.join(parts)
 
     @property
     def app(self):
@@ -2060,33 +2429,33 @@ def _default_logging():
 
 
 class _ConnectionHandler:
-    """One connection of the listener: lean head parsing, one write per response.
-
-    Mixed into http.server.BaseHTTPRequestHandler (see _make_server), but driven by the
-    server's workers instead of its own constructor: serve_ready() serves the requests
-    that are ready, holds the connection while no other connection waits for a worker,
-    and otherwise hands it back to be parked in the server's selector, so that idle
-    keep-alive connections cost no thread.
+    """One connection of the listener, driven by the server's workers: serve_ready()
+    serves the requests that are ready, holds the connection while no other connection
+    waits for a worker, and otherwise hands it back to be parked in the server's selector,
+    so that idle keep-alive connections cost no thread.  The bytes are read and written
+    here; what they mean is the HTTPConnection's business (section 4).
     """
 
-    protocol_version = 'HTTP/1.1'
-
     def __init__(self, request, client_address, server):
-        self.request = self.connection = request
+        self.request = request
         self.client_address = client_address
         self.server = server
+        service = server.service
         request.settimeout(None)        # deadlines are kept by the server's loop (watch())
         # Each response is one write: nothing is gained by waiting for ACKs (Nagle).
         request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.rfile = SocketReader(request)
+        self.http = HTTPConnection(max_body=service.max_body, keep_alive_timeout=service.timeout)
+        self.pending = None             # the core's next event (or HTTPError), taken early
+        self.received = 0               # bytes read since the last response
         self.handshaken = not hasattr(request, 'do_handshake')
         # Where requests can be taken in without waiting, a worker only ever serves whole
-        # requests: one that trickles in waits in the selector, costing no worker, until
-        # it is complete or request_timeout has passed (slowloris).
+        # requests (as the core assembles them): one that trickles in waits in the
+        # selector, costing no worker, until it is complete or request_timeout has passed.
         self.assemble = bool(_MSG_DONTWAIT) and self.handshaken
         self.close_connection = False
         self.idle_since = time.monotonic()
         self.request_started = None
+        self.command = self.path = '-'
 
     def serve_ready(self):
         """Serve requests while they come; True: park the connection, False: close it."""
@@ -2104,12 +2473,9 @@ class _ConnectionHandler:
                 server.watch(self, False)
             self.handshaken = True
         while True:
-            max_body = server.service.max_body
             # When stopping, a request that has started is read here, not parked: it
             # was accepted, so it is answered.
-            if self.assemble and not server._stopping \
-                    and not self.rfile.has_request(max_body) \
-                    and self.rfile.fill_nowait() and not self.rfile.has_request(max_body):
+            if self.assemble and not server._stopping and not self._ready(True):
                 if self.request_started is None:
                     self.request_started = time.monotonic()
                 return True             # the rest of it will wake the selector
@@ -2121,12 +2487,61 @@ class _ConnectionHandler:
             if not self._wait_for_request():
                 return not self.close_connection
 
+    def _ready(self, fill):
+        """Whether the core has an event to serve (a whole small request, a large one's
+        head, a refusal, the end of input); with `fill`, after taking in what has arrived,
+        without waiting (plain sockets, on systems with MSG_DONTWAIT)."""
+        if self.pending is None or self.pending is NEED_DATA:
+            if fill:
+                self._fill_nowait()
+            try:
+                self.pending = self.http.next_event()
+            except HTTPError as exc:
+                self.pending = exc
+        return self.pending is not NEED_DATA
+
+    def _fill_nowait(self):
+        while True:
+            try:
+                data = self.request.recv(65536, _MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:             # reset by the peer: as good as closed
+                data = b''
+            self.received += len(data)
+            self.http.receive_data(data)
+            if len(data) < 65536:
+                return
+
+    def _event(self):
+        """The core's next event, reading (and answering 100-continue) while it needs data.
+        Raises HTTPError for what the peer must not send."""
+        event, self.pending = self.pending, None
+        if event is None:
+            event = self.http.next_event()
+        elif isinstance(event, HTTPError):
+            raise event
+        http = self.http
+        while event is NEED_DATA:
+            if http.expects_continue:       # curl waits a second for this over 1 KiB
+                self.request.sendall(http.send_continue())
+            data = self.request.recv(65536)
+            self.received += len(data)
+            http.receive_data(data)
+            event = http.next_event()
+        return event
+
+    def buffered(self):
+        """Whether bytes of a next request were read already (by the core, or by TLS)."""
+        pending = getattr(self.request, 'pending', None)
+        return self.http.buffered() or (pending is not None and pending() > 0)
+
     def _wait_for_request(self):
         """Hold the connection until its next request starts (True), or until another
         connection waits for a worker (False: park it).  Closes it when idle too long."""
         server = self.server
         idle_timeout = server.service.timeout
-        while not self.rfile.buffered():
+        while not self.buffered():
             if server._stopping:
                 # Idle when the server stops: closed, unless its next request is here.
                 self.close_connection = not self.readable_now()
@@ -2155,13 +2570,12 @@ class _ConnectionHandler:
     def parked_has_data(self):
         """Whether a request already waits in the buffer (the client pipelined)."""
         if self.assemble:
-            return self.rfile.buffered() > 0 and \
-                self.rfile.has_request(self.server.service.max_body)
-        return self.rfile.buffered() > 0
+            return self.http.buffered() and self._ready(False)
+        return self.buffered()
 
     def readable_now(self):
         """Whether bytes (or EOF) wait to be read, without waiting for them."""
-        if self.rfile.buffered():
+        if self.buffered():
             return True
         try:
             return bool(select.select([self.request], [], [], 0)[0])
@@ -2172,88 +2586,54 @@ class _ConnectionHandler:
         pass                # nothing buffered for writing: responses are sent whole
 
     def handle_one_request(self):
-        service = self.server.service
+        server = self.server
+        service = server.service
+        http = self.http
         self.close_connection = True
         self.command = self.path = '-'
-        self.server.watch(self, True)
+        started = time.perf_counter()
+        server.watch(self, True)
         try:
-            head = self.rfile.read_block(MAX_HEAD)
-            if head in (b'\r\n', b'\n'):        # RFC 9112 2.2: ignore a blank line first
-                head = self.rfile.read_block(MAX_HEAD)
-            if not head:
+            head = self._event()
+            if head is CLOSED:
                 return
-            started = time.perf_counter()
-            end = head.find(b'\n') + 1 or len(head)
-            if end > MAX_LINE:
-                raise HTTPError(414 if b' ' in head[:20] else 400, 'request line too long')
-            method, target, version = parse_request_line(head[:end])
-            headers = parse_header_block(head[end:])
-            connection = headers.get('connection', '').lower()
-            keep_alive = ('close' not in connection if version >= (1, 1)
-                          else 'keep-alive' in connection) and not self.server._stopping
-            self.command, self.path = method, target
-            body = self._read_body(headers, service.max_body)
-            self.server.watch(self, False)      # the function may take its time
-            received = len(head) + len(body)
-            response = service.handle(method, target, headers, body)
-            if keep_alive:
-                # Tells senders when this connection is closed as idle (see reusable()).
-                extra = [('Keep-Alive', 'timeout=%d' % service.timeout)]
-                if version < (1, 1):
-                    extra.append(('Connection', 'keep-alive'))
-                response.headers = response.headers + extra     # it may be the app's own
+            self.command, self.path = head.method, head.target
+            parts = []
+            event = self._event()
+            while event is not END_OF_MESSAGE:
+                parts.append(event)
+                event = self._event()
+            body = parts[0] if len(parts) == 1 else b''.join(parts)
+            server.watch(self, False)       # the function may take its time
+            response = service.handle(head.method, head.target, head.headers, body)
         except HTTPError as exc:
             response = Response.refusal(exc)
-            keep_alive = False
-            method = received = None
+            http.close_after_response()
             service._metrics.refused(self.command if self.command != '-' else None,
                                      exc.status)
         except (socket.timeout, OSError, ValueError):
             return
         finally:
-            self.server.watch(self, False)
-        sent = self._write(response, keep_alive, method == 'HEAD')
-        self.close_connection = not keep_alive
-        service._metrics.transferred(received or 0, sent)
+            server.watch(self, False)
+        if server._stopping:
+            http.close_after_response()     # a request sent after this one would be lost
+        sent = self._write(response)
+        self.close_connection = not http.keep_alive
+        if http.keep_alive:
+            http.start_next_cycle()
+        service._metrics.transferred(self.received, sent)
+        self.received = 0
         if service.debug:
             access_log.info('%s %s "%s %s" %d %d bytes %.1f ms', service.name,
                             self.client_address[0], self.command, self.path, response.status,
                             sent, (time.perf_counter() - started) * 1000)
 
-    def _read_body(self, headers, limit):
-        if 'transfer-encoding' in headers:
-            if headers['transfer-encoding'].lower() != 'chunked' or 'content-length' in headers:
-                raise HTTPError(400, 'unsupported Transfer-Encoding')
-            self._continue(headers)
-            return read_chunked(self.rfile, limit)
-        text = headers.get('content-length')
-        if text is None:
-            if self.command in ('POST', 'PUT', 'PATCH'):
-                raise HTTPError(411, '%s needs a Content-Length (or chunked body)' % self.command)
-            return b''
-        if not text.isdigit():
-            raise HTTPError(400, 'malformed Content-Length %r' % text[:20])
-        length = int(text)
-        if length > limit:
-            raise HTTPError(413, 'body of %d bytes, over the %d allowed' % (length, limit))
-        if not length:
-            return b''
-        self._continue(headers)
-        body = self.rfile.read(length)
-        if len(body) != length:
-            raise HTTPError(400, 'body shorter than its Content-Length')
-        return body
-
-    def _continue(self, headers):
-        # curl waits a second for this before sending bodies over 1 KiB.
-        if headers.get('expect', '').lower() == '100-continue':
-            self.request.sendall(b'HTTP/1.1 100 Continue\r\n\r\n')
-
-    def _write(self, response, keep_alive, head_only):
+    def _write(self, response):
         """Send the response; returns the number of bytes sent."""
+        http = self.http
         body = response.body
         watch = self.server.watch
-        sendall = self.connection.sendall
+        sendall = self.request.sendall
         sent = 0
 
         def send(data):
@@ -2265,49 +2645,48 @@ class _ConnectionHandler:
             return len(data)
         try:
             if isinstance(body, (bytes, bytearray)):
-                head = build_response_head(response.status, response.headers, len(body), keep_alive)
-                return send(head if head_only else head + body)
-            head = build_response_head(response.status, response.headers, None, keep_alive)
-            if head_only:
-                return send(head)
-            pending = head
+                return send(http.send_response(response.status, response.headers, body))
+            pending = http.send_response(response.status, response.headers, None)
+            if self.command == 'HEAD':
+                close = getattr(body, 'close', None)
+                if close is not None:
+                    close()             # a generator that will not run
+                return send(pending + http.send_end())
             for data in body:
                 if data:
-                    sent += send(pending + encode_chunk(data))
+                    sent += send(pending + http.send_data(data))
                     pending = b''
-            sent += send(pending + encode_chunk(b''))
+            sent += send(pending + http.send_end())
         except OSError:
-            self.close_connection = True
+            http.close_after_response()
         except Exception as exc:        # a generator that failed halfway: cut the stream
             log.warning('stream failed: %s: %s', type(exc).__name__, exc)
-            self.close_connection = True
+            http.close_after_response()
         return sent
 
-    def log_message(self, format, *args):
-        log.debug(format, *args)
 
-
+_MSG_DONTWAIT = getattr(socket, 'MSG_DONTWAIT', 0)
 _HOLD_SLICE = 1.0       # a worker holding an idle connection also looks for waiting ones this often
                         # (besides being woken by _demand_w when one waits)
 _TICK = 0.5             # how often the serving loop enforces timeouts
 
 
-class _ServerMixin:
+class _ListenerServer(socketserver.TCPServer):
     """The listener's server: accept loop with instant stop (no poll interval), at most
     `max_workers` threads serving requests, idle connections parked in a selector,
     per-request deadlines (slowloris), and every connection closed on stop.
 
-    Mixed into http.server.ThreadingHTTPServer, of which it keeps the binding and socket
-    handling; the thread per connection is replaced by the workers.
+    socketserver.TCPServer gives the binding and the socket handling; the thread per
+    connection of its mixins is replaced by the workers, and HTTP is the core's.
     """
 
     request_queue_size = 1024           # the listen backlog: bursts wait in the kernel
     allow_reuse_address = True
     keep_backlog = False                # on stop, leave waiting connections to the next owner
 
-    def server_bind(self):
-        socketserver.TCPServer.server_bind(self)     # without HTTPServer's getfqdn() lookup
-        self.server_name, self.server_port = self.server_address[:2]
+    def __init__(self, address, family):
+        self.address_family = family
+        super().__init__(address, _ConnectionHandler, bind_and_activate=False)
 
     def init_mconnector(self, service):
         self.service = service
@@ -2586,9 +2965,6 @@ class _ServerMixin:
         return cut
 
 
-_server_classes = []
-
-
 def server_ssl_context(certfile, keyfile=None, cafile=None):
     """A server-side SSLContext; with `cafile`, clients must present a certificate."""
     import ssl
@@ -2601,19 +2977,11 @@ def server_ssl_context(certfile, keyfile=None, cafile=None):
 
 
 def _make_server(service, address, ssl_context=None, sock=None):
-    """A bound ThreadingHTTPServer for `service` (http.server is imported on first use);
-    with `sock`, one that serves that listening socket (handed over by a parent process)."""
-    if not _server_classes:
-        import http.server
-        handler = type('ListenerHandler', (_ConnectionHandler, http.server.BaseHTTPRequestHandler), {})
-        server = type('ListenerServer', (_ServerMixin, http.server.ThreadingHTTPServer), {})
-        _server_classes[:] = [server, handler]
-    server_class, handler_class = _server_classes
+    """A bound _ListenerServer for `service`; with `sock`, one that serves that listening
+    socket (handed over by a parent process)."""
     family = sock.family if sock is not None else \
         socket.AF_INET6 if ':' in address[0] else socket.AF_INET
-    if family == socket.AF_INET6:
-        server_class = type('ListenerServer6', (server_class,), {'address_family': family})
-    server = server_class(address, handler_class, bind_and_activate=False)
+    server = _ListenerServer(address, family)
     server.init_mconnector(service)
     try:
         if sock is None:
@@ -2622,7 +2990,6 @@ def _make_server(service, address, ssl_context=None, sock=None):
             server.socket.close()
             server.socket = sock
             server.server_address = sock.getsockname()
-            server.server_name, server.server_port = server.server_address[:2]
         server.server_activate()
         if ssl_context is not None:
             server.socket = ssl_context.wrap_socket(server.socket, server_side=True,
@@ -2696,8 +3063,13 @@ class Friend:
     `token` is {rule: token} (or one string for every rule); `ruleMethods` is
     {rule: 'GET'|'PUT'|...} (POST otherwise).  Connections are kept alive and reused, so
     one Friend may be used from many threads at once.  Remote failures raise:
-    RemoteError (the function raised), AuthError, NotFound/MethodNotAllowed, BadRequest,
-    CallTimeout, Unreachable (all MConnectorError; the last two also ConnectionError).
+    RemoteError (the function raised), the CallError of the listener's status (AuthError,
+    NotFound, BadRequest, PayloadTooLarge...), CallTimeout, Unreachable, NetworkError (all
+    MConnectorError; the last three also ConnectionError).
+
+    `timeout` bounds the whole call (connecting, sending, the complete reply, and any
+    retries); a reply over `max_reply` bytes (default MAX_BODY, as the listener's
+    max_body) raises NetworkError before it is read.
 
     A call that cannot have reached the function (refused, no connection) is tried
     `retries` more times, after `backoff` seconds doubling each time (with jitter); one
@@ -2709,7 +3081,7 @@ class Friend:
 
     def __init__(self, name, address, token=None, ruleMethods=None, timeout=30.0,
                  secretKey=None, cafile=None, verify=True, ssl_context=None, certfile=None,
-                 keyfile=None, retries=2, backoff=0.05):
+                 keyfile=None, retries=2, backoff=0.05, max_reply=MAX_BODY):
         from urllib.parse import urlsplit
         self.name = name
         if '://' not in address:
@@ -2727,6 +3099,7 @@ class Friend:
         self._prefix = parts.path.rstrip('/')
         self._host_header = host_header(self._host, self._port, parts.scheme == 'https')
         self.timeout = timeout
+        self.max_reply = max_reply
         self.retries = retries
         self.backoff = backoff
         self.secretKey = secretKey
@@ -2892,9 +3265,7 @@ class Friend:
         if status == 500:
             return RemoteError(type_name, message, rule, self.address,
                                error.get('traceback') if error else None)
-        cls = {400: BadRequest, 401: AuthError, 403: AuthError, 404: NotFound,
-               405: MethodNotAllowed}.get(status, CallError)
-        return cls(message, status, rule, self.address)
+        return _STATUS_ERRORS.get(status, CallError)(message, status, rule, self.address)
 
     # -- the connection -------------------------------------------------------------------
 
@@ -2909,7 +3280,7 @@ class Friend:
             if conn is None:
                 context = self._ssl_context() if self._scheme == 'https' else None
                 return _ClientConnection(self._connect_host, self._port, context,
-                                         server_hostname=self._host)
+                                         self._host, self.max_reply)
             if conn.reusable() and not _connection_is_stale(conn.sock):
                 return conn
             conn.close()
@@ -2939,33 +3310,38 @@ class Friend:
         target = self._prefix + rule
         if self.secretKey:
             headers = headers + tuple(sign_request(self.secretKey, method, target, body))
-        request = build_request(method, target, self._host_header, headers, body)
+        headers = (('Host', self._host_header),) + headers
         idempotent = method in ('GET', 'HEAD', 'OPTIONS') or \
             self._rules.get(rule, {}).get('idempotent', False)
+        # `timeout` bounds the whole call, retries included: connect, send, whole reply.
+        deadline = time.monotonic() + self.timeout
         attempt = 0
         while True:
             try:
-                return self._attempt(method, request, where)
+                return self._attempt(method, target, headers, body, where, deadline)
             except _Failed as failed:
                 # A call that cannot have reached the function is tried again; one that may
                 # have run only when the rule is idempotent; a silent listener never.
-                retry = attempt < self.retries and (not failed.sent or (
-                    idempotent and not isinstance(failed.error, CallTimeout)))
+                error = failed.error
+                retry = attempt < self.retries and failed.retry and (not failed.sent or (
+                    idempotent and not isinstance(error, CallTimeout)))
                 if not retry:
-                    raise failed.error from None
+                    raise error from None
             attempt += 1
             import random
             delay = min(2.0, self.backoff * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
+            if time.monotonic() + delay >= deadline:
+                raise error from None
             log.debug('%s: attempt %d failed, again in %.3fs', where, attempt, delay)
             time.sleep(delay)
 
-    def _attempt(self, method, request, where):
+    def _attempt(self, method, target, headers, body, where, deadline):
         """One try: the reply, or _Failed saying whether the request may have arrived."""
         conn = self._acquire()
         for attempt in (1, 2):
             reused = conn.sock is not None
             try:
-                conn.send(request, self.timeout)
+                conn.send(method, target, headers, body, deadline)
             except socket.timeout:
                 conn.close()
                 raise _Failed(CallTimeout('no connection to %s within %ss' % (where, self.timeout)))
@@ -2979,11 +3355,15 @@ class Friend:
                 raise _Failed(Unreachable('cannot reach %s: %s' % (where, exc)))
             break
         try:
-            status, reply_headers, data, keep_alive = conn.receive(method == 'HEAD')
+            reply, keep_alive = conn.receive(deadline)
         except socket.timeout:
             conn.close()
             raise _Failed(CallTimeout('%s did not answer within %ss' % (where, self.timeout)), True)
-        except (OSError, HTTPError) as exc:
+        except HTTPError as exc:
+            conn.close()
+            raise _Failed(NetworkError('%s sent a reply that cannot be read (the call may have '
+                                       'run): %s' % (where, exc.message)), True, retry=False)
+        except OSError as exc:
             conn.close()
             raise _Failed(NetworkError('connection to %s lost after the call was sent (it may '
                                        'have run): %s' % (where, exc or type(exc).__name__)), True)
@@ -2991,16 +3371,18 @@ class Friend:
             self._release(conn)
         else:
             conn.close()
-        return _Reply(status, reply_headers, data)
+        return reply
 
 
 class _Failed(Exception):
-    """An attempt's error, and whether the request may have reached the listener."""
+    """An attempt's error, whether the request may have reached the listener, and whether
+    another attempt could fare better (not after a reply that broke the protocol)."""
 
-    def __init__(self, error, sent=False):
+    def __init__(self, error, sent=False, retry=True):
         super().__init__(error)
         self.error = error
         self.sent = sent
+        self.retry = retry
 
 
 @functools.lru_cache(maxsize=16)
@@ -3010,59 +3392,76 @@ def _keep_alive_timeout(hint):
     return int(match.group(1)) if match else None
 
 
-class _ClientConnection:
-    """One keep-alive HTTP/1.1 connection of a sender, on the codec of section 4.
+def _remaining(deadline):
+    """Seconds left until `deadline` (time.monotonic()); socket.timeout once it passed."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise socket.timeout('deadline passed')
+    return left
 
-    Each request is one write; the reply head is read with the same lean line parser the
-    listener uses (http.client parses headers through the email package, which measured
-    as about half of the sender's CPU time per call).
+
+class _ClientConnection:
+    """One keep-alive HTTP/1.1 connection of a sender: a socket and the core of section 4.
+
+    Each request is one write.  (http.client parses headers through the email package,
+    which measured as about half of the sender's CPU time per call.)
     """
 
-    __slots__ = ('host', 'port', 'context', 'sock', 'rfile', 'server_hostname', 'reuse_until')
+    __slots__ = ('host', 'port', 'context', 'sock', 'http', 'server_hostname', 'reuse_until',
+                 'max_reply')
 
-    def __init__(self, host, port, context=None, server_hostname=None):
+    def __init__(self, host, port, context=None, server_hostname=None, max_reply=MAX_BODY):
         self.host = host
         self.port = port
         self.context = context
         self.server_hostname = server_hostname or host
+        self.max_reply = max_reply
         self.sock = None
-        self.rfile = None
+        self.http = None
         self.reuse_until = None     # from the listener's Keep-Alive: timeout=N
 
     def reusable(self):
         """False once the listener may be closing this connection as idle."""
         return self.reuse_until is None or time.monotonic() < self.reuse_until
 
-    def send(self, data, timeout):
+    def send(self, method, target, headers, body, deadline):
         if self.sock is None:
-            sock = socket.create_connection((self.host, self.port), timeout)
+            sock = socket.create_connection((self.host, self.port), _remaining(deadline))
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 if self.context is not None:
+                    sock.settimeout(_remaining(deadline))
                     sock = self.context.wrap_socket(sock, server_hostname=self.server_hostname)
             except BaseException:
                 sock.close()
                 raise
             self.sock = sock
-            self.rfile = SocketReader(sock)
-        if self.sock.gettimeout() != timeout:      # settimeout() is a system call
-            self.sock.settimeout(timeout)
-        self.sock.sendall(data)
+            self.http = HTTPConnection(client=True, max_body=self.max_reply)
+        self.sock.settimeout(_remaining(deadline))
+        self.sock.sendall(self.http.send_request(method, target, headers, body))
 
-    def receive(self, head_only=False):
-        """Read one reply: (status, headers, body, keep_alive).  Raises HTTPError for a
-        malformed reply, OSError for the network, socket.timeout for silence."""
-        rfile = self.rfile
+    def receive(self, deadline):
+        """Read one reply before `deadline`: (_Reply, keep_alive).  Raises HTTPError for a
+        reply the core refuses, OSError for the network, socket.timeout at the deadline."""
+        http = self.http
+        sock = self.sock
+        head = None
+        parts = []
         while True:
-            head = rfile.read_block(MAX_HEAD)
-            if not head:
-                raise HTTPError(502, 'connection closed before the reply')
-            end = head.find(b'\n') + 1 or len(head)
-            version, status = parse_status_line(head[:end])
-            headers = parse_header_block(head[end:])
-            if not 100 <= status < 200:
+            event = http.next_event()
+            if event is NEED_DATA:
+                sock.settimeout(_remaining(deadline))
+                http.receive_data(sock.recv(65536))
+            elif event is END_OF_MESSAGE:
                 break
-        keep_alive = 'close' not in headers.get('connection', '').lower() and version >= (1, 1)
+            elif type(event) is bytes:
+                parts.append(event)
+            elif event is CLOSED:
+                raise ConnectionResetError('connection closed before the reply')
+            else:
+                head = event
+        headers = head.headers
+        keep_alive = http.keep_alive
         hint = headers.get('keep-alive')
         if hint is not None and keep_alive:
             # The listener closes connections idle for `timeout` seconds: a request sent
@@ -3071,24 +3470,15 @@ class _ClientConnection:
             timeout = _keep_alive_timeout(hint)
             if timeout is not None:
                 self.reuse_until = time.monotonic() + timeout - min(1.0, timeout / 4)
-        if head_only or status in (204, 304):
-            return status, headers, b'', keep_alive
-        if headers.get('transfer-encoding', '').lower() == 'chunked':
-            return status, headers, read_chunked(rfile, sys.maxsize), keep_alive
-        length = headers.get('content-length')
-        if length is None:
-            return status, headers, rfile.read(), False      # the body ends at close
-        if not length.isdigit():
-            raise HTTPError(502, 'malformed Content-Length in reply')
-        body = rfile.read(int(length))
-        if len(body) != int(length):
-            raise HTTPError(502, 'reply shorter than its Content-Length')
-        return status, headers, body, keep_alive
+        if keep_alive:
+            http.start_next_cycle()
+        body = parts[0] if len(parts) == 1 else b''.join(parts)
+        return _Reply(head.status, headers, body), keep_alive
 
     def close(self):
         sock, self.sock = self.sock, None
         if sock is not None:
-            self.rfile = None
+            self.http = None
             sock.close()
 
 
@@ -3604,20 +3994,20 @@ def _ws_accept(key):
     return base64.b64encode(hashlib.sha1(key.encode('ascii') + _WS_GUID).digest()).decode('ascii')
 
 
-def _ws_parse_head(head):
-    """Split an HTTP/1.1 head (bytes, up to the empty line) into the three parts of its start
-    line and a dict of headers (lower-case names; repeated ones joined with ', '), with the
-    header parser of section 4.  Raises HandshakeError 400 when it is malformed, 431 when it
-    has too many headers or too long a line."""
-    end = head.find(b'\n') + 1 or len(head)
+def _ws_head(data, client=False):
+    """The head event that `data` (the bytes of one head) parses to through the HTTP core,
+    with the handshake's 16 KiB limit.  Raises HandshakeError (400, 431; status 0 for an
+    answer that is not HTTP)."""
+    http = HTTPConnection(client=client, max_head=_WS_MAX_HEAD, length_required=())
+    http.receive_data(data)
+    http.receive_data(b'')
     try:
-        headers = parse_header_block(head[end:])
+        event = http.next_event()
     except HTTPError as exc:
-        raise HandshakeError(exc.status, exc.message) from None
-    start = head[:end].rstrip(b'\r\n').decode('latin-1').split(' ', 2)
-    if len(start) != 3:
-        raise HandshakeError(400, 'malformed start line')
-    return start, headers
+        raise HandshakeError(exc.status or 0, exc.message) from None
+    if event is CLOSED or event is NEED_DATA:
+        raise HandshakeError(400 if not client else 0, 'no head')
+    return event
 
 
 def _ws_tokens(value):
@@ -3641,17 +4031,18 @@ class _WsRequest:
 
 
 def _ws_check_request(head, subprotocols=(), origins=None):
-    """Check a client's opening handshake (RFC 6455 4.2.1) and return a _WsRequest.
+    """Check a client's opening handshake (RFC 6455 4.2.1), a RequestHead from the HTTP
+    core, and return a _WsRequest.
 
     The subprotocol chosen is the first of `subprotocols` (the server's preference) that the
     client offered, or None.  Raises HandshakeError: 400 for anything that is not a valid
     upgrade, 426 (with Sec-WebSocket-Version: 13) for another protocol version, 403 for an
     Origin not in `origins` (when `origins` is given)."""
-    (method, target, version), headers = _ws_parse_head(head)
+    method, target, version, headers = head.method, head.target, head.version, head.headers
     path = target.partition('?')[0] or None
     if method != 'GET':
         raise HandshakeError(400, 'a websocket handshake is a GET, not %s' % method[:16], path)
-    if version != 'HTTP/1.1':
+    if version != (1, 1):
         raise HandshakeError(400, 'a websocket handshake needs HTTP/1.1', path)
     if not target.startswith('/'):
         raise HandshakeError(400, 'the request target must be a path', None)
@@ -3690,32 +4081,27 @@ def _ws_error_response(error):
     """The HTTP answer that refuses a handshake, from a HandshakeError, as bytes."""
     body = (error.message + '\n').encode('utf-8')
     headers = [('Content-Type', 'text/plain; charset=utf-8')] + list(error.headers.items())
-    return build_response_head(error.status, headers, len(body), keep_alive=False) + body
+    return _closing_response(error.status, headers, body)
 
 
-def _ws_client_request(host, target, key, subprotocols=None, origin=None, headers=None):
-    """The client's opening handshake as bytes."""
-    lines = ['GET %s HTTP/1.1' % target, 'Host: ' + host, 'Upgrade: websocket',
-             'Connection: Upgrade', 'Sec-WebSocket-Key: ' + key,
-             'Sec-WebSocket-Version: ' + _WS_VERSION]
+def _ws_client_headers(host, key, subprotocols=None, origin=None, headers=None):
+    """The header fields of the client's opening handshake."""
+    fields = [('Host', host), ('Upgrade', 'websocket'), ('Connection', 'Upgrade'),
+              ('Sec-WebSocket-Key', key), ('Sec-WebSocket-Version', _WS_VERSION)]
     if subprotocols:
-        lines.append('Sec-WebSocket-Protocol: ' + ', '.join(subprotocols))
+        fields.append(('Sec-WebSocket-Protocol', ', '.join(subprotocols)))
     if origin:
-        lines.append('Origin: ' + origin)
-    lines += ['%s: %s' % item for item in (headers or {}).items()]
-    return ('\r\n'.join(lines) + '\r\n\r\n').encode('latin-1')
+        fields.append(('Origin', origin))
+    return fields + list((headers or {}).items())
 
 
 def _ws_check_response(head, key, target, subprotocols=None):
-    """Check the server's answer to our handshake (RFC 6455 4.1) and return the subprotocol
-    it chose, or None.  Raises HandshakeError naming `target` and the status when the server
-    refused, or when its 101 is not a valid websocket answer."""
+    """Check the server's answer to our handshake (RFC 6455 4.1), a ResponseHead from the
+    HTTP core, and return the subprotocol it chose, or None.  Raises HandshakeError naming
+    `target` and the status when the server refused, or when its 101 is not a valid
+    websocket answer."""
     path = target.partition('?')[0]
-    try:
-        (version, status, reason), headers = _ws_parse_head(head)
-        status = int(status)
-    except (HandshakeError, ValueError):
-        raise HandshakeError(0, 'the answer is not HTTP', path) from None
+    status, reason, headers = head.status, head.reason, head.headers
     if status != 101:
         raise HandshakeError(status, reason.strip() or 'refused', path)
     if 'websocket' not in [t.lower() for t in _ws_tokens(headers.get('upgrade', ''))]:
@@ -4450,15 +4836,14 @@ class SocketServer:
     def _serve_connection(self, sock, address):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         deadline = time.monotonic() + self.handshake_timeout
+        http = HTTPConnection(max_head=_WS_MAX_HEAD, length_required=())
         try:
             if self.ssl_context is not None:
                 sock.settimeout(self.handshake_timeout)
                 sock = self.ssl_context.wrap_socket(sock, server_side=True)
-            head, leftover = _ws_read_head(sock, deadline)
-        except (OSError, ValueError) as exc:
-            log.debug('websocket handshake from %s dropped: %s', address, exc)
-            return
-        try:
+            head = _ws_read_head(sock, http, deadline)
+            if head is CLOSED:
+                return
             request = _ws_check_request(head, self.subprotocols, self.origins)
             if self.secretKey:
                 try:
@@ -4472,7 +4857,9 @@ class SocketServer:
             if self._stopping:
                 raise HandshakeError(503, 'the server is stopping', request.path)
             sock.sendall(_ws_accept_response(request))
-        except HandshakeError as exc:
+        except (HandshakeError, HTTPError) as exc:
+            if isinstance(exc, HTTPError):
+                exc = HandshakeError(exc.status, exc.message)
             log.info('%s: %s', address[0], exc)
             try:
                 sock.sendall(_ws_error_response(exc))
@@ -4480,8 +4867,10 @@ class SocketServer:
             except OSError:
                 pass
             return
-        except OSError:
+        except (OSError, ValueError) as exc:
+            log.debug('websocket handshake from %s dropped: %s', address, exc)
             return
+        leftover = http.trailing_data[0]
         protocol = WebSocketProtocol(False, self.max_size, self.max_frame_size)
         conn = WebSocket(sock, protocol, path=request.path, query=request.query,
                          headers=request.headers, subprotocol=request.subprotocol,
@@ -4544,25 +4933,19 @@ class SocketServer:
             task.result()
 
 
-def _ws_read_head(sock, deadline):
-    """Read an HTTP head (up to the empty line) from `sock` before `deadline`; return it and
-    the bytes that came after it.  Raises OSError (socket.timeout) when the peer is too slow
-    or leaves, ValueError when the head is over _WS_MAX_HEAD."""
-    data = bytearray()
+def _ws_read_head(sock, http, deadline):
+    """Feed `http` (an HTTPConnection) from `sock` until it has a head, and return that
+    event (or CLOSED).  Raises HTTPError for a head it refuses, OSError (socket.timeout)
+    when the peer is too slow or leaves."""
     while True:
-        end = data.find(b'\r\n\r\n')
-        if end >= 0:
-            return bytes(data[:end + 4]), bytes(data[end + 4:])
-        if len(data) > _WS_MAX_HEAD:
-            raise ValueError('handshake head over %d bytes' % _WS_MAX_HEAD)
+        event = http.next_event()
+        if event is not NEED_DATA:
+            return event
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise socket.timeout('handshake timeout')
         sock.settimeout(remaining)
-        chunk = sock.recv(4096)
-        if not chunk:
-            raise ConnectionResetError('the peer left during the handshake')
-        data += chunk
+        http.receive_data(sock.recv(4096))
 
 
 def _ws_split_url(url):
@@ -4602,9 +4985,18 @@ def _ws_connect(url, *, timeout=_WS_HANDSHAKE_TIMEOUT, subprotocols=None, origin
             context = ssl_context or ssl.create_default_context()
             sock = context.wrap_socket(sock, server_hostname=host)
         key = base64.b64encode(os.urandom(16)).decode('ascii')
-        sock.sendall(_ws_client_request(host_field, target, key, subprotocols, origin, headers))
-        head, leftover = _ws_read_head(sock, deadline)
+        http = HTTPConnection(client=True, max_head=_WS_MAX_HEAD)
+        sock.sendall(http.send_request('GET', target, _ws_client_headers(
+            host_field, key, subprotocols, origin, headers)))
+        head = _ws_read_head(sock, http, deadline)
+        if head is CLOSED:
+            raise ConnectionResetError('the server closed the connection during the handshake')
         chosen = _ws_check_response(head, key, target, subprotocols)
+        leftover = http.trailing_data[0]
+    except HTTPError as exc:
+        sock.close()
+        raise HandshakeError(0, 'the answer is not HTTP: %s' % exc.message,
+                             target.partition('?')[0]) from None
     except socket.timeout:
         sock.close()
         raise WebSocketTimeout('websocket handshake with %s took over %s s' % (url, timeout)) from None
@@ -5457,7 +5849,7 @@ def _listening_socket(host, port, listen=True, reuse_port=False):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, int(port)))
         if listen:
-            sock.listen(_ServerMixin.request_queue_size)
+            sock.listen(_ListenerServer.request_queue_size)
     except BaseException:
         sock.close()
         raise
@@ -5696,7 +6088,7 @@ def _wait_for_change(supervisor, directory, before, sock):
 def _answer_unavailable(sock, message):
     """Answer 503 on every connection waiting on `sock`, without waiting for any."""
     response = Response.error(503, 'ServiceUnavailable', message)
-    data = build_response_head(503, response.headers, len(response.body), False) + response.body
+    data = _closing_response(response.status, response.headers, response.body)
     sock.setblocking(False)     # (the next child sets its own mode on this shared socket)
     while True:
         try:

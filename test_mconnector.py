@@ -262,27 +262,6 @@ class HTTPCoreTest(unittest.TestCase):
                 mconnector.parse_header_block(bad)
             self.assertEqual(caught.exception.status, status, bad[:30])
 
-    def test_response_head_and_chunks(self):
-        head = mconnector.build_response_head(200, [('Content-Type', 'text/plain')], 5)
-        self.assertTrue(head.startswith(b'HTTP/1.1 200 OK\r\n'))
-        self.assertIn(b'Content-Length: 5\r\n', head)
-        self.assertTrue(head.endswith(b'\r\n\r\n'))
-        chunked = mconnector.build_response_head(200, [], None, keep_alive=False)
-        self.assertIn(b'Transfer-Encoding: chunked\r\n', chunked)
-        self.assertIn(b'Connection: close\r\n', chunked)
-
-    def test_read_chunked(self):
-        import io
-        read = mconnector.read_chunked
-        self.assertEqual(read(io.BytesIO(b'3\r\nabc\r\n2;x=y\r\nde\r\n0\r\nT: 1\r\n\r\n'), 100),
-                         b'abcde')
-        for bad, status in ((b'zz\r\n', 400), (b'3\r\nab', 400), (b'-1\r\n', 400),
-                            (b'ff\r\n' + b'a' * 255 + b'\r\n0\r\n\r\n', 413)):
-            with self.assertRaises(mconnector.HTTPError) as caught:
-                read(io.BytesIO(bad), 100)
-            self.assertEqual(caught.exception.status, status)
-
-
 class SeedTutorialTest(unittest.TestCase):
     """The seed's chapters 3-6 through the example files, with the outputs the seed shows."""
 
@@ -545,10 +524,10 @@ class ListenerTest(unittest.TestCase):
         self.assertEqual(self.friend.send('/flask/3/2.5'), (3, 2.5))
         with self.assertRaises(mconnector.NotFound):
             self.friend.send('/user/bob/seven')
-        reply = raw_request(self.port, b'GET /user/ann/2?extra=%7B%22a%22%3A1%7D HTTP/1.1\r\n'
-                            b'Host: x\r\nConnection: close\r\n\r\n')
+        reply = raw_request(self.port, b'GET /user/ann/2?extra=%7B%22a%22%3A1%7D HTTP/1.1\r\nHost: x\r\n'
+                            b'Connection: close\r\n\r\n')
         self.assertTrue(reply.endswith(b'["ann", 2, {"a": 1}]'), reply)
-        reply = raw_request(self.port, b'GET /echo?a=1&b=text HTTP/1.1\r\nConnection: close\r\n\r\n')
+        reply = raw_request(self.port, b'GET /echo?a=1&b=text HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')
         self.assertTrue(reply.endswith(b'[[], {"a": 1, "b": "text"}]'), reply)
 
     def test_dict_stream_and_generator_modes(self):
@@ -565,7 +544,7 @@ class ListenerTest(unittest.TestCase):
         self.assertEqual(loop1, loop2)
 
     def test_flask_like_app(self):
-        reply = raw_request(self.port, b'GET /page/ann?q=1 HTTP/1.1\r\nConnection: close\r\n\r\n')
+        reply = raw_request(self.port, b'GET /page/ann?q=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')
         self.assertIn(b'Content-Type: text/html', reply)
         self.assertTrue(reply.endswith(b'<b>ann 1</b>'), reply)
 
@@ -585,13 +564,13 @@ class ListenerTest(unittest.TestCase):
 
     @builtin_server_only
     def test_malformed_requests_get_400_and_service_goes_on(self):
-        for data in (b'garbage\r\n\r\n', b'GET / HTTP/1.1\r\nBad Header\r\n\r\n',
-                     b'POST /add HTTP/1.1\r\nContent-Length: x\r\n\r\n',
-                     b'POST /add HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n',
+        for data in (b'garbage\r\n\r\n', b'GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n',
+                     b'POST /add HTTP/1.1\r\nHost: x\r\nContent-Length: x\r\n\r\n',
+                     b'POST /add HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n',
                      b'GET /' + b'a' * 10000 + b' HTTP/1.1\r\n\r\n'):
             reply = raw_request(self.port, data)
             self.assertRegex(reply[:12], rb'HTTP/1.1 4\d\d', data[:40])
-        reply = raw_request(self.port, b'POST /add HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n')
+        reply = raw_request(self.port, b'POST /add HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n\r\n')
         self.assertTrue(reply.startswith(b'HTTP/1.1 413'), reply)
         self.assertEqual(self.friend.send('/add', 41), 42)
 
@@ -650,7 +629,7 @@ class SenderTest(unittest.TestCase):
     def test_plain_json_peer_gets_plain_json(self):
         # What a 0.3.7 sender (requests.post(json=...)) sends and reads back.
         body = b'{"args": [[1, 2], "x"], "kwargs": {"k": {"a": null}}, "token": null}'
-        reply = raw_request(self.M.port, b'POST /same HTTP/1.1\r\nContent-Type: application/json'
+        reply = raw_request(self.M.port, b'POST /same HTTP/1.1\r\nHost: x\r\nContent-Type: application/json'
                             b'\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s' % (len(body), body))
         self.assertTrue(reply.startswith(b'HTTP/1.1 200'), reply)
         self.assertEqual(json.loads(reply.split(b'\r\n\r\n', 1)[1]),
@@ -995,7 +974,7 @@ class SignedCallTest(unittest.TestCase):
     def test_replayed_or_stale_signatures_are_refused(self):
         body = b'{"args": [7]}'
         signed = mconnector.sign_request('k3y', 'POST', '/count', body)
-        head = b'POST /count HTTP/1.1\r\nContent-Length: %d\r\n' % len(body)
+        head = b'POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n' % len(body)
         head += b''.join(b'%s: %s\r\n' % (k.encode(), v.encode()) for k, v in signed)
         first = raw_request(self.M.port, head + b'Connection: close\r\n\r\n' + body)
         again = raw_request(self.M.port, head + b'Connection: close\r\n\r\n' + body)
@@ -1003,7 +982,7 @@ class SignedCallTest(unittest.TestCase):
         self.assertEqual(status_of(again), 401, again)
         self.assertIn(b'replayed', again)
         old = mconnector.sign_request('k3y', 'POST', '/count', body, timestamp=time.time() - 301)
-        head = b'POST /count HTTP/1.1\r\nContent-Length: %d\r\nConnection: close\r\n' % len(body)
+        head = b'POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nConnection: close\r\n' % len(body)
         head += b''.join(b'%s: %s\r\n' % (k.encode(), v.encode()) for k, v in old)
         self.assertIn(b'window', raw_request(self.M.port, head + b'\r\n' + body))
         tampered = raw_request(self.M.port, head.replace(b'/count', b'/echo') + b'\r\n' + body)
@@ -1172,7 +1151,7 @@ class AdminTest(unittest.TestCase):
         self.assertEqual(self.metrics()[key], 1)
 
     def test_only_get_and_unknown_pages(self):
-        reply = raw_request(self.M.port, b'POST /_mc/health HTTP/1.1\r\nContent-Length: 0\r\n'
+        reply = raw_request(self.M.port, b'POST /_mc/health HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n'
                             b'Connection: close\r\n\r\n')
         self.assertEqual(status_of(reply), 405)
         status, _, body = self.get('nope')
@@ -1183,9 +1162,9 @@ class AdminTest(unittest.TestCase):
     def test_listener_wide_token_guards_them(self):
         M = Microservice('locked', token='all')
         Service.start(self, M)
-        reply = raw_request(M.port, b'GET /_mc/rules HTTP/1.1\r\nConnection: close\r\n\r\n')
+        reply = raw_request(M.port, b'GET /_mc/rules HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')
         self.assertEqual(status_of(reply), 401)
-        reply = raw_request(M.port, b'GET /_mc/rules HTTP/1.1\r\nAuthorization: Bearer all\r\n'
+        reply = raw_request(M.port, b'GET /_mc/rules HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer all\r\n'
                             b'Connection: close\r\n\r\n')
         self.assertEqual(status_of(reply), 200)
         with Friend('ok', M.url, token='all') as friend:
@@ -1267,7 +1246,7 @@ class GracefulStopTest(unittest.TestCase):
         M = self.slow_service()
         idle = socket.create_connection(('127.0.0.1', M.port), timeout=5)
         self.addCleanup(idle.close)
-        idle.sendall(b'POST /quick HTTP/1.1\r\nContent-Length: 0\r\n\r\n')
+        idle.sendall(b'POST /quick HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n')
         self.assertTrue(idle.recv(4096).endswith(b'"q"]'))
         calls = concurrent.futures.ThreadPoolExecutor(5)
         self.addCleanup(calls.shutdown)
@@ -1396,13 +1375,13 @@ class WorkerDispatchTest(unittest.TestCase):
             return release.wait(10)
         Service.start(self, M)
         self.addCleanup(release.set)
-        raw_request(M.port, b'GET /_mc/health HTTP/1.1\r\nConnection: close\r\n\r\n')
+        raw_request(M.port, b'GET /_mc/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')
         pair = [socket.create_connection(('127.0.0.1', M.port), timeout=5) for _ in range(2)]
         for sock in pair:
             self.addCleanup(sock.close)
         self.assertTrue(wait_for(lambda: M.stats['connections'] == 3))
         for sock in pair:
-            sock.sendall(b'POST /wait HTTP/1.1\r\nContent-Length: 0\r\n\r\n')
+            sock.sendall(b'POST /wait HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n')
         self.assertTrue(entered.acquire(timeout=5))
         self.assertTrue(entered.acquire(timeout=5), 'the second request got no worker')
         release.set()
@@ -1422,19 +1401,19 @@ class LimitsTest(unittest.TestCase):
 
     def test_each_limit_answers_its_status_and_serving_goes_on(self):
         self.assertStatus(b'GET /' + b'a' * 9000 + b' HTTP/1.1\r\n\r\n', 414)
-        self.assertStatus(b'GET /count HTTP/1.1\r\nX-Big: ' + b'a' * 9000 + b'\r\n\r\n', 431)
-        self.assertStatus(b'GET /count HTTP/1.1\r\n' + b'X-A: 1\r\n' * 101 + b'\r\n', 431)
-        self.assertStatus(b'POST /count HTTP/1.1\r\nContent-Length: 4097\r\n\r\n', 413)
-        self.assertStatus(b'POST /count HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n'
+        self.assertStatus(b'GET /count HTTP/1.1\r\nHost: x\r\nX-Big: ' + b'a' * 9000 + b'\r\n\r\n', 431)
+        self.assertStatus(b'GET /count HTTP/1.1\r\nHost: x\r\n' + b'X-A: 1\r\n' * 101 + b'\r\n', 431)
+        self.assertStatus(b'POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: 4097\r\n\r\n', 413)
+        self.assertStatus(b'POST /count HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n'
                           b'1001\r\n' + b'a' * 4097 + b'\r\n0\r\n\r\n', 413)
         self.assertStatus(b'POST /count HTTP/1.1\r\nHost: x\r\n\r\n', 411)
-        self.assertStatus(b'POST /count HTTP/1.1\r\nContent-Length: -1\r\n\r\n', 400)
-        self.assertStatus(b'POST /count HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n', 400)
+        self.assertStatus(b'POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n', 400)
+        self.assertStatus(b'POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n', 400)
 
     def test_json_that_is_not_strictly_json_is_400(self):
         for body in (b'{"args": [NaN]}', b'{"args": [1], "args": [2]}', b'{"args": [' + b'[' * 300 + b']' * 300 + b']}',
                      b'{"args": ["\xff"]}', b'{"args": [Infinity]}'):
-            self.assertStatus(b'POST /count HTTP/1.1\r\nContent-Length: %d\r\n'
+            self.assertStatus(b'POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n'
                               b'Connection: close\r\n\r\n%s' % (len(body), body), 400)
         self.assertEqual(self.M.runs, ['next'] * 5)
 
@@ -1446,7 +1425,7 @@ class LimitsTest(unittest.TestCase):
 
     def test_slow_sender_is_dropped_and_others_are_served(self):
         with socket.create_connection(('127.0.0.1', self.M.port), timeout=5) as slow:
-            slow.sendall(b'POST /count HTTP/1.1\r\n')
+            slow.sendall(b'POST /count HTTP/1.1\r\nHost: x\r\n')
             started = time.monotonic()
             self.assertEqual(self.friend.send('/count', 1), 1)
             dropped = None
@@ -1469,8 +1448,8 @@ class LimitsTest(unittest.TestCase):
         self.addCleanup(lambda: [s.close() for s in slow])
         for n in range(6):
             s = socket.create_connection(('127.0.0.1', M.port), timeout=5)
-            s.sendall(b'POST /count HTTP/1.1\r\nContent-Length: 13\r\n' if n % 2 else
-                      b'POST /count HTTP/1.1\r\nContent-Length: 13\r\n\r\n{"ar')
+            s.sendall(b'POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: 13\r\n' if n % 2 else
+                      b'POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: 13\r\n\r\n{"ar')
             slow.append(s)
         self.assertTrue(wait_for(lambda: M.stats['connections'] >= 6, 5))
         started = time.monotonic()
@@ -1497,7 +1476,7 @@ class LimitsTest(unittest.TestCase):
 
     def test_idle_keep_alive_connection_is_closed(self):
         with socket.create_connection(('127.0.0.1', self.M.port), timeout=5) as idle:
-            idle.sendall(b'GET /count HTTP/1.1\r\n\r\n')
+            idle.sendall(b'GET /count HTTP/1.1\r\nHost: x\r\n\r\n')
             self.assertTrue(idle.recv(4096).startswith(b'HTTP/1.1 200'))
             started = time.monotonic()
             self.assertEqual(idle.recv(1), b'')         # closed by the listener
@@ -1511,7 +1490,7 @@ class LimitsTest(unittest.TestCase):
         self.addCleanup(lambda: [s.close() for s in idle])
         for _ in range(1000):
             s = socket.create_connection(('127.0.0.1', M.port))
-            s.sendall(b'GET /count HTTP/1.1\r\n\r\n' if len(idle) % 10 == 0 else b'')
+            s.sendall(b'GET /count HTTP/1.1\r\nHost: x\r\n\r\n' if len(idle) % 10 == 0 else b'')
             idle.append(s)
         self.assertTrue(wait_for(lambda: M.stats['connections'] >= 1000, 10))
         started = time.monotonic()
@@ -1621,7 +1600,7 @@ class FuzzTest(unittest.TestCase):
         rng = random.Random(6455)
         M = counting_service(request_timeout=0.3, max_body=4096)
         friend = Service.start(self, M)
-        valid = (b'POST /echo HTTP/1.1\r\nContent-Type: application/json\r\n'
+        valid = (b'POST /echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n'
                  b'Content-Length: 8\r\n\r\n{"a": 1}')
         pieces = [b'GET', b'POST', b' ', b'/', b'/echo', b'/count?x=1', b'HTTP/1.1', b'HTTP/9.9',
                   b'\r\n', b'\n', b':', b'Content-Length: ', b'Transfer-Encoding: chunked',
@@ -1948,7 +1927,7 @@ class RFC6455Section4HandshakeTest(unittest.TestCase):
 
     def test_rfc_example_accept(self):
         self.assertEqual(WS._ws_accept(self.KEY), 's3pPLMBiTxaQ9kYGzzhZRbK+xOo=')
-        req = WS._ws_check_request(self.request(Origin='http://a'))
+        req = WS._ws_check_request(WS._ws_head(self.request(Origin='http://a')))
         self.assertEqual((req.path, req.query, req.origin), ('/chat', 'x=1', 'http://a'))
         self.assertIn(b'Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n', WS._ws_accept_response(req))
 
@@ -1957,30 +1936,34 @@ class RFC6455Section4HandshakeTest(unittest.TestCase):
                                 ({'Sec-WebSocket-Key': 'short'}, 400), ({'Host': None}, 400),
                                 ({'Sec-WebSocket-Version': '8'}, 426)):
             with self.assertRaises(mconnector.HandshakeError, msg=headers) as cm:
-                WS._ws_check_request(self.request(**headers))
+                WS._ws_check_request(WS._ws_head(self.request(**headers)))
             self.assertEqual(cm.exception.status, status)
         self.assertIn(b'Sec-WebSocket-Version: 13', WS._ws_error_response(cm.exception))
         with self.assertRaises(mconnector.HandshakeError) as cm:
-            WS._ws_check_request(self.request(Origin='http://evil'), origins=['http://good'])
+            WS._ws_check_request(WS._ws_head(self.request(Origin='http://evil')),
+                                 origins=['http://good'])
         self.assertEqual(cm.exception.status, 403)
         with self.assertRaises(mconnector.HandshakeError) as cm:
-            WS._ws_check_request(b'POST / HTTP/1.1\r\nHost: h\r\n\r\n')
+            WS._ws_check_request(WS._ws_head(b'POST / HTTP/1.1\r\nHost: h\r\n\r\n'))
         self.assertEqual(cm.exception.status, 400)
 
     def test_subprotocol_is_the_servers_first_choice_that_was_offered(self):
-        req = WS._ws_check_request(self.request(**{'Sec-WebSocket-Protocol': 'b, c'}), ['a', 'c', 'b'])
+        req = WS._ws_check_request(WS._ws_head(self.request(**{'Sec-WebSocket-Protocol': 'b, c'})),
+                                   ['a', 'c', 'b'])
         self.assertEqual(req.subprotocol, 'c')
         self.assertIn(b'Sec-WebSocket-Protocol: c\r\n', WS._ws_accept_response(req))
-        self.assertIsNone(WS._ws_check_request(self.request(), ['a']).subprotocol)
+        self.assertIsNone(WS._ws_check_request(WS._ws_head(self.request()), ['a']).subprotocol)
 
     def test_client_checks_the_answer(self):
         ok = ('HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n'
               'Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n').encode()
-        self.assertIsNone(WS._ws_check_response(ok, self.KEY, '/x'))
+        def check(data, target):
+            return WS._ws_check_response(WS._ws_head(data, client=True), self.KEY, target)
+        self.assertIsNone(check(ok, '/x'))
         with self.assertRaises(mconnector.HandshakeError):
-            WS._ws_check_response(ok.replace(b's3p', b'xxx'), self.KEY, '/x')
+            check(ok.replace(b's3p', b'xxx'), '/x')
         with self.assertRaises(mconnector.HandshakeError) as cm:
-            WS._ws_check_response(b'HTTP/1.1 404 Not Found\r\n\r\n', self.KEY, '/x?q=1')
+            check(b'HTTP/1.1 404 Not Found\r\n\r\n', '/x?q=1')
         self.assertEqual((cm.exception.status, cm.exception.path), (404, '/x'))
         self.assertIn('/x', str(cm.exception))
 
