@@ -1501,6 +1501,196 @@ class LimitsTest(unittest.TestCase):
         self.assertTrue(wait_for(lambda: len(M.runs) == 101, 10), len(M.runs))
 
 
+class ListenerFramingTest(unittest.TestCase):
+    """What a hostile or unusual request does to a live listener: a clear 4xx in JSON, and
+    the listener goes on serving.  Run again through the WSGI entry under wsgiref."""
+
+    def setUp(self):
+        self.M = counting_service(max_body=4096)
+
+        @self.M.typing('/page', methods=['GET'])
+        def page():
+            return 'x' * 100
+        self.friend = Service.start(self, self.M)
+
+    def status(self, data):
+        reply = raw_request(self.M.port, data)
+        self.assertEqual(self.friend.send('/count', 'next'), len(self.M.runs))
+        return status_of(reply), reply.partition(b'\r\n\r\n')[2]
+
+    def test_chunked_body(self):
+        status, body = self.status(
+            b'POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n'
+            b'Content-Type: application/json\r\nConnection: close\r\n\r\n'
+            b'4;ext=1\r\n{"a"\r\n4\r\n: 1}\r\n0\r\nX-Trailer: t\r\n\r\n')
+        self.assertEqual((status, json.loads(body)), (200, {'a': 1}))
+
+    def test_chunk_sizes_that_are_not_strict_hexadecimal_are_refused(self):
+        for size in (b'0Xf', b'0_f', b' f', b'+f', b'0x4'):
+            status, body = self.status(
+                b'POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n'
+                b'Connection: close\r\n\r\n' + size + b'\r\n{"a": 1}\r\n0\r\n\r\n')
+            self.assertEqual(status, 400, size)
+            self.assertEqual(json.loads(body)['error']['type'], 'BadRequest')
+            self.assertIn('chunk size', json.loads(body)['error']['message'])
+        self.assertEqual(self.M.runs, ['next'] * 5)
+
+    def test_one_byte_chunks_are_read_and_a_chunked_body_over_max_body_is_413(self):
+        data = json.dumps({'a': 'b' * 3000}).encode()
+        tiny = b''.join(b'1\r\n%s\r\n' % data[i:i + 1] for i in range(len(data)))
+        status, body = self.status(b'POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: '
+                                   b'chunked\r\nConnection: close\r\n\r\n' + tiny + b'0\r\n\r\n')
+        self.assertEqual((status, json.loads(body)), (200, {'a': 'b' * 3000}))
+        status, body = self.status(b'POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: '
+                                   b'chunked\r\nConnection: close\r\n\r\n'
+                                   + (b'400\r\n' + b'a' * 1024 + b'\r\n') * 5 + b'0\r\n\r\n')
+        self.assertEqual(status, 413)
+        self.assertIn('4096', json.loads(body)['error']['message'])
+
+    def test_head_answers_have_no_body_and_say_its_length(self):
+        with socket.create_connection(('127.0.0.1', self.M.port), timeout=5) as sock:
+            sock.sendall(b'HEAD /page HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')
+            reply = read_until_eof(sock)
+        head, _, body = reply.partition(b'\r\n\r\n')
+        self.assertEqual(status_of(reply), 200)
+        self.assertEqual(body, b'')
+        self.assertIn(b'\r\nContent-Length: %d' % len(json.dumps(['x' * 100])), head)
+
+    @builtin_server_only
+    def test_malformed_heads_get_their_status_in_json(self):
+        cases = [
+            (b'GET /count\x00x HTTP/1.1\r\nHost: x\r\n\r\n', 400, 'target'),
+            (b'GET /count\x1b HTTP/1.1\r\nHost: x\r\n\r\n', 400, 'target'),
+            (b'GET /count\x7f HTTP/1.1\r\nHost: x\r\n\r\n', 400, 'target'),
+            (b'GET /count HTTP/1.1\r\n\r\n', 400, 'Host'),
+            (b'GET /count HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n', 400, 'Host'),
+            (b'POST /count HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n', 400,
+             'HTTP/1.0'),
+            (b'POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: ' + b'9' * 4992 + b'\r\n\r\n',
+             400, 'Content-Length'),
+            (b'POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: \xb2\r\n\r\n', 400,
+             'Content-Length'),
+            (b'POST /count HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n', 501, 'chunked'),
+            (b'GET /count HTTP/2.0\r\nHost: x\r\n\r\n', 505, 'HTTP/1'),
+        ]
+        for data, status, word in cases:
+            got, body = self.status(data)
+            self.assertEqual(got, status, data[:60])
+            error = json.loads(body)['error']
+            self.assertEqual(error['type'], mconnector._STATUS_ERRORS[status].__name__)
+            self.assertIn(word, error['message'])
+        self.assertEqual(self.M.runs, ['next'] * len(cases))
+
+    @builtin_server_only
+    def test_a_head_of_http_1_0_without_host_is_served(self):
+        status, body = self.status(b'GET /count HTTP/1.0\r\n\r\n')
+        self.assertEqual((status, json.loads(body)), (200, [1]))
+
+
+class WSGIListenerFramingTest(ListenerFramingTest):
+    """The same through the WSGI entry: wsgiref passes chunked bodies on undecoded, and
+    leaves HEAD to the application."""
+
+    shell = 'wsgi'
+
+
+class SenderFramingTest(unittest.TestCase):
+    """What Friend makes of replies that break HTTP, are too large, or come too slowly."""
+
+    def raw_listener(self, reply, pace=None):
+        """A listener that reads one request and sends `reply`: at once, or one byte every
+        `pace` seconds.  Returns its port."""
+        server = socket.socket()
+        server.bind(('127.0.0.1', 0))
+        server.listen()
+        done = threading.Event()
+
+        def serve():
+            with server:
+                conn, _ = server.accept()
+                with conn:
+                    conn.recv(65536)
+                    try:
+                        if pace is None:
+                            conn.sendall(reply)
+                        else:
+                            for i in range(len(reply)):
+                                conn.sendall(reply[i:i + 1])
+                                if done.wait(pace):
+                                    break
+                        done.wait(10)
+                    except OSError:
+                        pass
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 5)
+        self.addCleanup(done.set)
+        return server.getsockname()[1]
+
+    def call(self, reply, pace=None, **options):
+        port = self.raw_listener(reply, pace)
+        with Friend('peer', '127.0.0.1:%d' % port, **options) as friend:
+            return friend.send('/x')
+
+    def test_malformed_status_lines_name_the_peer_and_what_it_sent(self):
+        for line in (b'HTTP/1.1 2000 OK', b'HTTP/1.1 200x', b'HTTP/2 200 OK', b'SSH-2.0-OpenSSH'):
+            with self.assertRaises(mconnector.NetworkError) as caught:
+                self.call(line + b'\r\nContent-Length: 2\r\n\r\n[]')
+            message = str(caught.exception)
+            self.assertIn('127.0.0.1', message)
+            self.assertIn(line.decode()[:12], message)
+
+    def test_a_reply_over_max_reply_is_refused_before_it_is_read(self):
+        with self.assertRaises(mconnector.NetworkError) as caught:
+            self.call(b'HTTP/1.1 200 OK\r\nContent-Length: 10000000000000\r\n\r\n[1')
+        self.assertIn('max_reply', str(caught.exception))
+        with self.assertRaises(mconnector.NetworkError) as caught:
+            self.call(b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n'
+                      b'400\r\n' + b'1' * 1024 + b'\r\n', max_reply=1000)
+        self.assertIn('1000', str(caught.exception))
+        self.assertEqual(self.call(b'HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n[7]',
+                                   max_reply=3), 7)
+
+    def test_timeout_bounds_the_whole_call_not_each_read(self):
+        reply = b'HTTP/1.1 200 OK\r\nContent-Length: 40\r\n\r\n[' + b'1' * 38 + b']'
+        started = time.monotonic()
+        with self.assertRaises(mconnector.CallTimeout):
+            self.call(reply, pace=0.1, timeout=1)
+        self.assertLess(time.monotonic() - started, 2.5)
+
+    def test_every_status_arrives_as_its_own_class_with_the_listeners_message(self):
+        M = Microservice('limits', max_body=100)
+
+        @M.typing('/echo')
+        def echo(x):
+            return x
+        friend = Service.start(self, M)
+        with self.assertRaises(mconnector.PayloadTooLarge) as caught:
+            friend.send('/echo', 'x' * 200)
+        self.assertIsInstance(caught.exception, mconnector.CallError)
+        self.assertEqual(caught.exception.status, 413)
+        self.assertIn('100', str(caught.exception))
+        for status, cls in mconnector._STATUS_ERRORS.items():
+            body = json.dumps({'error': {'status': status, 'type': cls.__name__,
+                                         'message': 'said %d' % status}}).encode()
+            reply = b'HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n' \
+                    b'\r\n%s' % (status, len(body), body)
+            with self.assertRaises(cls) as caught:
+                self.call(reply, retries=0)
+            self.assertIs(type(caught.exception), cls)
+            self.assertEqual(caught.exception.status, status)
+            self.assertIn('said %d' % status, str(caught.exception))
+
+    def test_the_listener_does_not_load_http_server(self):
+        code = ('import sys, mconnector; M = mconnector.Microservice("m"); '
+                'M.start(port=0, host="127.0.0.1"); '
+                'f = mconnector.Friend("f", M.url); f.rules(); M.stop(); '
+                'print(sorted({"http.server", "http.client", "email", "mimetypes"} & set(sys.modules)))')
+        out = subprocess.run([sys.executable, '-c', code], cwd=HERE, capture_output=True,
+                             text=True, timeout=30)
+        self.assertEqual(out.stdout.strip(), '[]', out.stderr)
+
+
 class FaultsTest(unittest.TestCase):
     def free_port(self):
         with socket.socket() as s:
@@ -2230,6 +2420,17 @@ class WebSocketLimitsTest(unittest.TestCase):
         sk.run(port=0)
         self.addCleanup(sk.stop)
         return sk
+
+    def test_a_handshake_head_over_16_kib_is_answered_431(self):
+        sk = self.start()
+        for extra in (b'X-Pad: ' + b'a' * 5000 + b'\r\n') * 4, b'X-Pad: ' + b'a' * 20000:
+            # whole (four lines, 20 KB) and still coming (one line longer than the limit)
+            sock, head, rest = raw_handshake(sk.port, extra=extra)
+            with sock:
+                self.assertTrue(head.startswith(b'HTTP/1.1 431 '), head[:60])
+        with mconnector.SocketClient('127.0.0.1:%d' % sk.port, '/echo') as ws:
+            ws.send('still serving')
+            self.assertEqual(ws.recv(), 'still serving')
 
     def test_stalled_half_frame_and_silent_peer_are_dropped(self):
         sk = self.start(ping_interval=0.1, ping_timeout=0.2)
