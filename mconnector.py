@@ -2604,6 +2604,7 @@ class _ConnectionHandler:
                 parts.append(event)
                 event = self._event()
             body = parts[0] if len(parts) == 1 else b''.join(parts)
+            del parts                       # (the pieces would double the body's cost)
             server.watch(self, False)       # the function may take its time
             response = service.handle(head.method, head.target, head.headers, body)
         except HTTPError as exc:
