@@ -864,8 +864,14 @@ _FIELD_VALUE = rb'[^\r\n\x00]{0,%d}' % MAX_LINE
 _FIELD_BLOCK = re.compile(rb'(?:%s:%s\r\n)*\r\n' % (_FIELD_NAME, _FIELD_VALUE))
 _FIELD = re.compile(rb'(%s):[ \t]*(%s?)[ \t]*\r\n' % (_FIELD_NAME, _FIELD_VALUE))
 _STATUS_LINE = re.compile(rb'HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?\r?\n')
-_CHUNK_SIZE = re.compile(rb'([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\r\n')
+_CHUNK_SIZE = re.compile(rb'([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]{0,%d})?\r\n' % _MAX_CHUNK_LINE)
 _DIGITS = re.compile(r'[0-9]{1,18}\Z')
+_HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+;=%-]*)(?::[0-9]*)?\Z")   # RFC 3986
+
+
+def _list_tokens(value):
+    """The lower-case elements of a comma-separated header (RFC 9110 5.6.1)."""
+    return [t.strip().lower() for t in value.split(',') if t.strip()]
 
 
 def parse_header_block(block):
@@ -1226,9 +1232,10 @@ class HTTPConnection:
         host = headers.get('host')
         if version >= (1, 1) and host is None:
             raise HTTPError(400, 'HTTP/1.1 request without a Host header')
-        if host is not None and ',' in host:
-            raise HTTPError(400, 'more than one Host header')
-        connection = headers.get('connection', '').lower()
+        if host is not None and not _HOST.match(host):
+            raise HTTPError(400, 'more than one Host header' if ',' in host else
+                            'malformed Host header %r' % host[:60])
+        connection = _list_tokens(headers.get('connection', ''))
         self.keep_alive = 'close' not in connection if version >= (1, 1) \
             else 'keep-alive' in connection
         self.head = head = RequestHead(method, target, version, headers)
@@ -1248,8 +1255,8 @@ class HTTPConnection:
         if 100 <= status < 200 and status != 101:
             return self._next_head()        # an interim answer: the real one follows
         self.head = head = ResponseHead(status, reason, version, headers)
-        connection = headers.get('connection', '').lower()
-        self.keep_alive = self.keep_alive and version >= (1, 1) and 'close' not in connection
+        self.keep_alive = self.keep_alive and version >= (1, 1) and \
+            'close' not in _list_tokens(headers.get('connection', ''))
         if status == 101:
             self._state = _SWITCHED
             return head
@@ -1307,34 +1314,47 @@ class HTTPConnection:
 
     def send_response(self, status, headers, body=b''):
         """The bytes of a response's head, and of `body` when it is bytes; body None: the
-        body follows through send_data() and send_end().  A response to HEAD carries no
-        body; after 101 the connection belongs to the new protocol."""
+        body follows through send_data() and send_end().  Answers to HEAD, and 204 and 304
+        answers, carry no body (204 not even its framing); after 101 the connection
+        belongs to the new protocol."""
         self.expects_continue = False
         if self._state is _HELD or self._state is _BODY and not self._body.done:
             # Answered before the request was read whole: the rest cannot be told apart
             # from a next request.
             self.keep_alive = False
-        head = self.head
-        version = head.version if head is not None else (1, 1)
-        keep_alive = self.keep_alive
-        extra = []
         if status == 101:
             self._state = _SWITCHED
-        elif keep_alive:
-            if self.keep_alive_timeout is not None:
-                extra.append(('Keep-Alive', 'timeout=%d' % self.keep_alive_timeout))
-            if version < (1, 1):
-                extra.append(('Connection', 'keep-alive'))
-        self._head_only = self._method == 'HEAD'
-        if status == 101:
-            return _head_bytes(status, list(headers), None, True, False)
-        if body is None:
+            return _head_bytes(status, headers, None, True, False)
+        head = self.head
+        version = head.version if head is not None else (1, 1)
+        bodiless = status in (204, 304) or status < 200
+        self._head_only = self._method == 'HEAD' or bodiless
+        streamed = body is None
+        if streamed and not self._head_only:
             self._streaming = 'chunked' if version >= (1, 1) else 'raw'
             if self._streaming == 'raw':
-                self.keep_alive = keep_alive = False
-            return _head_bytes(status, list(headers) + extra, None, keep_alive,
-                               self._streaming == 'chunked')
-        data = _head_bytes(status, list(headers) + extra, len(body), keep_alive, False)
+                self.keep_alive = False             # the body ends where the connection does
+        elif streamed:
+            self._streaming = 'none'
+        keep_alive = self.keep_alive
+        headers = list(headers)
+        if keep_alive:
+            if self.keep_alive_timeout is not None:
+                headers.append(('Keep-Alive', 'timeout=%d' % self.keep_alive_timeout))
+            if version < (1, 1):
+                headers.append(('Connection', 'keep-alive'))
+        if status == 204 or status < 200:
+            length = None                           # RFC 9110 8.6: no Content-Length
+        elif streamed:
+            length = None
+        else:
+            length = len(body)
+        # (a HEAD answer says how the body would have come: chunked, as to a GET)
+        chunked = self._streaming == 'chunked' or \
+            streamed and not bodiless and version >= (1, 1)
+        data = _head_bytes(status, headers, length, keep_alive, chunked)
+        if streamed:
+            return data
         self._finish_ours()
         return data if self._head_only else data + body
 
@@ -1348,7 +1368,7 @@ class HTTPConnection:
 
     def send_end(self):
         """The end of a streamed body."""
-        chunked = self._streaming == 'chunked' and not self._head_only
+        chunked = self._streaming == 'chunked'
         self._streaming = None
         self._finish_ours()
         return b'0\r\n\r\n' if chunked else b''
@@ -4011,10 +4031,6 @@ def _ws_head(data, client=False):
     return event
 
 
-def _ws_tokens(value):
-    return [t.strip() for t in value.split(',') if t.strip()]
-
-
 class _WsRequest:
     """A checked opening handshake, as the server saw it."""
 
@@ -4049,9 +4065,9 @@ def _ws_check_request(head, subprotocols=(), origins=None):
         raise HandshakeError(400, 'the request target must be a path', None)
     if 'host' not in headers:
         raise HandshakeError(400, 'no Host header', path)
-    if 'websocket' not in [t.lower() for t in _ws_tokens(headers.get('upgrade', ''))]:
+    if 'websocket' not in _list_tokens(headers.get('upgrade', '')):
         raise HandshakeError(400, 'not a websocket upgrade (Upgrade: websocket missing)', path)
-    if 'upgrade' not in [t.lower() for t in _ws_tokens(headers.get('connection', ''))]:
+    if 'upgrade' not in _list_tokens(headers.get('connection', '')):
         raise HandshakeError(400, 'not a websocket upgrade (Connection: Upgrade missing)', path)
     if headers.get('sec-websocket-version', '').strip() != _WS_VERSION:
         raise HandshakeError(426, 'websocket version 13 only', path,
@@ -4064,7 +4080,7 @@ def _ws_check_request(head, subprotocols=(), origins=None):
         raise HandshakeError(400, 'invalid Sec-WebSocket-Key', path) from None
     if origins is not None and headers.get('origin') not in origins:
         raise HandshakeError(403, 'origin not allowed', path)
-    offered = _ws_tokens(headers.get('sec-websocket-protocol', ''))
+    offered = [t.strip() for t in headers.get('sec-websocket-protocol', '').split(',')]
     chosen = next((p for p in subprotocols or () if p in offered), None)
     return _WsRequest(target, headers, key, chosen)
 
@@ -4105,9 +4121,9 @@ def _ws_check_response(head, key, target, subprotocols=None):
     status, reason, headers = head.status, head.reason, head.headers
     if status != 101:
         raise HandshakeError(status, reason.strip() or 'refused', path)
-    if 'websocket' not in [t.lower() for t in _ws_tokens(headers.get('upgrade', ''))]:
+    if 'websocket' not in _list_tokens(headers.get('upgrade', '')):
         raise HandshakeError(status, 'answer without Upgrade: websocket', path)
-    if 'upgrade' not in [t.lower() for t in _ws_tokens(headers.get('connection', ''))]:
+    if 'upgrade' not in _list_tokens(headers.get('connection', '')):
         raise HandshakeError(status, 'answer without Connection: Upgrade', path)
     if headers.get('sec-websocket-accept', '').strip() != _ws_accept(key):
         raise HandshakeError(status, 'wrong Sec-WebSocket-Accept', path)

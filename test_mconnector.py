@@ -262,6 +262,804 @@ class HTTPCoreTest(unittest.TestCase):
                 mconnector.parse_header_block(bad)
             self.assertEqual(caught.exception.status, status, bad[:30])
 
+# ==========================================================================================
+# HTTP/1.1 core, by RFC section
+# ==========================================================================================
+
+H1_STOPS = (mconnector.END_OF_MESSAGE, mconnector.PAUSED, mconnector.CLOSED)
+
+
+def h1_feed(conn, data, eof=False, step=None):
+    """Feed `data` to `conn` (at once, or `step` bytes at a time; then the end of input if
+    `eof`; b'' alone feeds nothing) and collect its events up to the first END_OF_MESSAGE,
+    PAUSED or CLOSED, or a final NEED_DATA when the input ran out first.  NEED_DATA between
+    pieces is left out."""
+    pieces = [data] if step is None else [data[i:i + step] for i in range(0, len(data), step)]
+    pieces = [piece for piece in pieces if piece] + ([b''] if eof else [])
+    events = []
+    for piece in pieces or [None]:         # no data: the events of what is buffered
+        if piece is not None:
+            conn.receive_data(piece)
+        while True:
+            event = conn.next_event()
+            if event is mconnector.NEED_DATA:
+                break
+            events.append(event)
+            if event in H1_STOPS:
+                return events
+    events.append(mconnector.NEED_DATA)
+    return events
+
+
+def h1_server(data, eof=False, step=None, **options):
+    """A server-role connection fed `data`: (connection, events)."""
+    conn = mconnector.HTTPConnection(**options)
+    return conn, h1_feed(conn, data, eof, step)
+
+
+def h1_client(data, method='GET', eof=False, step=None, **options):
+    """A client-role connection that sent `method /` and was answered `data`."""
+    conn = mconnector.HTTPConnection(client=True, **options)
+    conn.send_request(method, '/', [('Host', 'example.com')])
+    return conn, h1_feed(conn, data, eof, step)
+
+
+def h1_head_and_body(events):
+    """The head event and the body bytes of one complete message's events."""
+    pieces = events[1:-1]
+    if events[-1] is not mconnector.END_OF_MESSAGE or not all(
+            type(piece) is bytes and piece for piece in pieces):
+        raise AssertionError('not one whole message: %r' % (events[:6],))
+    return events[0], b''.join(pieces)
+
+
+def h1_chunked(*chunks, trailer=b''):
+    """A chunked body of the given data pieces."""
+    return b''.join(b'%x\r\n%s\r\n' % (len(c), c) for c in chunks) + b'0\r\n' + trailer + b'\r\n'
+
+
+POST_CHUNKED = b'POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n'
+
+
+def h1_post(length, body=b'', extra=b''):
+    return b'POST /up HTTP/1.1\r\nHost: a\r\n%sContent-Length: %s\r\n\r\n%s' % (
+        extra, length if isinstance(length, bytes) else str(length).encode(), body)
+
+
+class H1Case(unittest.TestCase):
+    """assertRefused / assertAccepted for the RFC 9112 classes below."""
+
+    def assertRefused(self, data, status, word=None, eof=False, step=None, client=False,
+                      method='GET', **options):
+        """Feeding `data` raises HTTPError with `status` (None: client role), its message
+        containing `word`; returns the exception."""
+        with self.assertRaises(mconnector.HTTPError, msg=bytes(data[:80])) as caught:
+            if client:
+                h1_client(data, method, eof, step, **options)
+            else:
+                h1_server(data, eof, step, **options)
+        exc = caught.exception
+        self.assertEqual(exc.status, status, '%r: %s' % (bytes(data[:80]), exc))
+        if word is not None:
+            self.assertIn(word, str(exc))
+        return exc
+
+    def assertAccepted(self, data, step=None, **options):
+        """`data` is one whole request: returns (head, body, connection)."""
+        conn, events = h1_server(data, step=step, **options)
+        self.assertIsInstance(events[0], mconnector.RequestHead, events)
+        head, body = h1_head_and_body(events)
+        return head, body, conn
+
+
+class RFC9112Section2_2MessageParsingTest(H1Case):
+    """Message parsing: robustness the RFC asks for, and what it asks to refuse."""
+
+    def test_empty_lines_before_the_request_line_are_ignored(self):
+        head, body, _ = self.assertAccepted(b'\r\n\r\n\nGET /a HTTP/1.1\r\nHost: a\r\n\r\n')
+        self.assertEqual((head.method, head.target, head.version), ('GET', '/a', (1, 1)))
+        head, _, _ = self.assertAccepted(b'\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\n\r\n', step=1)
+        self.assertEqual(head.target, '/b')
+
+    def test_only_empty_lines_then_end_of_input_is_a_clean_close(self):
+        conn, events = h1_server(b'\r\n\r\n', eof=True)
+        self.assertEqual(events, [mconnector.CLOSED])
+        self.assertFalse(conn.keep_alive)
+
+    def test_bare_lf_is_tolerated_as_a_line_end_in_heads(self):
+        data = b'POST /x HTTP/1.1\nHost: a\nX-A:  1 \nContent-Length: 2\n\nok'
+        for step in (None, 1):
+            head, body, _ = self.assertAccepted(data, step=step)
+            self.assertEqual(head.headers, {'host': 'a', 'x-a': '1', 'content-length': '2'})
+            self.assertEqual(body, b'ok')
+
+    def test_whitespace_between_start_line_and_first_field_is_refused(self):
+        self.assertRefused(b'GET / HTTP/1.1\r\n Host: a\r\n\r\n', 400, 'malformed header')
+        self.assertRefused(b'GET / HTTP/1.1\r\n\tHost: a\r\n\r\n', 400)
+
+    def test_bare_cr_in_a_field_is_refused(self):
+        self.assertRefused(b'GET / HTTP/1.1\r\nHost: a\r\nX: a\rb\r\n\r\n', 400, 'control')
+
+    def test_end_of_input_inside_a_head_is_400(self):
+        self.assertRefused(b'GET / HTTP/1.1\r\nHost: a\r\n', 400, 'middle of a head', eof=True)
+
+    def test_a_refused_head_closes_the_connection(self):
+        conn = mconnector.HTTPConnection()
+        conn.receive_data(b'GET / HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n')
+        with self.assertRaises(mconnector.HTTPError):
+            conn.next_event()
+        self.assertFalse(conn.keep_alive)
+        self.assertIs(conn.next_event(), mconnector.CLOSED)   # the rest is not a request
+        self.assertIn(b'\r\nConnection: close\r\n', conn.send_response(400, [], b'bad'))
+
+    def test_byte_at_a_time_heads_parse_as_whole_ones(self):
+        data = (b'\r\nPUT /p?q=1 HTTP/1.1\r\nHost: h\r\nX-Multi: a\r\nx-multi: b\r\n'
+                b'Content-Length: 5\r\n\r\nhello')
+        whole = self.assertAccepted(data)
+        split = self.assertAccepted(data, step=1)
+        self.assertEqual(whole[0].headers, split[0].headers)
+        self.assertEqual(whole[0].headers['x-multi'], 'a, b')
+        self.assertEqual((whole[1], split[1]), (b'hello', b'hello'))
+
+
+class RFC9112Section3RequestLineTest(H1Case):
+    """request-line = method SP request-target SP HTTP-version."""
+
+    def test_request_target_forms(self):
+        for target in (b'/a/b?c=d&e', b'*', b'http://example.com/x'):
+            head, _, _ = self.assertAccepted(b'OPTIONS %s HTTP/1.1\r\nHost: a\r\n\r\n' % target)
+            self.assertEqual(head.target, target.decode())
+
+    def test_control_characters_and_spaces_in_the_target_are_400(self):
+        for char in (b'\x00', b'\x1b', b'\x7f', b' ', b'\t', b'\x01', b'\xe9'):
+            self.assertRefused(b'GET /a%sb HTTP/1.1\r\nHost: a\r\n\r\n' % char, 400)
+        self.assertRefused(b'GET /a\x00b HTTP/1.1\r\nHost: a\r\n\r\n', 400, 'control character')
+
+    def test_major_version_other_than_1_is_505(self):
+        for version in (b'HTTP/2.0', b'HTTP/3.0', b'HTTP/0.9'):
+            self.assertRefused(b'GET / %s\r\nHost: a\r\n\r\n' % version, 505, 'HTTP/1')
+
+    def test_malformed_versions_are_400(self):
+        for version in (b'http/1.1', b'HTTP/1', b'HTTP/1.1.1', b'HTTP/11', b'HTTP/1.x', b'HTTX/1.1'):
+            self.assertRefused(b'GET / %s\r\nHost: a\r\n\r\n' % version, 400)
+
+    def test_http_1_0_request_line(self):
+        head, _, _ = self.assertAccepted(b'GET / HTTP/1.0\r\n\r\n')
+        self.assertEqual(head.version, (1, 0))
+
+    def test_request_line_of_8000_octets_is_accepted(self):
+        # RFC 9112 3: recipients are RECOMMENDED to support request lines of 8000 octets.
+        target = b'/' + b'a' * (8000 - len(b'GET / HTTP/1.1\r\n'))
+        head, _, _ = self.assertAccepted(b'GET %s HTTP/1.1\r\nHost: a\r\n\r\n' % target)
+        self.assertEqual(len(head.target), len(target))
+
+    def test_request_line_over_8192_bytes_is_414_before_the_head_ends(self):
+        self.assertRefused(b'GET /' + b'a' * 9000, 414, 'too long')
+        self.assertRefused(b'GET /' + b'a' * 9000 + b' HTTP/1.1\r\nHost: a\r\n\r\n', 414)
+        self.assertRefused(b'GET /' + b'a' * 9000, 414, step=1000)
+
+    def test_a_long_header_line_is_not_414(self):
+        data = b'GET / HTTP/1.1\r\nHost: a\r\nX: ' + b'a' * 9000
+        conn, events = h1_server(data)
+        self.assertEqual(events, [mconnector.NEED_DATA])
+        self.assertRefused(data + b'\r\n\r\n', 431)
+
+
+class RFC9112Section3_2HostTest(H1Case):
+    def test_http_1_1_without_host_is_400(self):
+        self.assertRefused(b'GET / HTTP/1.1\r\nX: 1\r\n\r\n', 400, 'Host')
+
+    def test_two_host_lines_are_400(self):
+        self.assertRefused(b'GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n', 400, 'Host')
+        self.assertRefused(b'GET / HTTP/1.1\r\nHost: a\r\nhost: a\r\n\r\n', 400, 'Host')
+        self.assertRefused(b'GET / HTTP/1.1\r\nHost:\r\nHost:\r\n\r\n', 400)
+
+    def test_http_1_0_without_host_is_accepted(self):
+        head, body, _ = self.assertAccepted(b'GET /old HTTP/1.0\r\n\r\n')
+        self.assertNotIn('host', head.headers)
+
+    def test_empty_host_is_accepted(self):
+        # RFC 9110 7.2: a target URI without authority is sent with an empty Host.
+        head, _, _ = self.assertAccepted(b'GET / HTTP/1.1\r\nHost:\r\n\r\n')
+        self.assertEqual(head.headers['host'], '')
+        head, _, _ = self.assertAccepted(b'GET / HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n')
+        self.assertEqual(head.headers['host'], '[::1]:8080')
+
+    def test_host_with_an_invalid_value_is_400(self):
+        # RFC 9112 3.2: "A server MUST respond with a 400 ... to any request message that
+        # contains ... a Host header field with an invalid field value."
+        # Host = uri-host [ ":" port ]; none of these is one.
+        for value in (b'a b', b'a/b', b'user@a', b'a:port'):
+            self.assertRefused(b'GET / HTTP/1.1\r\nHost: %s\r\n\r\n' % value, 400)
+
+
+class RFC9112Section5FieldSyntaxTest(H1Case):
+    def test_field_values_lose_surrounding_whitespace_and_names_their_case(self):
+        head, _, _ = self.assertAccepted(
+            b'GET / HTTP/1.1\r\nHOST: a\r\nX-Thing: \t a  b \t\r\nX-Empty:\r\nX-Latin: caf\xe9\r\n\r\n')
+        self.assertEqual(head.headers, {'host': 'a', 'x-thing': 'a  b', 'x-empty': '',
+                                        'x-latin': 'caf\xe9'})
+
+    def test_repeated_fields_are_joined_in_order(self):
+        head, _, _ = self.assertAccepted(
+            b'GET / HTTP/1.1\r\nHost: a\r\nAccept: x\r\nX: 1\r\naccept: y\r\n\r\n')
+        self.assertEqual(head.headers['accept'], 'x, y')
+
+    def test_obs_fold_is_400(self):
+        self.assertRefused(b'GET / HTTP/1.1\r\nHost: a\r\nX: 1\r\n 2\r\n\r\n', 400, 'malformed header')
+        self.assertRefused(b'GET / HTTP/1.1\r\nHost: a\r\nX: 1\r\n\t2\r\n\r\n', 400)
+
+    def test_whitespace_before_the_colon_is_400(self):
+        # RFC 9112 5.1: "A server MUST reject ... with a response status code of 400".
+        self.assertRefused(b'GET / HTTP/1.1\r\nHost : a\r\n\r\n', 400, 'malformed header')
+        self.assertRefused(b'GET / HTTP/1.1\r\nHost: a\r\nContent-Length\t: 0\r\n\r\n', 400)
+
+    def test_malformed_field_lines_are_400(self):
+        for line in (b': x', b'no colon', b'X(y): 1', b'X\x00: 1', b'X: a\x00b', b'\xe9: 1'):
+            self.assertRefused(b'GET / HTTP/1.1\r\nHost: a\r\n%s\r\n\r\n' % line, 400)
+
+    def test_100_field_lines_accepted_101_are_431(self):
+        lines = b''.join(b'X-%d: %d\r\n' % (i, i) for i in range(100))
+        head, _, _ = self.assertAccepted(b'GET / HTTP/1.0\r\n' + lines + b'\r\n')
+        self.assertEqual(len(head.headers), 100)
+        self.assertRefused(b'GET / HTTP/1.1\r\nHost: a\r\n' + lines + b'\r\n', 431, '100')
+
+    def test_head_over_max_head_is_431_complete_or_not(self):
+        head = b'GET / HTTP/1.1\r\nHost: a\r\n' + b''.join(
+            b'X-%02d: %s\r\n' % (i, b'v' * 1000) for i in range(20))          # 20 KB
+        self.assertRefused(head, 431, '16384', max_head=16384)                # incomplete
+        self.assertRefused(head + b'\r\n', 431, '16384', max_head=16384)      # complete
+        self.assertRefused(head, 431, max_head=16384, step=997)
+        head_, _, _ = self.assertAccepted(head + b'\r\n', max_head=32768)
+        self.assertEqual(head_.headers['x-19'], 'v' * 1000)
+
+    def test_header_line_over_8192_bytes_is_431(self):
+        self.assertRefused(b'GET / HTTP/1.1\r\nHost: a\r\nX: %s\r\n\r\n' % (b'a' * 9000), 431)
+
+
+class RFC9112Section6_1TransferEncodingTest(H1Case):
+    def test_chunked_is_decoded_and_case_insensitive(self):
+        for coding in (b'chunked', b'Chunked', b'CHUNKED', b' chunked '):
+            _, body, _ = self.assertAccepted(
+                b'POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:%s\r\n\r\n%s'
+                % (coding, h1_chunked(b'abc')))
+            self.assertEqual(body, b'abc')
+
+    def test_transfer_encoding_in_http_1_0_is_400(self):
+        self.assertRefused(b'POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n',
+                           400, '1.0')
+        self.assertRefused(b'POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n'
+                           b'Content-Length: 5\r\n\r\nhello', 400)
+
+    def test_transfer_encoding_with_content_length_is_400(self):
+        for fields in (b'Transfer-Encoding: chunked\r\nContent-Length: 5',
+                       b'Content-Length: 5\r\nTransfer-Encoding: chunked'):
+            self.assertRefused(b'POST / HTTP/1.1\r\nHost: a\r\n%s\r\n\r\nhello' % fields, 400,
+                               'Content-Length')
+
+    def test_unknown_codings_are_501(self):
+        for coding in (b'gzip', b'deflate', b'gzip, chunked', b'identity', b'x-custom'):
+            self.assertRefused(b'POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: %s\r\n\r\n'
+                               % coding, 501, 'chunked')
+
+    def test_chunked_not_last_or_twice_is_refused(self):
+        for coding in (b'chunked, gzip', b'chunked, chunked'):
+            conn = mconnector.HTTPConnection()
+            conn.receive_data(b'POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: %s\r\n\r\n'
+                              b'0\r\n\r\n' % coding)
+            with self.assertRaises(mconnector.HTTPError) as caught:
+                conn.next_event()
+            self.assertIn(caught.exception.status, (400, 501))
+            self.assertFalse(conn.keep_alive)
+
+
+class RFC9112Section6_2ContentLengthTest(H1Case):
+    def test_content_length_body(self):
+        _, body, _ = self.assertAccepted(h1_post(5, b'hello'))
+        self.assertEqual(body, b'hello')
+        _, body, _ = self.assertAccepted(h1_post(b'00005', b'hello'))     # 1*DIGIT
+        self.assertEqual(body, b'hello')
+        _, body, _ = self.assertAccepted(h1_post(0))
+        self.assertEqual(body, b'')
+        _, body, _ = self.assertAccepted(
+            b'GET / HTTP/1.1\r\nHost: a\r\ncontent-length: 3\r\n\r\nabc')
+        self.assertEqual(body, b'abc')
+
+    def test_non_ascii_digits_are_400(self):
+        # '\xb2' (superscript two) is str.isdigit(), and int() takes other scripts' digits.
+        for value in (b'\xb2', b'1\xb2', b'\xb9', b'\xd9\xa3'):
+            self.assertRefused(h1_post(value, b'xx'), 400, 'Content-Length')
+
+    def test_very_long_numbers_are_400_not_a_crash(self):
+        # int() of over 4300 digits raises ValueError on Python 3.11+.
+        self.assertRefused(h1_post(b'1' * 4992, b'x'), 400, 'Content-Length')
+        self.assertRefused(h1_post(b'0' * 4992 + b'1', b'x'), 400)
+
+    def test_signs_lists_and_other_bases_are_400(self):
+        for value in (b'-1', b'+5', b'5, 6', b'5, 5', b' 0x5', b'1_0', b'5.0', b'1e3', b'',
+                      b'five', b'5 5'):
+            self.assertRefused(h1_post(value, b'hello'), 400, 'Content-Length')
+        self.assertRefused(b'POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n'
+                           b'Content-Length: 6\r\n\r\nhello!', 400)
+
+    def test_over_max_body_is_413_before_the_body_arrives(self):
+        exc = self.assertRefused(h1_post(101), 413, '100', max_body=100)
+        self.assertIn('101', exc.message)
+        self.assertRefused(h1_post(10 ** 17), 413)
+        _, body, _ = self.assertAccepted(h1_post(100, b'x' * 100), max_body=100)
+        self.assertEqual(len(body), 100)
+
+    def test_body_methods_without_length_are_411(self):
+        for method in (b'POST', b'PUT', b'PATCH'):
+            self.assertRefused(b'%s / HTTP/1.1\r\nHost: a\r\n\r\n' % method, 411, method.decode())
+        head, body, _ = self.assertAccepted(b'DELETE / HTTP/1.1\r\nHost: a\r\n\r\n')
+        self.assertEqual(body, b'')
+        head, body, _ = self.assertAccepted(b'POST / HTTP/1.1\r\nHost: a\r\n\r\n',
+                                            length_required=())
+        self.assertEqual(head.method, 'POST')
+
+    def test_body_shorter_than_its_length_then_end_of_input_is_400(self):
+        self.assertRefused(h1_post(5, b'abc'), 400, 'shorter', eof=True)
+        self.assertRefused(h1_post(100000, b'abc'), 400, 'shorter', eof=True)   # streamed
+        self.assertRefused(h1_post(5), 400, eof=True)
+
+    def test_small_bodies_come_whole_with_their_head(self):
+        conn, events = h1_server(h1_post(10, b'01234'))
+        self.assertEqual(events, [mconnector.NEED_DATA])                    # no head yet
+        events = h1_feed(conn, b'56789')
+        self.assertIsInstance(events[0], mconnector.RequestHead)
+        self.assertEqual(events[1:], [b'0123456789', mconnector.END_OF_MESSAGE])
+
+    def test_large_bodies_come_as_they_arrive(self):
+        conn, events = h1_server(h1_post(10, b'01234'), assemble=4)
+        self.assertIsInstance(events[0], mconnector.RequestHead)
+        self.assertEqual(events[1:], [b'01234', mconnector.NEED_DATA])
+        self.assertEqual(h1_feed(conn, b'56789ABC'), [b'56789', mconnector.END_OF_MESSAGE])
+        self.assertEqual(conn.trailing_data, (b'ABC', False))              # not the body's
+
+
+class RFC9112Section7_1ChunkedTest(H1Case):
+    def test_chunks_with_extensions_and_trailers_decode(self):
+        body = (b'5;name=value\r\nhello\r\n6 ; a="b c";flag\r\n world\r\n'
+                b'A\r\n0123456789\r\n0;last\r\nX-Trailer: 1\r\nX-Other: two\r\n\r\n')
+        for step in (None, 1, 7):
+            _, data, _ = self.assertAccepted(POST_CHUNKED + body, step=step)
+            self.assertEqual(data, b'hello world0123456789')
+
+    def test_empty_chunked_body(self):
+        _, data, _ = self.assertAccepted(POST_CHUNKED + b'0\r\n\r\n')
+        self.assertEqual(data, b'')
+
+    def test_chunk_sizes_are_hexadecimal_digits_only(self):
+        for size in (b'0Xf', b'0xf', b'0_f', b' f', b'+f', b'-1', b'0x5', b'g', b'', b'f f',
+                     b'1' * 17):
+            self.assertRefused(POST_CHUNKED + size + b'\r\n' + b'x' * 15 + b'\r\n0\r\n\r\n',
+                               400, 'chunk size')
+        _, data, _ = self.assertAccepted(POST_CHUNKED + b'F\r\n' + b'x' * 15 + b'\r\n0\r\n\r\n')
+        self.assertEqual(data, b'x' * 15)
+
+    def test_chunk_data_longer_than_its_size_is_400(self):
+        self.assertRefused(POST_CHUNKED + b'3\r\nhello\r\n0\r\n\r\n', 400, 'longer')
+
+    def test_truncated_chunked_body_is_400(self):
+        for body in (b'5\r\nhel', b'5\r\nhello\r\n', b'5\r\nhello\r\n0\r\n', b'5'):
+            self.assertRefused(POST_CHUNKED + body, 400, 'truncated', eof=True)
+
+    def test_total_over_max_body_is_413(self):
+        self.assertRefused(POST_CHUNKED + h1_chunked(b'x' * 6, b'y' * 6), 413, '10', max_body=10)
+        self.assertRefused(POST_CHUNKED + b'ffffffffffffffff\r\n', 413)     # before the data
+        _, data, _ = self.assertAccepted(POST_CHUNKED + h1_chunked(b'x' * 5, b'y' * 5),
+                                         max_body=10)
+        self.assertEqual(data, b'xxxxxyyyyy')
+
+    def test_tiny_chunks_are_bounded_by_the_data(self):
+        self.assertRefused(POST_CHUNKED + b'2\r\nab\r\n' * 300000 + b'0\r\n\r\n', 400, 'framing')
+
+    def test_many_reasonable_chunks_decode_as_one_piece(self):
+        chunks = [bytes([65 + i % 26]) * 64 for i in range(1000)]
+        conn, events = h1_server(POST_CHUNKED + h1_chunked(*chunks))
+        self.assertEqual(len(events), 3, events[:5])          # head, ONE piece, end
+        self.assertEqual(events[1], b''.join(chunks))
+        self.assertIs(events[2], mconnector.END_OF_MESSAGE)
+
+    def test_byte_at_a_time_gives_the_same_body(self):
+        rng = random.Random(7112)
+        chunks = [bytes(rng.randrange(256) for _ in range(rng.randint(1, 40))) for _ in range(30)]
+        data = POST_CHUNKED + h1_chunked(*chunks, trailer=b'X-T: 1\r\n')
+        whole = self.assertAccepted(data)[1]
+        for step in (1, 2, 3, 17):
+            self.assertEqual(self.assertAccepted(data, step=step)[1], whole)
+        self.assertEqual(whole, b''.join(chunks))
+
+    def test_chunk_line_limit_does_not_depend_on_how_bytes_arrive(self):
+        # A 2000-byte chunk-size line (extensions) is refused when it arrives in pieces
+        # (_MAX_CHUNK_LINE); it must be refused the same way when it arrives at once.
+        data = POST_CHUNKED + b'5;' + b'e' * 2000 + b'\r\nhello\r\n0\r\n\r\n'
+        self.assertRefused(data, 400, 'chunk size', step=100)
+        self.assertRefused(data, 400, 'chunk size')
+
+    def test_malformed_trailer_is_400(self):
+        self.assertRefused(POST_CHUNKED + b'0\r\n folded\r\n\r\n', 400)
+        self.assertRefused(POST_CHUNKED + b'0\r\nX : 1\r\n\r\n', 400)
+
+    def test_a_refused_body_closes_the_connection(self):
+        conn = mconnector.HTTPConnection()
+        conn.receive_data(POST_CHUNKED + b'3\r\nhello\r\n0\r\n\r\n')
+        self.assertIsInstance(conn.next_event(), mconnector.RequestHead)
+        with self.assertRaises(mconnector.HTTPError):
+            conn.next_event()
+        answer = conn.send_response(400, [], b'bad chunk')
+        self.assertIn(b'\r\nConnection: close\r\n', answer)
+        self.assertFalse(conn.keep_alive)
+        self.assertIs(conn.next_event(), mconnector.CLOSED)
+
+
+class RFC9112Section9_3PersistenceTest(H1Case):
+    def keep_alive_of(self, data):
+        return self.assertAccepted(data)[2].keep_alive
+
+    def test_keep_alive_rules(self):
+        self.assertTrue(self.keep_alive_of(b'GET / HTTP/1.1\r\nHost: a\r\n\r\n'))
+        self.assertFalse(self.keep_alive_of(b'GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n'))
+        self.assertFalse(self.keep_alive_of(b'GET / HTTP/1.1\r\nHost: a\r\nConnection: Close\r\n\r\n'))
+        self.assertFalse(self.keep_alive_of(b'GET / HTTP/1.1\r\nHost: a\r\nConnection: te, close\r\n\r\n'))
+        self.assertFalse(self.keep_alive_of(b'GET / HTTP/1.0\r\n\r\n'))
+        self.assertTrue(self.keep_alive_of(b'GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n'))
+        self.assertTrue(self.keep_alive_of(b'GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n'))
+
+    def test_responses_say_whether_the_connection_stays(self):
+        _, _, conn = self.assertAccepted(b'GET / HTTP/1.1\r\nHost: a\r\n\r\n')
+        answer = conn.send_response(200, [('Content-Type', 'text/plain')], b'hi')
+        self.assertTrue(answer.startswith(b'HTTP/1.1 200 OK\r\n'), answer)
+        self.assertTrue(answer.endswith(b'\r\nContent-Length: 2\r\n\r\nhi'), answer)
+        self.assertNotIn(b'Connection:', answer)
+        _, _, conn = self.assertAccepted(b'GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n')
+        self.assertIn(b'\r\nConnection: close\r\n', conn.send_response(200, [], b'hi'))
+        _, _, conn = self.assertAccepted(b'GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n')
+        self.assertIn(b'\r\nConnection: keep-alive\r\n', conn.send_response(200, [], b'hi'))
+        _, _, conn = self.assertAccepted(b'GET / HTTP/1.1\r\nHost: a\r\n\r\n')
+        conn.close_after_response()
+        self.assertIn(b'\r\nConnection: close\r\n', conn.send_response(200, [], b'hi'))
+
+    def test_no_request_is_read_after_connection_close(self):
+        conn, events = h1_server(b'GET /1 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n'
+                                 b'GET /2 HTTP/1.1\r\nHost: a\r\n\r\n')
+        conn.send_response(200, [], b'one')
+        self.assertRaises(RuntimeError, conn.start_next_cycle)
+        self.assertIs(conn.next_event(), mconnector.CLOSED)
+
+    def test_pipelined_requests_come_one_after_another(self):
+        data = (b'GET /1 HTTP/1.1\r\nHost: a\r\n\r\n'
+                b'POST /2 HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc\r\n'   # stray CRLF
+                b'POST /3 HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n'
+                b'2\r\nde\r\n0\r\n\r\n'
+                b'GET /4 HTTP/1.1\r\nHost: a\r\n\r\n')
+        conn = mconnector.HTTPConnection()
+        conn.receive_data(data)
+        seen = []
+        for number in range(4):
+            head, body = h1_head_and_body(h1_feed(conn, b''))
+            seen.append((head.target, body))
+            self.assertIs(conn.next_event(), mconnector.PAUSED)      # until we answer
+            self.assertIs(conn.next_event(), mconnector.PAUSED)
+            conn.send_response(200, [], b'ok')
+            conn.start_next_cycle()
+        self.assertEqual(seen, [('/1', b''), ('/2', b'abc'), ('/3', b'de'), ('/4', b'')])
+        self.assertIs(conn.next_event(), mconnector.NEED_DATA)
+        conn.receive_data(b'')
+        self.assertIs(conn.next_event(), mconnector.CLOSED)
+
+    def test_keep_alive_timeout_is_announced(self):
+        _, _, conn = self.assertAccepted(b'GET / HTTP/1.1\r\nHost: a\r\n\r\n', keep_alive_timeout=7)
+        self.assertIn(b'\r\nKeep-Alive: timeout=7\r\n', conn.send_response(200, [], b''))
+        _, _, conn = self.assertAccepted(b'GET / HTTP/1.1\r\nHost: a\r\n\r\n')
+        self.assertNotIn(b'Keep-Alive', conn.send_response(200, [], b''))
+        _, _, conn = self.assertAccepted(b'GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n',
+                                         keep_alive_timeout=7)
+        self.assertNotIn(b'Keep-Alive', conn.send_response(200, [], b''))
+
+    def test_an_answer_before_the_body_was_read_ends_the_connection(self):
+        # A streamed body: the head came, the body did not.
+        conn, events = h1_server(h1_post(100000, b'abc'))
+        self.assertIsInstance(events[0], mconnector.RequestHead)
+        answer = conn.send_response(413, [], b'too big')
+        self.assertFalse(conn.keep_alive)
+        self.assertIn(b'\r\nConnection: close\r\n', answer)
+        # A held small body, refused before it was whole.
+        conn, events = h1_server(h1_post(10, b'abc'))
+        self.assertEqual(events, [mconnector.NEED_DATA])
+        self.assertIn(b'\r\nConnection: close\r\n', conn.send_response(401, [], b'no'))
+        self.assertFalse(conn.keep_alive)
+        # The same request read whole keeps the connection.
+        _, _, conn = self.assertAccepted(h1_post(3, b'abc'))
+        conn.send_response(200, [], b'')
+        self.assertTrue(conn.keep_alive)
+
+    def test_http_1_0_keep_alive_with_a_streamed_answer_says_close_only(self):
+        # A close-delimited body ends the connection: the head must not also promise
+        # keep-alive (RFC 9112 9.3: the header then contradicts the framing).
+        _, _, conn = self.assertAccepted(b'GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n',
+                                         keep_alive_timeout=5)
+        head = conn.send_response(200, [], None)
+        self.assertFalse(conn.keep_alive)
+        self.assertIn(b'\r\nConnection: close\r\n', head)
+        self.assertNotIn(b'keep-alive', head.lower())
+
+
+class RFC9110Section10_1_1ExpectContinueTest(H1Case):
+    def test_head_comes_before_a_small_body_and_continue_is_sent_once(self):
+        conn, events = h1_server(h1_post(5, extra=b'Expect: 100-continue\r\n'))
+        self.assertIsInstance(events[0], mconnector.RequestHead)
+        self.assertEqual(events[1:], [mconnector.NEED_DATA])
+        self.assertTrue(conn.expects_continue)
+        self.assertEqual(conn.send_continue(), b'HTTP/1.1 100 Continue\r\n\r\n')
+        self.assertFalse(conn.expects_continue)
+        self.assertEqual(conn.send_continue(), b'')
+        self.assertEqual(h1_feed(conn, b'hello'), [b'hello', mconnector.END_OF_MESSAGE])
+
+    def test_expectation_value_is_case_insensitive_and_works_with_chunked(self):
+        conn, _ = h1_server(h1_post(5, extra=b'Expect: 100-Continue\r\n'))
+        self.assertTrue(conn.expects_continue)
+        conn, _ = h1_server(POST_CHUNKED.replace(b'Host: a\r\n', b'Host: a\r\nExpect: 100-continue\r\n'))
+        self.assertTrue(conn.expects_continue)
+
+    def test_no_expectation_without_a_body_or_in_http_1_0(self):
+        conn, events = h1_server(b'GET / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n\r\n')
+        self.assertFalse(conn.expects_continue)
+        self.assertEqual(conn.send_continue(), b'')
+        conn, events = h1_server(b'POST / HTTP/1.0\r\nExpect: 100-continue\r\n'
+                                 b'Content-Length: 2\r\n\r\nok')
+        self.assertFalse(conn.expects_continue)         # RFC 9110 10.1.1: ignored in 1.0
+        self.assertEqual(h1_head_and_body(events)[1], b'ok')
+
+    def test_a_final_answer_instead_of_continue(self):
+        conn, _ = h1_server(h1_post(5, extra=b'Expect: 100-continue\r\n'))
+        answer = conn.send_response(413, [], b'no')
+        self.assertTrue(answer.startswith(b'HTTP/1.1 413 '))
+        self.assertEqual(conn.send_continue(), b'')
+        self.assertFalse(conn.keep_alive)               # the body may or may not follow
+
+
+class RFC9110Section9_3_2HeadTest(H1Case):
+    def test_answer_to_head_is_the_head_only_with_the_length_of_the_body(self):
+        _, _, conn = self.assertAccepted(b'HEAD /x HTTP/1.1\r\nHost: a\r\n\r\n')
+        answer = conn.send_response(200, [('Content-Type', 'text/plain')], b'hello')
+        self.assertTrue(answer.endswith(b'\r\nContent-Length: 5\r\n\r\n'), answer)
+        self.assertNotIn(b'hello', answer)
+        conn.start_next_cycle()                          # and the connection goes on
+
+    def test_streamed_answer_to_head_has_no_chunks(self):
+        _, _, conn = self.assertAccepted(b'HEAD /x HTTP/1.1\r\nHost: a\r\n\r\n')
+        head = conn.send_response(200, [], None)
+        self.assertTrue(head.endswith(b'\r\n\r\n'))
+        self.assertEqual(conn.send_data(b'hello'), b'')
+        self.assertEqual(conn.send_end(), b'')
+        self.assertTrue(conn.keep_alive)
+        conn.start_next_cycle()
+
+    def test_get_after_head_gets_its_body(self):
+        conn, _ = h1_server(b'HEAD / HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n')
+        conn.send_response(200, [], b'body')
+        conn.start_next_cycle()
+        h1_head_and_body(h1_feed(conn, b''))
+        self.assertTrue(conn.send_response(200, [], b'body').endswith(b'\r\n\r\nbody'))
+
+
+class RFC9112Section7StreamedResponseTest(H1Case):
+    def test_http_1_1_streams_chunked_and_the_client_decodes_it(self):
+        _, _, conn = self.assertAccepted(b'GET / HTTP/1.1\r\nHost: a\r\n\r\n')
+        out = conn.send_response(200, [('Content-Type', 'text/plain')], None)
+        self.assertIn(b'\r\nTransfer-Encoding: chunked\r\n', out)
+        self.assertNotIn(b'Content-Length', out)
+        pieces = [conn.send_data(b'hello'), conn.send_data(b''), conn.send_data(b' world' * 100)]
+        self.assertEqual(pieces[0], b'5\r\nhello\r\n')
+        self.assertEqual(pieces[1], b'')                 # never an early last-chunk
+        end = conn.send_end()
+        self.assertEqual(end, b'0\r\n\r\n')
+        self.assertTrue(conn.keep_alive)
+        conn.start_next_cycle()
+        client, events = h1_client(out + b''.join(pieces) + end)
+        head, body = h1_head_and_body(events)
+        self.assertEqual((head.status, body), (200, b'hello' + b' world' * 100))
+
+    def test_http_1_0_streams_until_close(self):
+        _, _, conn = self.assertAccepted(b'GET / HTTP/1.0\r\n\r\n')
+        out = conn.send_response(200, [], None)
+        self.assertFalse(conn.keep_alive)
+        self.assertIn(b'\r\nConnection: close\r\n', out)
+        self.assertNotIn(b'Transfer-Encoding', out)
+        self.assertNotIn(b'Content-Length', out)
+        self.assertEqual(conn.send_data(b'hello'), b'hello')
+        self.assertEqual(conn.send_end(), b'')
+        self.assertRaises(RuntimeError, conn.start_next_cycle)
+
+    def test_no_content_answers_carry_no_framing(self):
+        # RFC 9110 8.6 / RFC 9112 6.1: "A server MUST NOT send a Content-Length [or a
+        # Transfer-Encoding] header field in any response with a status code of ... 204".
+        # A chunked 204 would also leave '0\r\n\r\n' on the connection, where the client
+        # (which reads no body after 204) takes it for the next status line.
+        for body in (b'', None):
+            with self.subTest(body=body):
+                _, _, conn = self.assertAccepted(b'GET / HTTP/1.1\r\nHost: a\r\n\r\n')
+                out = conn.send_response(204, [], body)
+                if body is None:
+                    out += conn.send_data(b'') + conn.send_end()
+                self.assertNotIn(b'Content-Length', out)
+                self.assertNotIn(b'Transfer-Encoding', out)
+                self.assertTrue(out.endswith(b'\r\n\r\n') and out.count(b'\r\n\r\n') == 1,
+                                out)
+
+    def test_a_streamed_204_then_the_next_answer_reads_back(self):
+        server, _ = h1_server(b'GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n')
+        wire = server.send_response(204, [], None) + server.send_end()
+        server.start_next_cycle()
+        h1_head_and_body(h1_feed(server, b''))
+        wire += server.send_response(200, [], b'two')
+        client, events = h1_client(wire)
+        self.assertEqual(events[0].status, 204)
+        self.assertIs(events[1], mconnector.END_OF_MESSAGE)
+        client.start_next_cycle()
+        client.send_request('GET', '/2', [('Host', 'a')])
+        try:
+            head, body = h1_head_and_body(h1_feed(client, b''))
+        except mconnector.HTTPError as exc:
+            self.fail('the answer after a streamed 204 is unreadable: %s' % exc)
+        self.assertEqual((head.status, body), (200, b'two'))
+
+    def test_switching_protocols_has_no_framing(self):
+        _, _, conn = self.assertAccepted(b'GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n'
+                                         b'Connection: Upgrade\r\n\r\n')
+        out = conn.send_response(101, [('Upgrade', 'websocket'), ('Connection', 'Upgrade')], b'')
+        self.assertTrue(out.startswith(b'HTTP/1.1 101 Switching Protocols\r\n'))
+        self.assertNotIn(b'Content-Length', out)
+        self.assertNotIn(b'Connection: close', out)
+
+    def test_requests_sent_are_read_back(self):
+        client = mconnector.HTTPConnection(client=True)
+        for method, body in (('POST', b'{"a": 1}'), ('POST', b''), ('GET', b''), ('PUT', b'x')):
+            data = client.send_request(method, '/r?x=1', [('Host', 'h'), ('X-A', 'b')], body)
+            head, got, _ = self.assertAccepted(data)
+            self.assertEqual((head.method, head.target, got), (method, '/r?x=1', body))
+            self.assertEqual(head.headers['x-a'], 'b')
+        self.assertNotIn(b'Content-Length', client.send_request('GET', '/', [('Host', 'h')]))
+
+
+class RFC9112Section4StatusLineTest(H1Case):
+    """The client role: status lines and reply framing."""
+
+    def test_malformed_status_lines_are_refused_quoting_them(self):
+        for line in (b'HTTP/1.1 2000 OK', b'HTTP/1.1 200x', b'HTTP/2 200', b'HTTP/1.1 20 OK',
+                     b'HTTP/1.2 200 OK', b'http/1.1 200 OK', b'HTTP/1.1 099 X', b'ICY 200 OK'):
+            exc = self.assertRefused(line + b'\r\nContent-Length: 0\r\n\r\n', None, client=True)
+            self.assertIn(line.decode(), exc.message)
+            self.assertIn(line.decode(), str(exc))
+
+    def test_reason_phrase_may_be_empty_or_absent(self):
+        for line, reason in ((b'HTTP/1.1 200', ''), (b'HTTP/1.1 200 ', ''),
+                             (b'HTTP/1.1 404 Not Found', 'Not Found'),
+                             (b'HTTP/1.0 200 Tr\xe8s bien', 'Tr\xe8s bien')):
+            _, events = h1_client(line + b'\r\nContent-Length: 2\r\n\r\nok')
+            head, body = h1_head_and_body(events)
+            self.assertEqual((head.status, head.reason, body), (int(line[9:12]), reason, b'ok'))
+
+    def test_interim_100_is_skipped(self):
+        data = (b'HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\n\r\n'
+                b'HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok')
+        for step in (None, 1):
+            _, events = h1_client(data, 'POST', step=step)
+            head, body = h1_head_and_body(events)
+            self.assertEqual((head.status, body), (201, b'ok'))
+
+    def test_101_leaves_the_new_protocol_in_trailing_data(self):
+        conn, events = h1_client(b'HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n'
+                                 b'Connection: Upgrade\r\n\r\n\x81\x05hello')
+        self.assertEqual(events[0].status, 101)
+        self.assertEqual(events[1:], [mconnector.PAUSED])
+        self.assertEqual(conn.trailing_data, (b'\x81\x05hello', False))
+
+    def test_reply_over_max_body_is_refused_from_its_head(self):
+        exc = self.assertRefused(b'HTTP/1.1 200 OK\r\nContent-Length: 10000000000000\r\n\r\n',
+                                 None, client=True, max_body=1000)
+        self.assertIn('max_reply', exc.message)
+        self.assertIn('allowed', exc.message)
+        self.assertRefused(b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n800\r\n',
+                           None, 'allowed', client=True, max_body=1000)
+        self.assertRefused(b'HTTP/1.1 200 OK\r\n\r\n' + b'x' * 1001, None, 'allowed',
+                           client=True, max_body=1000)
+
+    def test_reply_framing_errors_have_no_status(self):
+        for data in (b'HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n',
+                     b'HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\n',
+                     b'HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n',
+                     b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\n',
+                     b'HTTP/1.1 200 OK\r\nX : 1\r\n\r\n',
+                     b'HTTP/1.1 200 OK\r\nX: ' + b'x' * 9000 + b'\r\n\r\n'):
+            self.assertRefused(data, None, client=True)
+        self.assertRefused(b'HTTP/1.1 200 ' + b'x' * 9000, None, 'status line too long',
+                           client=True)
+        self.assertRefused(b'HTTP/1.1 200 OK\r\n' + b'x' * 17000, None, '16384',
+                           client=True, max_head=16384)
+        self.assertRefused(b'HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab', None, 'shorter',
+                           client=True, eof=True)
+
+    def test_no_body_after_head_204_and_304(self):
+        for method, data in (('HEAD', b'HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n'),
+                             ('HEAD', b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n'),
+                             ('GET', b'HTTP/1.1 204 No Content\r\n\r\n'),
+                             ('GET', b'HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n')):
+            conn, events = h1_client(data + b'HTTP/1.1 200 OK\r\n', method)
+            self.assertEqual(len(events), 2, (data, events))
+            self.assertIs(events[1], mconnector.END_OF_MESSAGE)
+            self.assertTrue(conn.keep_alive)
+            self.assertEqual(conn.trailing_data, (b'HTTP/1.1 200 OK\r\n', False))
+
+    def test_body_until_close_without_length(self):
+        conn, events = h1_client(b'HTTP/1.1 200 OK\r\n\r\nabc')
+        self.assertEqual(events[1:], [b'abc', mconnector.NEED_DATA])
+        self.assertFalse(conn.keep_alive)
+        self.assertEqual(h1_feed(conn, b'def', eof=True), [b'def', mconnector.END_OF_MESSAGE])
+
+    def test_chunked_reply(self):
+        data = b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n' + h1_chunked(
+            b'hello', b' ', b'world', trailer=b'X-T: 1\r\n')
+        for step in (None, 1):
+            conn, events = h1_client(data, step=step)
+            self.assertEqual(h1_head_and_body(events)[1], b'hello world')
+            self.assertTrue(conn.keep_alive)
+
+    def test_transfer_encoding_overrides_content_length(self):
+        # RFC 9112 6.3 (3).
+        _, events = h1_client(b'HTTP/1.1 200 OK\r\nContent-Length: 99\r\n'
+                              b'Transfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n')
+        self.assertEqual(h1_head_and_body(events)[1], b'ok')
+
+    def test_reply_persistence(self):
+        for data, keep in ((b'HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n', True),
+                           (b'HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n', False),
+                           (b'HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n', False)):
+            conn, events = h1_client(data)
+            h1_head_and_body(events)
+            self.assertEqual(conn.keep_alive, keep, data)
+
+
+class StatusTableTest(unittest.TestCase):
+    def test_every_status_has_its_own_class(self):
+        table = mconnector._STATUS_ERRORS
+        self.assertTrue({400, 401, 403, 404, 405, 408, 411, 413, 414, 431, 501, 505} <= set(table))
+        for status, cls in table.items():
+            self.assertEqual(cls.status, status, cls)
+            self.assertTrue(issubclass(cls, mconnector.CallError), cls)
+            self.assertEqual(cls('m').status, status)
+            self.assertIn(str(status), str(cls('m')))
+        names = [cls.__name__ for cls in table.values()]
+        self.assertEqual(len(names), len(set(names)), names)
+
+    def test_builtin_bases(self):
+        table = mconnector._STATUS_ERRORS
+        self.assertTrue(issubclass(table[408], TimeoutError))
+        self.assertTrue(issubclass(table[403], PermissionError))
+        self.assertTrue(issubclass(table[403], mconnector.AuthError))
+        self.assertTrue(issubclass(table[501], NotImplementedError))
+
+    def test_every_status_the_core_raises_is_in_the_table(self):
+        for status in (400, 411, 413, 414, 431, 501, 505):
+            self.assertIn(status, mconnector._STATUS_ERRORS)
+
+    def test_refusal_names_its_error(self):
+        response = mconnector.Response.refusal(mconnector.HTTPError(413, 'x'))
+        self.assertEqual(response.status, 413)
+        error = json.loads(response.body.decode('utf-8'))['error']
+        self.assertEqual((error['status'], error['type'], error['message']),
+                         (413, 'PayloadTooLarge', 'x'))
+        error = json.loads(mconnector.Response.refusal(
+            mconnector.HTTPError(431, 'big')).body)['error']
+        self.assertEqual(error['type'], 'HeadersTooLarge')
+
+
+if __name__ == '__main__':
+    unittest.main()
+
+
 class SeedTutorialTest(unittest.TestCase):
     """The seed's chapters 3-6 through the example files, with the outputs the seed shows."""
 
