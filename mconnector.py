@@ -47,7 +47,6 @@ import re
 import select
 import selectors
 import socket
-import socketserver
 import sys
 import threading
 import time
@@ -1358,6 +1357,11 @@ class HTTPConnection:
         self._finish_ours()
         return data if self._head_only else data + body
 
+    @property
+    def sends_body(self):
+        """Whether the answer being sent has a body (not for HEAD, 204, 304)."""
+        return not self._head_only
+
     def send_data(self, data):
         """One piece of a streamed body (b'' sends nothing)."""
         if not data or self._head_only:
@@ -1737,6 +1741,29 @@ def _alias(name):
                     doc='Another name for %s.' % name)
 
 
+class _Deferred:
+    """The answer of an async rule still to run: its coroutine, what turns the finished
+    future into a Response, and what counts that Response for /_mc/metrics."""
+
+    __slots__ = ('coroutine', 'settle', 'count')
+
+    def __init__(self, coroutine, settle):
+        self.coroutine = coroutine
+        self.settle = settle
+        self.count = None
+
+    def run(self, deliver):
+        """Run the coroutine on the shared loop; deliver(Response) once it has ended."""
+        import asyncio
+
+        def done(future):
+            response = self.settle(future)
+            self.count(response.status)
+            deliver(response)
+        asyncio.run_coroutine_threadsafe(_as_coroutine(self.coroutine),
+                                         _event_loop()).add_done_callback(done)
+
+
 class Microservice:
     """A listener: functions decorated with typing()/route() answer calls from Friends.
 
@@ -1778,6 +1805,7 @@ class Microservice:
         self.timeout = timeout
         self.request_timeout = request_timeout
         self.max_workers = max_workers
+        self.stats = {'connections': 0}   # connections accepted since creation
         self.max_body = max_body
         self._tokens = {}
         if isinstance(token, str):
@@ -1790,7 +1818,6 @@ class Microservice:
         self._thread = None
         self._app = None
         self._tls = False
-        self.stats = {'connections': 0}   # connections accepted since creation
 
     def __repr__(self):
         return '<Microservice %r at %s>' % (self.name, self.url)
@@ -1908,7 +1935,7 @@ class Microservice:
         """What GET /_mc/health answers: status ('ok', or 'stopping' once a graceful
         stop has begun), the listener's name, and its uptime in seconds."""
         server = self._server
-        stopping = server is not None and server._stopping
+        stopping = server is not None and server.stopping
         return {'status': 'stopping' if stopping else 'ok', 'name': self.name,
                 'uptime_s': round(self._metrics.uptime(), 3)}
 
@@ -1917,7 +1944,7 @@ class Microservice:
         server = self._server
         connections = None
         if server is not None:
-            connections = (len(server._connections), self.stats['connections'])
+            connections = (len(server.connections), self.stats['connections'])
         return self._metrics.prometheus(self.name, connections)
 
     def _admin(self, method, path, headers):
@@ -1946,6 +1973,11 @@ class Microservice:
         `signed_target`: the target as the sender wrote it, when `target` differs (the
         path below a WSGI mount point); a secretKey signature covers that one.
         """
+        return self._handle(method, target, headers, body, signed_target)
+
+    def _handle(self, method, target, headers, body, signed_target=None, defer=False):
+        # defer: an async rule's coroutine is not awaited here but handed back in a
+        # _Deferred, for the serving shell to run on the asyncio loop, holding no worker.
         metrics = self._metrics
         metrics.begin()
         started = time.perf_counter()
@@ -1963,13 +1995,17 @@ class Microservice:
             else:
                 endpoint, params = self._endpoint(method, path)
                 rule = endpoint.rule
-                response = self._dispatch(endpoint, path, query, params, headers, body)
+                response = self._dispatch(endpoint, path, query, params, headers, body, defer)
         except HTTPError as exc:
             response = Response.refusal(exc)
         finally:
             # (no response: an exception escaped, and the shell will send a 500)
-            metrics.end(rule, method, 500 if response is None else response.status,
-                        time.perf_counter() - started)
+            if type(response) is _Deferred:
+                response.count = lambda status: metrics.end(rule, method, status,
+                                                            time.perf_counter() - started)
+            else:
+                metrics.end(rule, method, 500 if response is None else response.status,
+                            time.perf_counter() - started)
         return response
 
     def _endpoint(self, method, path):
@@ -1983,7 +2019,7 @@ class Microservice:
                             [('Allow', allowed)])
         return endpoint, params
 
-    def _dispatch(self, endpoint, path, query, params, headers, body):
+    def _dispatch(self, endpoint, path, query, params, headers, body, defer=False):
         mode = endpoint.mode
         data = self._parse_body(body) if body and mode != 'raw' else {}
         if mode == 'raw':
@@ -2003,16 +2039,39 @@ class Microservice:
         for name, value in query.items():
             kwargs.setdefault(name, _query_value(value) if mode != 'raw' else value)
         kwargs.update(params)
-        try:
-            result = _call(endpoint.func, *args, **kwargs)
-        except Exception as exc:
-            if isinstance(exc, TypeError):
-                # Binding only now keeps it off the common path; a call that does not
-                # bind never entered the function, so this is the caller's mistake.
-                endpoint.check_arguments(args, kwargs)
-            return self._failure(endpoint, exc)
         typed = mode != 'raw' and 'x-mconnector' in headers
+        try:
+            result = endpoint.func(*args, **kwargs)
+            if hasattr(result, '__await__'):
+                if defer:
+                    return _Deferred(result, functools.partial(
+                        self._settle, endpoint, args, kwargs, mode, typed))
+                result = _run_coroutine(_as_coroutine(result))
+        except Exception as exc:
+            return self._raised(endpoint, args, kwargs, exc)
         return self._answer(mode, result, typed)
+
+    def _raised(self, endpoint, args, kwargs, exc):
+        if isinstance(exc, TypeError):
+            # Binding only now keeps it off the common path; a call that does not bind
+            # never entered the function, so this is the caller's mistake.
+            endpoint.check_arguments(args, kwargs)
+        return self._failure(endpoint, exc)
+
+    def _settle(self, endpoint, args, kwargs, mode, typed, done):
+        """The Response of an async rule whose coroutine `done` (a future) has ended."""
+        try:
+            try:
+                result = done.result()
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as exc:       # CancelledError included: the loop stopped
+                if not isinstance(exc, Exception):
+                    return Response.error(503, 'ServiceUnavailable', 'the listener stopped')
+                return self._raised(endpoint, args, kwargs, exc)
+            return self._answer(mode, result, typed)
+        except HTTPError as exc:
+            return Response.refusal(exc)
 
     @staticmethod
     def _parse_body(body):
@@ -2197,7 +2256,7 @@ class Microservice:
             self._server = None
             if cut:
                 log.warning('%s: stopped, %d request(s) cut short %s', self.name, cut,
-                            'by a second Ctrl+C' if server._hurried else 'after %ss' % grace)
+                            'by a second Ctrl+C' if server.hurried else 'after %ss' % grace)
             else:
                 log.info('%s: stopped', self.name)
 
@@ -2222,9 +2281,13 @@ class Microservice:
         if ssl_context is None and certfile:
             ssl_context = server_ssl_context(certfile, keyfile, cafile)
         self._tls = ssl_context is not None
-        self._server = _make_server(self, (self.host, int(self.port)), ssl_context, sock)
-        if sock is not None:
-            self.host = self._server.server_address[0]
+        if sock is None:
+            sock = _listening_socket(self.host, self.port)
+        else:
+            self.host = sock.getsockname()[0]
+        self._server = _Server(self.name, sock, lambda conn: _HTTPSession(conn, self),
+                               self.max_workers, ssl_context, self.request_timeout,
+                               self.request_timeout)
         self.port = self._server.server_address[1]
         count = len(self._rules)
         log.info('%s: listening on %s (%d rule%s)', self.name, self.url, count,
@@ -2396,47 +2459,6 @@ def _stream_json(result, chunk=64 * 1024):
 _SIGINT = 2
 
 
-def _signal_name(signum):
-    import signal
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return 'signal %d' % signum
-
-
-def _on_stop_signals(callback):
-    """Route SIGTERM and SIGINT (Ctrl+C) to callback(signum) while a server runs in the
-    main thread; returns the function that puts the previous handlers back.  Handlers a
-    program set itself are left alone, and so is everything outside the main thread."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    import signal
-    previous = {}
-
-    def handler(signum, frame):
-        callback(signum)
-    for signum, ours_to_replace in ((signal.SIGTERM, (signal.SIG_DFL, _ws_on_sigint)),
-                                    (signal.SIGINT, (signal.default_int_handler,
-                                                     _ws_on_sigint))):
-        try:
-            if signal.getsignal(signum) in ours_to_replace:
-                previous[signum] = signal.signal(signum, handler)
-        except (ValueError, OSError):
-            pass
-
-    def restore():
-        for signum, old in previous.items():
-            try:
-                signal.signal(signum, old)
-            except (ValueError, OSError):
-                pass
-    return restore
-
-
-def _interrupt(signum):
-    raise KeyboardInterrupt
-
-
 def _default_logging():
     """Show INFO lines from run() when the application configured no logging (as Flask does)."""
     root = logging.getLogger()
@@ -2448,544 +2470,6 @@ def _default_logging():
             log.setLevel(logging.INFO)
 
 
-class _ConnectionHandler:
-    """One connection of the listener, driven by the server's workers: serve_ready()
-    serves the requests that are ready, holds the connection while no other connection
-    waits for a worker, and otherwise hands it back to be parked in the server's selector,
-    so that idle keep-alive connections cost no thread.  The bytes are read and written
-    here; what they mean is the HTTPConnection's business (section 4).
-    """
-
-    def __init__(self, request, client_address, server):
-        self.request = request
-        self.client_address = client_address
-        self.server = server
-        service = server.service
-        request.settimeout(None)        # deadlines are kept by the server's loop (watch())
-        # Each response is one write: nothing is gained by waiting for ACKs (Nagle).
-        request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.http = HTTPConnection(max_body=service.max_body, keep_alive_timeout=service.timeout)
-        self.pending = None             # the core's next event (or HTTPError), taken early
-        self.received = 0               # bytes read since the last response
-        self.handshaken = not hasattr(request, 'do_handshake')
-        # Where requests can be taken in without waiting, a worker only ever serves whole
-        # requests (as the core assembles them): one that trickles in waits in the
-        # selector, costing no worker, until it is complete or request_timeout has passed.
-        self.assemble = bool(_MSG_DONTWAIT) and self.handshaken
-        self.close_connection = False
-        self.idle_since = time.monotonic()
-        self.request_started = None
-        self.command = self.path = '-'
-
-    def serve_ready(self):
-        """Serve requests while they come; True: park the connection, False: close it."""
-        server = self.server
-        if not self.handshaken:
-            # TLS handshakes happen here, in a worker, so that a slow or broken client
-            # cannot hold up the thread that accepts connections.
-            server.watch(self, True)
-            try:
-                self.request.do_handshake()
-            except (OSError, ValueError) as exc:
-                log.debug('TLS handshake with %s failed: %s', self.client_address[0], exc)
-                return False
-            finally:
-                server.watch(self, False)
-            self.handshaken = True
-        while True:
-            # When stopping, a request that has started is read here, not parked: it
-            # was accepted, so it is answered.
-            if self.assemble and not server._stopping and not self._ready(True):
-                if self.request_started is None:
-                    self.request_started = time.monotonic()
-                return True             # the rest of it will wake the selector
-            self.request_started = None
-            self.handle_one_request()
-            if self.close_connection or server._stopping:
-                return False
-            self.idle_since = time.monotonic()
-            if not self._wait_for_request():
-                return not self.close_connection
-
-    def _ready(self, fill):
-        """Whether the core has an event to serve (a whole small request, a large one's
-        head, a refusal, the end of input); with `fill`, after taking in what has arrived,
-        without waiting (plain sockets, on systems with MSG_DONTWAIT)."""
-        if self.pending is None or self.pending is NEED_DATA:
-            if fill:
-                self._fill_nowait()
-            try:
-                self.pending = self.http.next_event()
-            except HTTPError as exc:
-                self.pending = exc
-        return self.pending is not NEED_DATA
-
-    def _fill_nowait(self):
-        while True:
-            try:
-                data = self.request.recv(65536, _MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:             # reset by the peer: as good as closed
-                data = b''
-            self.received += len(data)
-            self.http.receive_data(data)
-            if len(data) < 65536:
-                return
-
-    def _event(self):
-        """The core's next event, reading (and answering 100-continue) while it needs data.
-        Raises HTTPError for what the peer must not send."""
-        event, self.pending = self.pending, None
-        if event is None:
-            event = self.http.next_event()
-        elif isinstance(event, HTTPError):
-            raise event
-        http = self.http
-        while event is NEED_DATA:
-            if http.expects_continue:       # curl waits a second for this over 1 KiB
-                self.request.sendall(http.send_continue())
-            data = self.request.recv(65536)
-            self.received += len(data)
-            http.receive_data(data)
-            event = http.next_event()
-        return event
-
-    def buffered(self):
-        """Whether bytes of a next request were read already (by the core, or by TLS)."""
-        pending = getattr(self.request, 'pending', None)
-        return self.http.buffered() or (pending is not None and pending() > 0)
-
-    def _wait_for_request(self):
-        """Hold the connection until its next request starts (True), or until another
-        connection waits for a worker (False: park it).  Closes it when idle too long."""
-        server = self.server
-        idle_timeout = server.service.timeout
-        while not self.buffered():
-            if server._stopping:
-                # Idle when the server stops: closed, unless its next request is here.
-                self.close_connection = not self.readable_now()
-                return not self.close_connection
-            if server.has_waiting():
-                return False
-            remaining = self.idle_since + idle_timeout - time.monotonic()
-            if remaining <= 0:
-                self.close_connection = True
-                return False
-            try:
-                ready = select.select([self.request, server._demand_r], [], [],
-                                      min(remaining, _HOLD_SLICE))[0]
-            except (OSError, ValueError):
-                self.close_connection = True
-                return False
-            if self.request in ready:
-                break               # bytes or EOF: handle_one_request sees which
-            if ready and not server.has_waiting():
-                try:
-                    server._demand_r.recv(4096)     # demand already met by others
-                except OSError:
-                    pass
-        return True
-
-    def parked_has_data(self):
-        """Whether a request already waits in the buffer (the client pipelined)."""
-        if self.assemble:
-            return self.http.buffered() and self._ready(False)
-        return self.buffered()
-
-    def readable_now(self):
-        """Whether bytes (or EOF) wait to be read, without waiting for them."""
-        if self.buffered():
-            return True
-        try:
-            return bool(select.select([self.request], [], [], 0)[0])
-        except (OSError, ValueError):
-            return False
-
-    def finish(self):
-        pass                # nothing buffered for writing: responses are sent whole
-
-    def handle_one_request(self):
-        server = self.server
-        service = server.service
-        http = self.http
-        self.close_connection = True
-        self.command = self.path = '-'
-        started = time.perf_counter()
-        server.watch(self, True)
-        try:
-            head = self._event()
-            if head is CLOSED:
-                return
-            self.command, self.path = head.method, head.target
-            parts = []
-            event = self._event()
-            while event is not END_OF_MESSAGE:
-                parts.append(event)
-                event = self._event()
-            body = parts[0] if len(parts) == 1 else b''.join(parts)
-            del parts                       # (the pieces would double the body's cost)
-            server.watch(self, False)       # the function may take its time
-            response = service.handle(head.method, head.target, head.headers, body)
-        except HTTPError as exc:
-            response = Response.refusal(exc)
-            http.close_after_response()
-            service._metrics.refused(self.command if self.command != '-' else None,
-                                     exc.status)
-        except (socket.timeout, OSError, ValueError):
-            return
-        finally:
-            server.watch(self, False)
-        if server._stopping:
-            http.close_after_response()     # a request sent after this one would be lost
-        sent = self._write(response)
-        self.close_connection = not http.keep_alive
-        if http.keep_alive:
-            http.start_next_cycle()
-        service._metrics.transferred(self.received, sent)
-        self.received = 0
-        if service.debug:
-            access_log.info('%s %s "%s %s" %d %d bytes %.1f ms', service.name,
-                            self.client_address[0], self.command, self.path, response.status,
-                            sent, (time.perf_counter() - started) * 1000)
-
-    def _write(self, response):
-        """Send the response; returns the number of bytes sent."""
-        http = self.http
-        body = response.body
-        watch = self.server.watch
-        sendall = self.request.sendall
-        sent = 0
-
-        def send(data):
-            watch(self, True)
-            try:
-                sendall(data)
-            finally:
-                watch(self, False)
-            return len(data)
-        try:
-            if isinstance(body, (bytes, bytearray)):
-                return send(http.send_response(response.status, response.headers, body))
-            pending = http.send_response(response.status, response.headers, None)
-            if self.command == 'HEAD':
-                close = getattr(body, 'close', None)
-                if close is not None:
-                    close()             # a generator that will not run
-                return send(pending + http.send_end())
-            for data in body:
-                if data:
-                    sent += send(pending + http.send_data(data))
-                    pending = b''
-            sent += send(pending + http.send_end())
-        except OSError:
-            http.close_after_response()
-        except Exception as exc:        # a generator that failed halfway: cut the stream
-            log.warning('stream failed: %s: %s', type(exc).__name__, exc)
-            http.close_after_response()
-        return sent
-
-
-_MSG_DONTWAIT = getattr(socket, 'MSG_DONTWAIT', 0)
-_HOLD_SLICE = 1.0       # a worker holding an idle connection also looks for waiting ones this often
-                        # (besides being woken by _demand_w when one waits)
-_TICK = 0.5             # how often the serving loop enforces timeouts
-
-
-class _ListenerServer(socketserver.TCPServer):
-    """The listener's server: accept loop with instant stop (no poll interval), at most
-    `max_workers` threads serving requests, idle connections parked in a selector,
-    per-request deadlines (slowloris), and every connection closed on stop.
-
-    socketserver.TCPServer gives the binding and the socket handling; the thread per
-    connection of its mixins is replaced by the workers, and HTTP is the core's.
-    """
-
-    request_queue_size = 1024           # the listen backlog: bursts wait in the kernel
-    allow_reuse_address = True
-    keep_backlog = False                # on stop, leave waiting connections to the next owner
-
-    def __init__(self, address, family):
-        self.address_family = family
-        super().__init__(address, _ConnectionHandler, bind_and_activate=False)
-
-    def init_mconnector(self, service):
-        self.service = service
-        self._connections = set()
-        self._lock = threading.Lock()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_w.setblocking(False)
-        # Written to when a connection waits for a worker and none is free: workers holding
-        # idle connections wait on it too, and let theirs go at once.
-        self._demand_r, self._demand_w = socket.socketpair()
-        self._demand_r.setblocking(False)
-        self._demand_w.setblocking(False)
-        self._stopping = False
-        self._hurried = False
-        self._active = 0                        # connections dispatched to the workers
-        self._queued = 0                        # ... and not yet taken by one
-        self._drained = threading.Condition(self._lock)     # notified when _active is 0
-        self._ready = queue.SimpleQueue()       # connections with a request to serve
-        self._to_park = queue.SimpleQueue()     # connections handed back by workers
-        self._workers = []
-        self._idle_workers = 0
-        self._deadlines = {}                    # connection -> time its request must be in
-
-    # -- the serving loop: accepts, parks, enforces deadlines ---------------------------
-
-    def serve_forever(self, poll_interval=None):
-        selector = selectors.DefaultSelector()
-        self.socket.setblocking(False)
-        selector.register(self.socket, selectors.EVENT_READ)
-        selector.register(self._wake_r, selectors.EVENT_READ)
-        next_tick = time.monotonic() + _TICK
-        try:
-            while not self._stopping:
-                for key, _ in selector.select(_TICK):
-                    if key.fileobj is self.socket:
-                        self._accept(selector)
-                    elif key.fileobj is self._wake_r:
-                        try:
-                            self._wake_r.recv(4096)
-                        except OSError:
-                            pass
-                    else:
-                        selector.unregister(key.fileobj)
-                        self._dispatch(key.data)
-                self._adopt_parked(selector)
-                now = time.monotonic()
-                if now >= next_tick:
-                    next_tick = now + _TICK
-                    self._enforce_timeouts(selector, now)
-        finally:
-            selector.unregister(self.socket)
-            accepted = [] if self.keep_backlog else self._drain_backlog()
-            self.server_close()         # from now on, connecting is refused
-            parked = [key.data for key in selector.get_map().values() if key.data is not None]
-            selector.close()
-            self._finish_parked(parked + accepted)
-
-    def _drain_backlog(self):
-        """Connections the kernel completed before we stopped: they were accepted, so a
-        request they carry is answered."""
-        accepted = []
-        while True:         # (the listening socket is non-blocking: see serve_forever)
-            try:
-                request, client_address = self.socket.accept()
-            except OSError:         # BlockingIOError: the backlog is empty
-                return accepted
-            try:
-                accepted.append(self._adopt(request, client_address))
-            except Exception:
-                self.shutdown_request(request)
-
-    def _finish_parked(self, parked):
-        """On stop: serve the connections whose request has (started to) come in, close the
-        idle ones (their senders open a new connection, which is refused: they can go
-        elsewhere)."""
-        while True:
-            try:
-                parked.append(self._to_park.get_nowait())
-            except queue.Empty:
-                break
-        for conn in parked:
-            if conn.request_started is not None or conn.readable_now():
-                self._dispatch(conn)
-            else:
-                self._close(conn)
-
-    def _accept(self, selector):
-        try:
-            # Non-blocking: several processes may share this socket (serve --workers), and
-            # the one that loses the race for a connection must not wait in accept().
-            request, client_address = self.socket.accept()
-        except OSError:
-            return
-        try:
-            conn = self._adopt(request, client_address)
-        except Exception:
-            self.shutdown_request(request)
-            return
-        # A new connection waits in the selector, not in a worker, until it sends bytes:
-        # silent connections must not hold the workers.
-        try:
-            selector.register(request, selectors.EVENT_READ, conn)
-        except (OSError, ValueError):
-            self._close(conn)
-
-    def _adopt(self, request, client_address):
-        conn = self.RequestHandlerClass(request, client_address, self)
-        self.service.stats['connections'] += 1
-        with self._lock:
-            self._connections.add(conn)
-        return conn
-
-    def _adopt_parked(self, selector):
-        while True:
-            try:
-                conn = self._to_park.get_nowait()
-            except queue.Empty:
-                return
-            if self._stopping:
-                self._close(conn)
-            elif conn.parked_has_data():
-                self._dispatch(conn)
-            else:
-                try:
-                    selector.register(conn.request, selectors.EVENT_READ, conn)
-                except (OSError, ValueError):
-                    self._close(conn)
-
-    def _enforce_timeouts(self, selector, now):
-        idle_timeout = self.service.timeout
-        request_timeout = self.service.request_timeout
-        for key in list(selector.get_map().values()):
-            conn = key.data
-            if conn is None:
-                continue
-            started = conn.request_started
-            if (now - started > request_timeout) if started is not None \
-                    else (now - conn.idle_since > idle_timeout):
-                if started is not None:
-                    log.info('%s: dropping %s, request not in within %ss', self.service.name,
-                             conn.client_address[0], request_timeout)
-                selector.unregister(key.fileobj)
-                self._close(conn)
-        late = [conn for conn, deadline in list(self._deadlines.items()) if deadline < now]
-        for conn in late:
-            # Too slow to send its request (slowloris) or to take its response: the
-            # sockets block without timeouts (two system calls fewer per request), so the
-            # socket is cut under the worker.
-            log.info('%s: dropping %s, transfer not done within %ss', self.service.name,
-                     conn.client_address[0], self.service.request_timeout)
-            try:
-                conn.request.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def watch(self, conn, on):
-        """`conn` starts (True) or ends (False) a transfer that must be over within
-        request_timeout: a request coming in, a TLS handshake, a response going out."""
-        # Single dict operations are atomic: no lock on this path of every request.
-        if on:
-            self._deadlines[conn] = time.monotonic() + self.service.request_timeout
-        else:
-            self._deadlines.pop(conn, None)
-
-    # -- workers ------------------------------------------------------------------------
-
-    def _dispatch(self, conn):
-        # Queued first: a holding worker woken by the demand below must find it waiting.
-        self._ready.put(conn)
-        with self._lock:
-            self._active += 1
-            # Counted against the idle workers with the connections already queued: an idle
-            # worker may be about to take an earlier one, and then this one needs another.
-            # (A worker may take it before this count: _queued is then -1 for a moment.)
-            self._queued += 1
-            busy = self._queued > self._idle_workers
-            start = busy and len(self._workers) < self.service.max_workers
-            if busy and not start:
-                try:
-                    self._demand_w.send(b'x')
-                except OSError:         # already full of demand, or closing
-                    pass
-            if start:
-                worker = threading.Thread(target=self._work, daemon=True,
-                                          name='mconnector-%s-%d' % (self.service.name,
-                                                                     len(self._workers)))
-                self._workers.append(worker)
-        if start:
-            worker.start()
-
-    def has_waiting(self):
-        return not self._ready.empty()
-
-    def _work(self):
-        while True:
-            with self._lock:
-                self._idle_workers += 1
-            conn = self._ready.get()
-            with self._lock:
-                self._idle_workers -= 1
-                if conn is None:
-                    return
-                self._queued -= 1
-            park = False
-            try:
-                park = conn.serve_ready()
-            except Exception:
-                log.exception('%s: error while serving %s', self.service.name,
-                              conn.client_address[0])
-            if park and not self._stopping:
-                self._to_park.put(conn)
-                try:
-                    self._wake_w.send(b'x')
-                except OSError:
-                    pass
-            else:
-                self._close(conn)
-            with self._lock:
-                self._active -= 1
-                if not self._active:
-                    self._drained.notify_all()
-
-    def _close(self, conn):
-        with self._lock:
-            self._connections.discard(conn)
-            self._deadlines.pop(conn, None)
-        try:
-            conn.finish()
-        except (OSError, ValueError):
-            pass
-        self.shutdown_request(conn.request)
-
-    # -- stopping -----------------------------------------------------------------------
-
-    def stop(self):
-        """Stop accepting (the serving loop closes the listening socket at once); requests
-        in flight go on.  Safe to call from a signal handler."""
-        self._stopping = True
-        for wake in (self._wake_w, self._demand_w):     # demand: workers holding idle ones
-            try:
-                wake.send(b'x')
-            except OSError:
-                pass
-
-    def hurry(self):
-        """End the wait for the requests in flight now (a second Ctrl+C).  Safe to call
-        from a signal handler: it takes no lock."""
-        self._hurried = True
-        self.stop()
-
-    def close_all(self, grace=0.0):
-        """After stop() and the end of serve_forever(): wait up to `grace` seconds for the
-        requests in flight to be answered, then close every connection.  Returns the
-        number of requests cut short."""
-        self.server_close()
-        deadline = time.monotonic() + grace
-        with self._lock:
-            while self._active and not self._hurried:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                # In slices, for hurry(): a signal handler must not take the lock to notify.
-                self._drained.wait(min(remaining, _TICK))
-            cut = self._active
-            connections = list(self._connections)
-            workers = len(self._workers)
-        for conn in connections:
-            try:
-                conn.request.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        for _ in range(workers):
-            self._ready.put(None)
-        for s in (self._wake_r, self._wake_w, self._demand_r, self._demand_w):
-            s.close()
-        return cut
-
-
 def server_ssl_context(certfile, keyfile=None, cafile=None):
     """A server-side SSLContext; with `cafile`, clients must present a certificate."""
     import ssl
@@ -2995,30 +2479,6 @@ def server_ssl_context(certfile, keyfile=None, cafile=None):
         context.load_verify_locations(cafile)
         context.verify_mode = ssl.CERT_REQUIRED
     return context
-
-
-def _make_server(service, address, ssl_context=None, sock=None):
-    """A bound _ListenerServer for `service`; with `sock`, one that serves that listening
-    socket (handed over by a parent process)."""
-    family = sock.family if sock is not None else \
-        socket.AF_INET6 if ':' in address[0] else socket.AF_INET
-    server = _ListenerServer(address, family)
-    server.init_mconnector(service)
-    try:
-        if sock is None:
-            server.server_bind()
-        else:
-            server.socket.close()
-            server.socket = sock
-            server.server_address = sock.getsockname()
-        server.server_activate()
-        if ssl_context is not None:
-            server.socket = ssl_context.wrap_socket(server.socket, server_side=True,
-                                                    do_handshake_on_connect=False)
-    except BaseException:
-        server.close_all()
-        raise
-    return server
 
 
 # ###########################################################################################
@@ -4148,11 +3608,45 @@ _WS_RECV_SIZE = 262144          # one recv_into() takes up to 256 KiB
 _WS_WRITE_TIMEOUT = 60.0        # a peer that takes no byte for a minute is gone
 
 
-class WebSocket:
-    """One open websocket connection, client or server side.
+class _WebSocketBase:
+    """What both sides of a websocket connection offer beyond send, recv, ping, close."""
 
-    SocketClient() returns one; a render handler written with `def` gets one (an `async def`
-    handler gets the same thing with awaitable methods).
+    @property
+    def closed(self):
+        return self._closed is not None
+
+    @property
+    def close_code(self):
+        return None if self._closed is None else self._closed.code
+
+    @property
+    def close_reason(self):
+        return None if self._closed is None else self._closed.reason
+
+    def __iter__(self):
+        while True:
+            try:
+                yield self.recv()
+            except ConnectionClosed as exc:
+                if exc.ok:
+                    return
+                raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def __repr__(self):
+        state = 'closed %s' % self.close_code if self.closed else 'open'
+        return '<WebSocket %s %s %s>' % ('client' if self._client else 'server', self.path, state)
+
+
+class WebSocket(_WebSocketBase):
+    """One open websocket connection, the client's side: what SocketClient() returns.
+    (A render handler written with `def` gets the server's side, with the same methods;
+    an `async def` one gets them awaitable.)
 
       send(message)             str as a text message, bytes as a binary one
       recv(timeout=None)        the next message, str or bytes
@@ -4227,15 +3721,6 @@ class WebSocket:
             return self._messages.popleft()
         finally:
             self._read_lock.release()
-
-    def __iter__(self):
-        while True:
-            try:
-                yield self.recv()
-            except ConnectionClosed as exc:
-                if exc.ok:
-                    return
-                raise
 
     def _read_once(self, deadline):
         """Wait for bytes (sending keep-alive pings meanwhile), then feed them to the protocol.
@@ -4405,18 +3890,6 @@ class WebSocket:
 
     # -- closing ------------------------------------------------------------------------------
 
-    @property
-    def closed(self):
-        return self._closed is not None
-
-    @property
-    def close_code(self):
-        return None if self._closed is None else self._closed.code
-
-    @property
-    def close_reason(self):
-        return None if self._closed is None else self._closed.reason
-
     def close(self, code=CloseCode.NORMAL, reason=''):
         """Close the connection: send a close frame, wait up to close_timeout for the peer's
         answer, then end the TCP connection.  Does nothing more when already closed.  Raises
@@ -4481,65 +3954,6 @@ class WebSocket:
             finally:
                 self._read_lock.release()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.close()
-
-    def __repr__(self):
-        state = 'closed %s' % self.close_code if self.closed else 'open'
-        return '<WebSocket %s %s %s>' % ('client' if self._client else 'server', self.path, state)
-
-
-class _AsyncWebSocket:
-    """What an `async def` render handler gets: the connection, with awaitable send, recv,
-    ping and close.  recv() is served by the connection's own thread (it reads the socket
-    while the coroutine awaits a future), so a waiting handler never blocks the shared loop;
-    send() and the others run in the loop's executor."""
-
-    def __init__(self, conn, loop, requests):
-        self._conn = conn
-        self._loop = loop
-        self._requests = requests
-
-    def __getattr__(self, name):
-        return getattr(self._conn, name)
-
-    async def recv(self, timeout=None):
-        future = self._loop.create_future()
-        self._requests.put((future, timeout))
-        return await future
-
-    async def send(self, message):
-        await self._loop.run_in_executor(None, self._conn.send, message)
-
-    async def ping(self, data=None):
-        return await self._loop.run_in_executor(None, self._conn.ping, data)
-
-    async def close(self, code=CloseCode.NORMAL, reason=''):
-        await self._loop.run_in_executor(None, self._conn.close, code, reason)
-
-    def __aiter__(self):
-        return self._messages()
-
-    async def _messages(self):
-        while True:
-            try:
-                yield await self.recv()
-            except ConnectionClosed as exc:
-                if exc.ok:
-                    return
-                raise
-
-
-def _ws_settle(future, value, error):
-    if not future.done():
-        if error is None:
-            future.set_result(value)
-        else:
-            future.set_exception(error)
-
 
 def _ws_reply(value):
     """A router handler's return value as a message: str and bytes as they are, anything else
@@ -4552,72 +3966,12 @@ def _ws_reply(value):
         return str(value)
 
 
-class _WsRequestHandler(socketserver.BaseRequestHandler):
-    def handle(self):
-        self.server.ws._serve_connection(self.request, self.client_address)
-
-
-class _WsTCPServer(socketserver.ThreadingTCPServer):
-    daemon_threads = True           # a connection never keeps the process alive on its own
-    allow_reuse_address = True
-    block_on_close = False
-    request_queue_size = 1024       # the listen backlog; socketserver's 5 is for toy loads
-
-    def __init__(self, address, ws, family):
-        self.address_family = family
-        self.ws = ws
-        super().__init__(address, _WsRequestHandler)
-
-    def handle_error(self, request, client_address):
-        log.exception('websocket connection from %s failed', client_address)
-
-
-# Servers started with run(), for Ctrl+C and for the command line's `serve`.
+# Servers started with run(), for the command line's `serve` and the Microservice's run().
 _ws_running = set()
-_ws_running_lock = threading.Lock()
-
-
-def _ws_on_sigint(signum, frame):
-    """Ctrl+C or SIGTERM while websocket servers run: stop them (close 1001), then do what
-    Python's default handler does for Ctrl+C (KeyboardInterrupt in the main thread), or
-    exit 0 for SIGTERM.  When the main thread has already finished
-    (a script that only called sk.run(), the interpreter waiting for the serving thread),
-    there is nobody to interrupt: stopping is the whole answer, and the process then exits
-    cleanly instead of printing a traceback from inside the interpreter's shutdown."""
-    servers = list(_ws_running)
-    if not threading.main_thread().is_alive():
-        for server in servers:
-            if not server._stopping:      # a second Ctrl+C must not wait on the first
-                server.stop()
-        return
-    for server in servers:
-        threading.Thread(target=server.stop, name='mconnector-ws-stop').start()
-    import signal
-    if signum == signal.SIGINT:
-        signal.default_int_handler(signum, frame)
-    raise SystemExit(0)         # SIGTERM: a clean stop is the expected answer
-
-
-def _ws_route_signals(on):
-    """Route Ctrl+C and SIGTERM to _ws_on_sigint while websocket servers run (on=True),
-    then give them back to Python's defaults.  Only Python's own handlers are replaced:
-    a program that set its own keeps it."""
-    import signal
-    if threading.current_thread() is not threading.main_thread():
-        return
-    for signum, default in ((signal.SIGINT, signal.default_int_handler),
-                            (signal.SIGTERM, signal.SIG_DFL)):
-        current, wanted = (default, _ws_on_sigint) if on else (_ws_on_sigint, default)
-        try:
-            if signal.getsignal(signum) is current:
-                signal.signal(signum, wanted)
-        except (ValueError, OSError):
-            pass
 
 
 def _ws_stop_all(timeout=None):
-    """Stop every websocket server started with run() (for the command line and the
-    Microservice's run(), when it returns)."""
+    """Stop every websocket server started with run()."""
     for server in list(_ws_running):
         server.stop(timeout)
 
@@ -4647,13 +4001,17 @@ class SocketServer:
     `max_frame_size` (default: max_size), `handshake_timeout` (10 s), `ping_interval` and
     `ping_timeout` (20 s each; None turns keep-alive off), `close_timeout` (10 s),
     `ssl_context` (serve wss://), `secretKey` (handshakes must be signed, as calls to a
-    Microservice with a secretKey are: 401 otherwise).
+    Microservice with a secretKey are: 401 otherwise), `max_workers` (handlers written with
+    `def` that run at once, 64; `async def` ones run on the asyncio loop and take none).
+
+    Connections wait in one selector loop (section 9): an idle connection costs no thread.
     """
 
     def __init__(self, name=None, *, subprotocols=None, origins=None, max_size=_WS_MAX_SIZE,
                  max_frame_size=None, handshake_timeout=_WS_HANDSHAKE_TIMEOUT,
                  ping_interval=_WS_PING_INTERVAL, ping_timeout=_WS_PING_TIMEOUT,
-                 close_timeout=_WS_CLOSE_TIMEOUT, ssl_context=None, secretKey=None):
+                 close_timeout=_WS_CLOSE_TIMEOUT, ssl_context=None, secretKey=None,
+                 max_workers=64):
         self.name = name
         self.secretKey = secretKey
         self._nonces = NonceCache()
@@ -4666,16 +4024,15 @@ class SocketServer:
         self.ping_timeout = ping_timeout
         self.close_timeout = close_timeout
         self.ssl_context = ssl_context
+        self.max_workers = max_workers
         self.routes = Router()
-        self.connections = set()
+        self.connections = set()                # the open websockets (as handlers see them)
         self._server = None
         self._thread = None
-        self._wake = None
         self._lock = threading.Lock()
-        self._stopping = False
-        self._stopped = threading.Event()       # the accept loop has ended
-        self._spares = None                     # see _start_spares
-        self._stop_done = threading.Event()     # stop() has finished
+        self._stop_timeout = None
+        self._stopped = threading.Event()       # the serving loop has ended
+        self._restore_signals = None
 
     # -- routes -------------------------------------------------------------------------------
 
@@ -4701,7 +4058,7 @@ class SocketServer:
         for a malformed rule."""
         self.routes.add(rule, (handler, render))
 
-    # -- serving ------------------------------------------------------------------------------
+    # -- serving (the shell of section 9) -------------------------------------------------------
 
     @property
     def server_address(self):
@@ -4715,239 +4072,89 @@ class SocketServer:
         with self._lock:
             if self._server is not None:
                 raise RuntimeError('this SocketServer is already running')
-            family = socket.AF_INET6 if ':' in host else socket.AF_INET
-            self._server = _WsTCPServer((host, port), self, family)
-            self._wake = socket.socketpair()
-            self._stopping = False
+            sock = _listening_socket(host, port)
+            self._server = _Server(self.name or 'ws', sock, lambda conn: _WsHandshake(conn, self),
+                                   self.max_workers, self.ssl_context, self.handshake_timeout,
+                                   _WS_WRITE_TIMEOUT)
+            self._stop_timeout = None
             self._stopped.clear()
-            self._stop_done.clear()
+        if _PRESTART and threading.current_thread() is threading.main_thread():
+            self._server.workers.prestart()
+            if any(_is_coroutine_function(handler) for handler in self._handlers()):
+                _event_loop()
+        _default_logging()
+        log.info('websocket server %s on ws%s://%s:%d', self.name or '',
+                 's' if self.ssl_context else '', host, self.port)
+
+    def _handlers(self):
+        return [target[0] for _, target in self.routes]
 
     def run(self, host='127.0.0.1', port=8765):
         """Start serving on host:port (port 0: any free port, see .port) in a background
-        thread and return self at once.  That thread keeps the process alive until stop() or
-        Ctrl+C, so a script that only calls run() serves until interrupted.  Raises OSError
-        when the address cannot be bound, RuntimeError when already running."""
+        thread and return self at once.  That thread keeps the process alive until stop(),
+        SIGTERM or Ctrl+C, so a script that only calls run() serves until then.  Raises
+        OSError when the address cannot be bound, RuntimeError when already running."""
         self._bind(host, port)
-        with _ws_running_lock:
-            _ws_running.add(self)
-        _ws_route_signals(True)
+        _ws_running.add(self)
+        self._restore_signals = _on_stop_signals(self._on_signal, foreground=False)
         self._thread = threading.Thread(target=self._serve, name='mconnector-ws-%d' % self.port)
         self._thread.start()
-        if sys.version_info[:3] in ((3, 12, 0), (3, 12, 1)) and \
-                threading.current_thread() is threading.main_thread():
-            self._start_spares()
-        log.info('websocket server %s on ws://%s:%d', self.name or '', host, self.port)
         return self
 
-    def _start_spares(self):
-        # CPython 3.12.0 and 3.12.1 refuse to start threads once the main thread has ended
-        # (gh-113964, fixed in 3.12.2), which is exactly when a script that only called
-        # run() serves.  Threads started now take the connections that then get none.
-        self._spares = queue.SimpleQueue()
-        server = self._server
-
-        def spare():
-            while True:
-                item = self._spares.get()
-                if item is None:
-                    return
-                server.process_request_thread(*item)
-        for n in range(_WS_SPARE_THREADS):
-            threading.Thread(target=spare, daemon=True, name='mconnector-ws-spare-%d' % n).start()
-
     def serve_forever(self, host='127.0.0.1', port=8765):
-        """Serve in this thread until stop() or Ctrl+C (which stops the server and returns).
-        When run() already started it, wait for it to stop instead."""
+        """Serve in this thread until stop(), SIGTERM or Ctrl+C.  When run() already
+        started it, wait for it to stop instead."""
+        if self._thread is not None:
+            while not self._stopped.wait(0.5):
+                pass
+            return
+        self._bind(host, port)
+        restore = _on_stop_signals(self._on_signal)
         try:
-            if self._thread is not None:
-                while self._thread.is_alive():
-                    self._thread.join(0.5)
-                return
-            self._bind(host, port)
-            log.info('websocket server %s on ws://%s:%d', self.name or '', host, self.port)
             self._serve()
-        except KeyboardInterrupt:
-            self.stop()
+        finally:
+            restore()
+
+    def _on_signal(self, signum):
+        self._server.stop()
 
     def _serve(self):
         server = self._server
         try:
-            with selectors.DefaultSelector() as selector:
-                selector.register(server.socket, selectors.EVENT_READ)
-                selector.register(self._wake[0], selectors.EVENT_READ)
-                while not self._stopping:
-                    for key, _ in selector.select():
-                        if key.fileobj is not server.socket:
-                            break
-                        try:
-                            request, address = server.get_request()
-                        except OSError:
-                            continue
-                        try:
-                            server.process_request(request, address)
-                        except RuntimeError:    # no new thread at interpreter shutdown
-                            if self._spares is not None:
-                                self._spares.put((request, address))
-                            else:
-                                server.handle_error(request, address)
-                                server.shutdown_request(request)
-                        except Exception:
-                            server.handle_error(request, address)
-                            server.shutdown_request(request)
+            server.serve_forever()
+            timeout = self.close_timeout if self._stop_timeout is None else self._stop_timeout
+            server.close_all(timeout)
         finally:
-            server.server_close()
+            with self._lock:
+                self._server = None
+            _ws_running.discard(self)
             self._stopped.set()
+            log.info('websocket server %s stopped', self.name or '')
 
     def stop(self, timeout=None):
         """Stop listening, close every connection with 1001 (going away), wait up to
         `timeout` seconds (default close_timeout) for their closing handshakes, then drop
         whatever is left.  Returns once stopped; calling it again does nothing."""
-        with self._lock:
-            running, already = self._server is not None, self._stopping
-            self._stopping = True
-        if not running:
+        server = self._server
+        if server is None:
             return
-        if already:
-            self._stop_done.wait()
-            return
-        timeout = self.close_timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        try:
-            self._wake[1].send(b'x')
-        except OSError:
-            pass
-        connections = list(self.connections)
-        for conn in connections:
-            if not conn._start_close(CloseCode.GOING_AWAY, 'server shutting down', 1.0):
-                conn._abort()
-            task = getattr(conn, '_task', None)
-            if task is not None:
-                task.cancel()
-        for conn in connections:
-            if not conn._done.wait(max(0.0, deadline - time.monotonic())):
-                conn._abort()
+        if timeout is not None:
+            self._stop_timeout = timeout
+        server.stop()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
-        else:
-            self._stopped.wait(max(0.1, deadline - time.monotonic()))
-        for s in self._wake:
-            s.close()
-        with _ws_running_lock:
-            _ws_running.discard(self)
-            if not _ws_running:
-                _ws_route_signals(False)
-        with self._lock:
-            self._server = None
             self._thread = None
-        self._stop_done.set()
-        log.info('websocket server %s stopped', self.name or '')
+        elif self._thread is None:          # serve_forever() in another thread
+            self._stopped.wait()
+        restore, self._restore_signals = self._restore_signals, None
+        if restore is not None:
+            restore()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc_info):
         self.stop()
-
-    # -- one connection, on its own thread ----------------------------------------------------
-
-    def _serve_connection(self, sock, address):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        deadline = time.monotonic() + self.handshake_timeout
-        http = HTTPConnection(max_head=_WS_MAX_HEAD, length_required=())
-        try:
-            if self.ssl_context is not None:
-                sock.settimeout(self.handshake_timeout)
-                sock = self.ssl_context.wrap_socket(sock, server_side=True)
-            head = _ws_read_head(sock, http, deadline)
-            if head is CLOSED:
-                return
-            request = _ws_check_request(head, self.subprotocols, self.origins)
-            if self.secretKey:
-                try:
-                    verify_request(self.secretKey, 'GET', request.target, request.headers, b'',
-                                   self._nonces)
-                except HTTPError as exc:
-                    raise HandshakeError(401, exc.message, request.path) from None
-            target, params = self.routes.find(request.path)
-            if target is None:
-                raise HandshakeError(404, 'no websocket route for %s' % request.path, request.path)
-            if self._stopping:
-                raise HandshakeError(503, 'the server is stopping', request.path)
-            sock.sendall(_ws_accept_response(request))
-        except (HandshakeError, HTTPError) as exc:
-            if isinstance(exc, HTTPError):
-                exc = HandshakeError(exc.status, exc.message)
-            log.info('%s: %s', address[0], exc)
-            try:
-                sock.sendall(_ws_error_response(exc))
-                sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-            return
-        except (OSError, ValueError) as exc:
-            log.debug('websocket handshake from %s dropped: %s', address, exc)
-            return
-        leftover = http.trailing_data[0]
-        protocol = WebSocketProtocol(False, self.max_size, self.max_frame_size)
-        conn = WebSocket(sock, protocol, path=request.path, query=request.query,
-                         headers=request.headers, subprotocol=request.subprotocol,
-                         remote_address=address, leftover=leftover,
-                         ping_interval=self.ping_interval, ping_timeout=self.ping_timeout,
-                         close_timeout=self.close_timeout)
-        self.connections.add(conn)
-        try:
-            self._dispatch(conn, target[0], target[1], tuple(params.values()))
-        finally:
-            self.connections.discard(conn)
-            if not conn._done.is_set():
-                conn._abort()
-
-    def _dispatch(self, conn, handler, render, args):
-        try:
-            if render:
-                message = conn.recv()
-                if _is_coroutine_function(handler):
-                    self._render_async(conn, handler, message, args)
-                else:
-                    handler(conn, message, *args)
-            else:
-                while True:
-                    message = conn.recv()
-                    reply = _call(handler, message, *args)
-                    if reply is not None:
-                        conn.send(_ws_reply(reply))
-                    if message == 'exit':
-                        break
-            conn.close(CloseCode.NORMAL)
-        except ConnectionClosed:
-            pass
-        except Exception:
-            log.exception('websocket handler %s for %s failed',
-                          getattr(handler, '__name__', handler), conn.path)
-            conn.close(CloseCode.INTERNAL_ERROR)
-
-    def _render_async(self, conn, handler, message, args):
-        """Run an async render handler on the shared loop while this thread serves its
-        recv() calls, one at a time, in the order the handler made them."""
-        import asyncio
-        loop = _event_loop()
-        requests = queue.SimpleQueue()
-        ws = _AsyncWebSocket(conn, loop, requests)
-        task = asyncio.run_coroutine_threadsafe(_as_coroutine(handler(ws, message, *args)), loop)
-        conn._task = task
-        task.add_done_callback(lambda _: requests.put(None))
-        while True:
-            item = requests.get()
-            if item is None:
-                break
-            future, timeout = item
-            try:
-                value, error = conn.recv(timeout), None
-            except Exception as exc:
-                value, error = None, exc
-            loop.call_soon_threadsafe(_ws_settle, future, value, error)
-        if not task.cancelled():      # cancelled by stop(): nothing to report
-            task.result()
 
 
 def _ws_read_head(sock, http, deadline):
@@ -5099,7 +4306,1284 @@ def _ws_command(url, timeout=None):
 
 
 # ###########################################################################################
-# 9. Pools: ordered per key over any Executor
+# 9. Serving shell: one selector loop, workers, deadlines, TLS, graceful stop, signals
+# ###########################################################################################
+
+# The listener and the websocket server are served by the same shell.  One thread runs a
+# selector loop that owns every socket: it accepts, does TLS handshakes without blocking,
+# feeds the bytes it reads to the protocol cores (sections 4 and 7), writes what they and
+# the handlers queued, and keeps each connection's deadline.  A bounded pool of worker
+# threads runs handlers only, so a connection costs a worker while its function runs, and
+# never while it is idle, trickles its request in, or is slow to read its answer.  `async
+# def` functions run on the shared asyncio loop (section 1) and hold no worker.
+
+_TICK = 0.5                 # how often deadlines are checked
+_RECV = 65536
+_BACKLOG = 1024             # the listen backlog: bursts wait in the kernel
+_HIGH_WATER = 262144        # bytes queued for a slow reader before its producer waits
+_LINGER = 2.0               # after our last byte, what the peer still sends is read (and
+                            # dropped) this long, so that closing does not reset the answer
+# CPython 3.12.0 and 3.12.1 refuse to start threads once the main thread has ended
+# (gh-113964), which is when a script that only called SocketServer.run() serves: there,
+# the threads a server may need are started with it.
+_PRESTART = sys.version_info[:3] in ((3, 12, 0), (3, 12, 1))
+
+
+class _Workers:
+    """At most `size` threads running tasks in the order submitted; submit() never blocks.
+    Threads start when a task would otherwise wait, and stay."""
+
+    def __init__(self, name, size):
+        self.name = name
+        self.size = size
+        self._tasks = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._idle = 0
+        self._waiting = 0
+
+    def prestart(self):
+        if _PRESTART:
+            with self._lock:
+                missing, self._threads = self.size - self._threads, self.size
+            for _ in range(missing):
+                self._start()
+
+    def submit(self, fn, *args):
+        self._tasks.put((fn, args))
+        with self._lock:
+            # Counted against the idle threads with the tasks already waiting: an idle
+            # thread may be about to take an earlier one.
+            self._waiting += 1
+            start = self._waiting > self._idle and self._threads < self.size
+            if start:
+                self._threads += 1
+        if start:
+            self._start()
+
+    def _start(self):
+        try:
+            threading.Thread(target=self._run, daemon=True,
+                             name='%s-%d' % (self.name, self._threads)).start()
+        except RuntimeError:        # at interpreter shutdown: the running threads serve
+            with self._lock:
+                self._threads -= 1
+
+    def _run(self):
+        while True:
+            with self._lock:
+                self._idle += 1
+            task = self._tasks.get()
+            with self._lock:
+                self._idle -= 1
+                if task is None:
+                    self._threads -= 1
+                    return
+                self._waiting -= 1
+            fn, args = task
+            try:
+                fn(*args)
+            except Exception:
+                log.exception('%s: a task failed', self.name)
+
+    def close(self):
+        with self._lock:
+            count = self._threads
+        for _ in range(count):
+            self._tasks.put(None)
+
+
+class _Server:
+    """One serving shell: a listening socket, the selector loop that owns it and every
+    connection accepted from it, the workers, and the graceful stop.
+
+    `session(conn)` makes the object that speaks the protocol of a new connection (see
+    _HTTPSession and _WsHandshake).  serve_forever() runs the loop until stop(), then
+    closes the listening socket (connecting is refused from then on) and returns;
+    close_all(grace) goes on serving the connections still busy, for `grace` seconds at
+    most, then closes them all.  stop() and hurry() are safe in signal handlers.
+    """
+
+    def __init__(self, name, sock, session, max_workers, ssl_context=None,
+                 handshake_timeout=10.0, write_timeout=60.0):
+        sock.setblocking(False)
+        self.name = name
+        self.socket = sock
+        self.server_address = sock.getsockname()
+        self.session = session
+        self.ssl_context = ssl_context
+        self.handshake_timeout = handshake_timeout
+        self.write_timeout = write_timeout      # a reader that takes no byte this long is gone
+        self.workers = _Workers('mconnector-' + name, max_workers)
+        self.connections = set()
+        self.accepted = 0
+        self.keep_backlog = False               # on stop, leave waiting connections queued
+        self.stopping = False
+        self.hurried = False
+        import collections
+        self._calls = collections.deque()       # (fn, args) for the loop's thread to run
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._selector.register(sock, selectors.EVENT_READ, self)
+        self._listening = True
+        self._next_tick = 0.0
+
+    def call_soon(self, fn, *args):
+        """Run fn(*args) in the loop's thread, soon; from any thread."""
+        self._calls.append((fn, args))
+        self.wake()
+
+    def defer(self, fn, *args):
+        """call_soon() from the loop's own thread: no need to wake it."""
+        self._calls.append((fn, args))
+
+    def wake(self):
+        try:
+            self._wake_w.send(b'x')
+        except OSError:     # full (a wake-up is pending anyway) or closed
+            pass
+
+    def stop(self):
+        self.stopping = True
+        self.wake()
+
+    def hurry(self):
+        """End the wait for what is in flight (a second Ctrl+C)."""
+        self.hurried = True
+        self.stop()
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def serve_forever(self):
+        try:
+            while not self.stopping:
+                self._run_once(time.monotonic() + _TICK)
+        finally:
+            self._stop_listening()
+
+    def close_all(self, grace=0.0):
+        """Serve the connections still at work (a request, an answer, a closing handshake)
+        for up to `grace` seconds, then close every one.  Returns the number of requests
+        cut short."""
+        self._stop_listening()
+        deadline = time.monotonic() + grace
+        while not self.hurried and any(conn.busy() for conn in self.connections):
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            self._run_once(min(deadline, now + _TICK))
+        cut = sum(1 for conn in self.connections if conn.busy())
+        for conn in list(self.connections):
+            conn.close()
+        while self._calls:          # what the closing scheduled (ends of handlers)
+            self._run_calls()
+        self.workers.close()
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+        return cut
+
+    def _run_once(self, until):
+        timeout = 0 if self._calls else max(0.0, until - time.monotonic())
+        for key, mask in self._selector.select(timeout):
+            conn = key.data
+            if conn is None:
+                try:
+                    self._wake_r.recv(4096)
+                except OSError:
+                    pass
+            elif conn is self:
+                self._accept()
+            else:
+                try:
+                    if mask & selectors.EVENT_READ:
+                        conn.on_readable()
+                    if mask & selectors.EVENT_WRITE and not conn.closed:
+                        conn.on_writable()
+                except Exception:
+                    log.exception('%s: error while serving %s', self.name, conn.address[0])
+                    conn.close()
+        self._run_calls()
+        now = time.monotonic()
+        if now >= self._next_tick:
+            self._next_tick = now + _TICK
+            for conn in list(self.connections):
+                conn.tick(now)
+
+    def _run_calls(self):
+        for _ in range(len(self._calls)):
+            fn, args = self._calls.popleft()
+            try:
+                fn(*args)
+            except Exception:
+                log.exception('%s: error in the serving loop', self.name)
+
+    def _accept(self):
+        for _ in range(64):         # a burst at a time, then the others get their turn
+            try:
+                # Non-blocking: several processes may share this socket (serve --workers),
+                # and the one that loses the race for a connection must not wait.
+                sock, address = self.socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:      # out of file descriptors, say: try again later
+                log.warning('%s: cannot accept: %s', self.name, exc)
+                return
+            self._adopt(sock, address)
+
+    def _adopt(self, sock, address):
+        self.accepted += 1
+        try:
+            _Conn(self, sock, address)
+        except (OSError, ValueError) as exc:
+            log.debug('%s: connection from %s dropped: %s', self.name, address[0], exc)
+            sock.close()
+
+    def _stop_listening(self):
+        if not self._listening:
+            return
+        self._listening = False
+        self._selector.unregister(self.socket)
+        if not self.keep_backlog:
+            # Connections the kernel completed before the stop were accepted: a request
+            # they carry is answered.
+            while True:
+                try:
+                    sock, address = self.socket.accept()
+                except OSError:
+                    break
+                self._adopt(sock, address)
+        self.socket.close()
+        for conn in list(self.connections):
+            conn.session.stop()
+
+
+class _Conn:
+    """One accepted connection: its socket (TLS done without blocking), the bytes waiting
+    to be written, its deadline, and the session that speaks its protocol."""
+
+    def __init__(self, server, sock, address):
+        self.server = server
+        self.address = address
+        self.out = bytearray()
+        self.deadline = None            # set by the session: when it gives up on the peer
+        self.reading = True
+        self.closed = False
+        self.finishing = False          # close once `out` is written
+        self.lingering = None           # ... then read and drop until this time
+        self.progress = time.monotonic()    # of the last write
+        self.received = self.sent = 0
+        self.mask = 0
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.tls = server.ssl_context is not None
+        self.want = selectors.EVENT_READ if self.tls else 0     # of the TLS handshake
+        if self.tls:
+            import ssl
+            self._blocked = (BlockingIOError, InterruptedError, ssl.SSLWantReadError,
+                             ssl.SSLWantWriteError)
+            sock = server.ssl_context.wrap_socket(sock, server_side=True,
+                                                  do_handshake_on_connect=False)
+            self.deadline = time.monotonic() + server.handshake_timeout
+        else:
+            self._blocked = (BlockingIOError, InterruptedError)
+        self.sock = sock
+        server.connections.add(self)
+        self.session = server.session(self)
+        if not self.tls:
+            self.session.start()
+        self._update()
+
+    def busy(self):
+        return self.lingering is None and not self.closed and self.session.busy()
+
+    def _update(self):
+        if self.closed:
+            return
+        if self.want:
+            mask = self.want
+        else:
+            mask = selectors.EVENT_READ if self.reading or self.lingering is not None else 0
+            if self.out:
+                mask |= selectors.EVENT_WRITE
+        if mask != self.mask:
+            selector = self.server._selector
+            if not self.mask:
+                selector.register(self.sock, mask, self)
+            elif not mask:
+                selector.unregister(self.sock)
+            else:
+                selector.modify(self.sock, mask, self)
+            self.mask = mask
+
+    def pause(self):
+        self.reading = False
+        self._update()
+
+    def resume(self):
+        if not self.closed and not self.finishing:
+            self.reading = True
+            self._update()
+
+    # -- events from the loop -----------------------------------------------------------------
+
+    def on_readable(self):
+        if self.want:
+            return self._handshake()
+        while not self.closed and (self.reading or self.lingering is not None):
+            try:
+                data = self.sock.recv(_RECV)
+            except self._blocked:
+                return
+            except OSError:             # reset by the peer: as good as closed
+                data = b''
+            if self.lingering is not None:
+                if not data:
+                    self.close()
+                continue
+            self.received += len(data)
+            self.session.received(data)
+            if not data:
+                return
+            if len(data) < _RECV and not (self.tls and self.sock.pending()):
+                return
+
+    def on_writable(self):
+        if self.want:
+            return self._handshake()
+        self.flush()
+
+    def _handshake(self):
+        import ssl
+        try:
+            self.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self.want = selectors.EVENT_READ
+        except ssl.SSLWantWriteError:
+            self.want = selectors.EVENT_WRITE
+        except (OSError, ValueError) as exc:
+            log.debug('%s: TLS handshake with %s failed: %s', self.server.name,
+                      self.address[0], exc)
+            self.close()
+            return
+        else:
+            self.want = 0
+            self.deadline = None
+            self.session.start()
+            self._update()
+            self.on_readable()          # what came with the handshake's last records
+            return
+        self._update()
+
+    def tick(self, now):
+        if self.lingering is not None:
+            if now >= self.lingering:
+                self.close()
+        elif self.out and now - self.progress > self.server.write_timeout:
+            log.info('%s: dropping %s, it took no byte of its answer for %ss',
+                     self.server.name, self.address[0], self.server.write_timeout)
+            self.close()
+        elif self.want:
+            if now >= self.deadline:
+                self.close()
+        else:
+            self.session.tick(now)
+
+    # -- what sessions call -------------------------------------------------------------------
+
+    def write(self, data):
+        if data and not self.closed:
+            if not self.out:
+                self.progress = time.monotonic()
+            self.out += data
+            self.flush()
+
+    def flush(self):
+        out = self.out
+        while out:
+            try:
+                if self.tls:            # a retried TLS write must offer the same bytes
+                    sent = self.sock.send(bytes(out[:_HIGH_WATER]))
+                else:
+                    with memoryview(out) as view:
+                        sent = self.sock.send(view[:_HIGH_WATER])
+            except self._blocked:
+                break
+            except OSError:
+                self.close()
+                return
+            del out[:sent]
+            self.sent += sent
+            self.progress = time.monotonic()
+        if not out:
+            if self.finishing:
+                self._linger()
+                return
+            self.server.defer(self._flushed)
+        self._update()
+
+    def _flushed(self):
+        if not self.out and not self.closed:
+            self.session.flushed()
+
+    def finish(self):
+        """Close once everything queued is written."""
+        if self.closed or self.finishing:
+            return
+        self.finishing = True
+        self.reading = False
+        if self.out:
+            self._update()
+        else:
+            self._linger()
+
+    def _linger(self):
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.close()
+            return
+        self.lingering = time.monotonic() + _LINGER
+        self._update()
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        if self.mask:
+            try:
+                self.server._selector.unregister(self.sock)
+            except (KeyError, ValueError):
+                pass
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self.server.connections.discard(self)
+        self.session.lost()
+
+
+def _readable_now(sock):
+    pending = getattr(sock, 'pending', None)
+    if pending is not None and pending():
+        return True
+    try:
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):
+        return False
+
+
+class _HTTPSession:
+    """The listener's side of one connection: requests read through the HTTP core, each
+    answered by the Microservice's dispatch on a worker (or on the asyncio loop, for an
+    async rule), answers written in order; streamed answers are produced on a worker a
+    batch at a time, as the peer takes them."""
+
+    def __init__(self, conn, service):
+        self.conn = conn
+        self.service = service
+        self.http = HTTPConnection(max_body=service.max_body, keep_alive_timeout=service.timeout)
+        self.head = None
+        self.parts = []
+        self.working = False            # from a whole request to the end of its answer
+        self.started = None             # when the request being read began
+        self.stream = None              # the iterator of a streamed answer
+        self.producing = False          # a worker is taking the stream's next batch
+        self.status = None
+        self.begun = 0.0
+        service.stats['connections'] += 1
+
+    def start(self):
+        self.conn.deadline = time.monotonic() + self.service.timeout
+
+    def busy(self):
+        return self.working or self.started is not None
+
+    def received(self, data):
+        self.http.receive_data(data)
+        if not self.working:
+            self._advance()
+
+    def _advance(self):
+        conn, http = self.conn, self.http
+        while not conn.closed:
+            try:
+                event = http.next_event()
+            except HTTPError as exc:
+                self.service._metrics.refused(self.head.method if self.head else None,
+                                              exc.status)
+                self.working = True
+                self._answer(Response.refusal(exc))
+                return
+            if event is NEED_DATA:
+                if http.expects_continue:       # curl waits a second for it over 1 KiB
+                    conn.write(http.send_continue())
+                if self.started is None and (self.head is not None or http.buffered()):
+                    self._begin()
+                return
+            if type(event) is bytes:
+                self.parts.append(event)
+            elif event is END_OF_MESSAGE:
+                parts, self.parts = self.parts, []
+                body = parts[0] if len(parts) == 1 else b''.join(parts)
+                del parts
+                self.working = True
+                conn.deadline = None            # the function may take its time
+                conn.pause()
+                conn.server.workers.submit(self._handle, self.head, body)
+                return
+            elif event is CLOSED:
+                conn.close()
+                return
+            elif event is PAUSED:
+                return
+            else:
+                self.head = event
+                self.begun = time.perf_counter()
+                if self.started is None:
+                    self._begin()
+
+    def _begin(self):
+        self.started = time.monotonic()
+        self.conn.deadline = self.started + self.service.request_timeout
+
+    def _handle(self, head, body):
+        """On a worker: the answer, handed to the loop."""
+        try:
+            answer = self.service._handle(head.method, head.target, head.headers, body,
+                                          defer=True)
+        except Exception:           # handle() answers everything a peer can send
+            log.exception('%s: error while answering %s', self.service.name, head.target)
+            answer = Response.error(500, 'InternalError', 'the listener failed: see its log')
+        call_soon = self.conn.server.call_soon
+        if isinstance(answer, _Deferred):
+            answer.run(lambda response: call_soon(self._answer, response))
+        else:
+            call_soon(self._answer, answer)
+
+    def _answer(self, response):
+        conn, http = self.conn, self.http
+        if conn.closed:
+            _close_stream(response.body)
+            return
+        if conn.server.stopping:
+            http.close_after_response()     # a request sent after this one would be lost
+        self.status = response.status
+        body = response.body
+        if isinstance(body, (bytes, bytearray)):
+            conn.write(http.send_response(response.status, response.headers, body))
+            return
+        conn.write(http.send_response(response.status, response.headers, None))
+        if not http.sends_body:
+            _close_stream(body)
+            conn.write(http.send_end())
+            return
+        self.stream = iter(body)
+        self.producing = True
+        conn.server.workers.submit(self._produce, self.stream)
+
+    def _produce(self, stream):
+        """On a worker: the next batch of a streamed answer, up to _HIGH_WATER bytes."""
+        batch, size, end = [], 0, False
+        try:
+            while size < _HIGH_WATER:
+                data = next(stream)
+                if data:
+                    batch.append(data)
+                    size += len(data)
+        except StopIteration:
+            end = True
+        except Exception as exc:        # a generator that failed halfway: cut the stream
+            log.warning('stream failed: %s: %s', type(exc).__name__, exc)
+            end = None
+        self.conn.server.call_soon(self._stream_batch, batch, end)
+
+    def _stream_batch(self, batch, end):
+        conn, http = self.conn, self.http
+        self.producing = False
+        if conn.closed:
+            _close_stream(self.stream)
+            return
+        data = b''.join([http.send_data(piece) for piece in batch])
+        if end is None:
+            self.stream = None
+            http.close_after_response()
+            conn.write(data)
+            conn.finish()
+            self.working = False
+            return
+        if end:
+            self.stream = None
+            data += http.send_end()
+        conn.write(data)
+
+    def flushed(self):
+        if self.stream is not None:
+            if not self.producing:      # the peer took the last batch: the next one
+                self.producing = True
+                self.conn.server.workers.submit(self._produce, self.stream)
+        elif self.working and self.status is not None:
+            self._done()
+
+    def _done(self):
+        conn, http, service = self.conn, self.http, self.service
+        sent = conn.sent
+        service._metrics.transferred(conn.received, sent)
+        conn.received = conn.sent = 0
+        if service.debug and self.head is not None:
+            access_log.info('%s %s "%s %s" %d %d bytes %.1f ms', service.name, conn.address[0],
+                            self.head.method, self.head.target, self.status, sent,
+                            (time.perf_counter() - self.begun) * 1000)
+        self.working = False
+        self.status = self.head = self.started = None
+        if not http.keep_alive or conn.server.stopping:
+            conn.finish()
+            return
+        http.start_next_cycle()
+        conn.deadline = time.monotonic() + service.timeout
+        conn.resume()
+        self._advance()
+
+    def tick(self, now):
+        deadline = self.conn.deadline
+        if deadline is None or now < deadline:
+            return
+        if self.started is None:
+            self.conn.close()           # idle for `timeout` seconds
+            return
+        log.info('%s: dropping %s, request not in within %ss', self.service.name,
+                 self.conn.address[0], self.service.request_timeout)
+        self.service._metrics.refused(self.head.method if self.head else None, 408)
+        self.working = True
+        self.conn.deadline = None
+        self.http.close_after_response()
+        self._answer(Response.refusal(HTTPError(
+            408, 'request not in within %ss' % self.service.request_timeout)))
+
+    def stop(self):
+        # Idle when the stop begins: closed, unless its next request is already here.
+        if not self.busy() and not self.http.buffered() and not _readable_now(self.conn.sock):
+            self.conn.close()
+
+    def lost(self):
+        if self.stream is not None:
+            _close_stream(self.stream)
+
+
+def _close_stream(body):
+    close = getattr(body, 'close', None)
+    if close is not None:
+        try:
+            close()
+        except Exception:
+            pass
+
+
+class _WsHandshake:
+    """A websocket server's side of a new connection, until its opening handshake is done:
+    then the connection's session becomes a _ServerWebSocket."""
+
+    def __init__(self, conn, app):
+        self.conn = conn
+        self.app = app
+        self.http = HTTPConnection(max_head=_WS_MAX_HEAD, length_required=())
+
+    def start(self):
+        self.conn.deadline = time.monotonic() + self.app.handshake_timeout
+
+    def busy(self):
+        return False
+
+    def received(self, data):
+        conn, app = self.conn, self.app
+        self.http.receive_data(data)
+        try:
+            head = self.http.next_event()
+            if head is NEED_DATA:
+                return
+            if head is CLOSED:
+                conn.close()
+                return
+            request = _ws_check_request(head, app.subprotocols, app.origins)
+            if app.secretKey:
+                try:
+                    verify_request(app.secretKey, 'GET', request.target, request.headers, b'',
+                                   app._nonces)
+                except HTTPError as exc:
+                    raise HandshakeError(401, exc.message, request.path) from None
+            target, params = app.routes.find(request.path)
+            if target is None:
+                raise HandshakeError(404, 'no websocket route for %s' % request.path,
+                                     request.path)
+            if conn.server.stopping:
+                raise HandshakeError(503, 'the server is stopping', request.path)
+        except (HandshakeError, HTTPError) as exc:
+            if isinstance(exc, HTTPError):
+                exc = HandshakeError(exc.status, exc.message)
+            log.info('%s: %s', conn.address[0], exc)
+            conn.write(_ws_error_response(exc))
+            conn.finish()
+            return
+        conn.write(_ws_accept_response(request))
+        conn.deadline = None
+        ws = _ServerWebSocket(conn, app, request, target[0], target[1],
+                              tuple(params.values()))
+        conn.session = ws
+        leftover = self.http.trailing_data[0]
+        if leftover:
+            ws.received(leftover)
+
+    def tick(self, now):
+        if now >= self.conn.deadline:
+            log.debug('websocket handshake from %s dropped: too slow', self.conn.address[0])
+            self.conn.close()
+
+    def stop(self):
+        self.conn.close()
+
+    def flushed(self):
+        pass
+
+    def lost(self):
+        pass
+
+
+class _ServerWebSocket(_WebSocketBase):
+    """The server side of one websocket connection.  The loop drives it (received, tick,
+    flushed, lost); handlers use it from workers (send, recv, ping, close: what a `def`
+    render handler gets) or from the asyncio loop through _AsyncWebSocket.  Router
+    handlers run on a worker per message, in order; `async def` ones on the asyncio loop.
+    """
+
+    _client = False
+
+    def __init__(self, conn, app, request, handler, render, args):
+        import collections
+        self.conn = conn
+        self.app = app
+        self.path = request.path
+        self.query = request.query
+        self.headers = request.headers
+        self.origin = request.origin
+        self.subprotocol = request.subprotocol
+        self.remote_address = conn.address[:2]
+        self.close_timeout = app.close_timeout
+        self._proto = WebSocketProtocol(False, app.max_size, app.max_frame_size)
+        self._cond = threading.Condition()      # guards what both sides touch
+        self._messages = collections.deque()
+        self._closed = None                     # the ConnectionClosed to raise, once closed
+        self._done = False                      # the TCP connection is closed
+        self._wakers = []                       # asyncio futures of waiting coroutines
+        self._pings = {}                        # payload -> Event, oldest first
+        self._flushing = False                  # a flush is scheduled in the loop
+        self._handler, self._render, self._args = handler, render, args
+        self._async = _is_coroutine_function(handler)
+        self._running = False                   # a router's turn, or a `def` render handler
+        self._started = False                   # the render handler was started
+        self._outstanding = False               # a message the handler has not taken
+        self._task = None                       # the asyncio future of an async handler
+        self._close_by = None                   # when the closing handshake is given up
+        now = time.monotonic()
+        self._next_ping = now + app.ping_interval if app.ping_interval else None
+        self._pong_deadline = None
+        app.connections.add(self)
+
+    # -- from the loop ------------------------------------------------------------------------
+
+    def start(self):
+        pass
+
+    def busy(self):
+        return not self._done
+
+    def received(self, data):
+        with self._cond:
+            self._proto.receive_data(data)
+        self._pump()
+
+    def _pump(self):
+        # The protocol gives one message at a time (see WebSocketProtocol): the next is
+        # taken once the handler has taken this one (a router's: once it has answered
+        # it), so that what follows a message, a close frame say, waits its turn; reading
+        # pauses meanwhile.
+        conn = self.conn
+        while not conn.closed and not self._outstanding:
+            with self._cond:
+                events = self._proto.events()
+                out = self._proto.data_to_send()
+                more = self._proto.pending
+            conn.write(out)
+            for opcode, value in events:
+                if opcode == Opcode.TEXT or opcode == Opcode.BINARY:
+                    self._deliver(value)
+                elif opcode == Opcode.PONG:
+                    self._got_pong(value)
+                elif opcode == Opcode.CLOSE:
+                    self._set_closed()
+                    # RFC 6455 7.1.1: the server ends the TCP connection first.
+                    conn.finish()
+            if not more:
+                break
+        if self._outstanding and conn.reading:
+            conn.pause()
+
+    def _deliver(self, message):
+        if self._render and not self._started:
+            self._started = True
+            self._start_handler(message)        # it has the message: the next may come
+            return
+        self._outstanding = True
+        with self._cond:
+            self._messages.append(message)
+            self._cond.notify_all()
+            self._wake_coroutines()
+            start = not self._render and not self._running
+            if start:
+                self._running = True
+        if start:
+            self._start_router()
+
+    def _took(self):
+        """The handler has taken its message (a router: has answered it): the next one."""
+        self.conn.server.call_soon(self._resume)
+
+    def _resume(self):
+        self._outstanding = False
+        conn = self.conn
+        if not conn.closed and not conn.finishing:
+            conn.resume()
+            self._pump()
+
+    def tick(self, now):
+        if self._close_by is not None and now >= self._close_by:
+            self.conn.close()               # the peer never finished the closing handshake
+        elif self._outstanding:
+            return                          # not reading while a handler is busy
+        elif self._pong_deadline is not None and now >= self._pong_deadline:
+            log.info('websocket %s: no pong within %s s, dropping the peer', self.path,
+                     self.app.ping_timeout)
+            self._fail(CloseCode.INTERNAL_ERROR, 'keepalive ping timeout')
+            self.conn.close()
+        elif self._next_ping is not None and now >= self._next_ping:
+            self._next_ping = now + self.app.ping_interval
+            try:
+                self.ping()
+            except ConnectionClosed:
+                return
+            if self._pong_deadline is None and self.app.ping_timeout:
+                self._pong_deadline = now + self.app.ping_timeout
+
+    def flushed(self):
+        with self._cond:
+            self._cond.notify_all()     # senders waiting for room
+            self._wake_coroutines()
+
+    def stop(self):
+        self._start_close(CloseCode.GOING_AWAY, 'server shutting down')
+        if self._task is not None:
+            self._task.cancel()
+
+    def lost(self):
+        self._done = True
+        self._set_closed()
+        self.app.connections.discard(self)
+        if self._task is not None:
+            self._task.cancel()
+
+    def _set_closed(self):
+        with self._cond:
+            if self._closed is None:
+                self._closed = ConnectionClosed(self._proto.close_rcvd, self._proto.close_sent)
+            self._cond.notify_all()
+            self._wake_coroutines()
+            pings, self._pings = self._pings, {}
+        for event in pings.values():
+            event.set()
+
+    def _wake_coroutines(self):
+        # (with _cond held) the waiting coroutines look again.
+        wakers, self._wakers = self._wakers, []
+        for future in wakers:
+            future.get_loop().call_soon_threadsafe(_ws_wake, future)
+
+    def _flush(self):
+        with self._cond:
+            self._flushing = False
+            out = self._proto.data_to_send()
+        self.conn.write(out)
+
+    def _queue_flush(self):
+        # (with _cond held) what the protocol has to send goes out from the loop.
+        if not self._flushing:
+            self._flushing = True
+            self.conn.server.call_soon(self._flush)
+
+    # -- handlers -----------------------------------------------------------------------------
+
+    def _start_handler(self, message):
+        if self._async:
+            import asyncio
+            coroutine = self._handler(_AsyncWebSocket(self), message, *self._args)
+            self._task = asyncio.run_coroutine_threadsafe(_as_coroutine(coroutine),
+                                                          _event_loop())
+            self._task.add_done_callback(self._handler_done)
+        else:
+            self._running = True
+            self.conn.server.workers.submit(self._run_render, message)
+
+    def _run_render(self, message):
+        try:
+            self._handler(self, message, *self._args)
+        except ConnectionClosed:
+            pass
+        except Exception:
+            self._handler_failed()
+            return
+        self._start_close(CloseCode.NORMAL)
+
+    def _handler_done(self, task):
+        if task.cancelled():        # stop(): the closing is under way
+            return
+        error = task.exception()
+        if error is None or isinstance(error, ConnectionClosed):
+            self._start_close(CloseCode.NORMAL)
+        else:
+            self._handler_failed(error)
+
+    def _handler_failed(self, error=None):
+        log.error('websocket handler %s for %s failed', getattr(self._handler, '__name__',
+                                                                self._handler), self.path,
+                  exc_info=error or True)
+        self._start_close(CloseCode.INTERNAL_ERROR)
+
+    def _start_router(self):
+        if self._async:
+            import asyncio
+            self._task = asyncio.run_coroutine_threadsafe(self._route_async(), _event_loop())
+            self._task.add_done_callback(self._router_done)
+        else:
+            self.conn.server.workers.submit(self._route)
+
+    def _next_message(self):
+        with self._cond:
+            if self._messages and self._closed is None:
+                return self._messages.popleft()
+            self._running = False
+            return None
+
+    def _route(self):
+        """On a worker: the router handler for each waiting message, in order."""
+        while True:
+            message = self._next_message()
+            if message is None:
+                return
+            try:
+                reply = self._handler(message, *self._args)
+                if reply is not None:
+                    self.send(_ws_reply(reply))
+            except ConnectionClosed:
+                return
+            except Exception:
+                with self._cond:
+                    self._running = False
+                self._handler_failed()
+                return
+            if message == 'exit':
+                self._start_close(CloseCode.NORMAL)
+            self._took()
+
+    async def _route_async(self):
+        while True:
+            message = self._next_message()
+            if message is None:
+                return
+            reply = await self._handler(message, *self._args)
+            if reply is not None:
+                self.send(_ws_reply(reply))
+            if message == 'exit':
+                self._start_close(CloseCode.NORMAL)
+            self._took()
+
+    def _router_done(self, task):
+        # (a message that came as the turn ended started the next turn: see _deliver)
+        error = None if task.cancelled() else task.exception()
+        if error is not None and not isinstance(error, ConnectionClosed):
+            with self._cond:
+                self._running = False
+            self._handler_failed(error)
+
+    # -- the connection, for handlers ---------------------------------------------------------
+
+    def recv(self, timeout=None):
+        """Return the next message: str for text, bytes for binary.  Messages that came
+        before the close are still returned; then ConnectionClosed.  WebSocketTimeout
+        after `timeout` seconds without a message (the connection stays usable)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not self._messages:
+                if self._closed is not None:
+                    raise self._closed
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise WebSocketTimeout('no websocket message within %s s' % timeout)
+                self._cond.wait(remaining)
+            message = self._messages.popleft()
+        self._took()
+        return message
+
+    def _take(self, future):
+        """For a coroutine's recv(): a message, or None after registering `future` to be
+        woken when there may be one.  Raises ConnectionClosed."""
+        with self._cond:
+            if self._messages:
+                message = self._messages.popleft()
+            elif self._closed is not None:
+                raise self._closed
+            else:
+                self._wakers.append(future)
+                return None
+        self._took()
+        return message
+
+    def send(self, message):
+        """Send a message: str as text, bytes-like as binary.  Waits while more than
+        _HIGH_WATER bytes wait for a slow peer.  Raises ConnectionClosed once closing or
+        closed, TypeError for any other type."""
+        deadline = time.monotonic() + _WS_WRITE_TIMEOUT
+        with self._cond:
+            if self._closed is not None:
+                raise self._closed
+            self._proto.send(message)
+            self._queue_flush()
+            while self._backlog() > _HIGH_WATER and self._closed is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+
+    def _backlog(self):
+        return len(self.conn.out)
+
+    def ping(self, data=None):
+        """Send a ping; return a threading.Event that is set when its pong arrives.
+        `data` (at most 125 bytes) defaults to 4 random bytes."""
+        data = os.urandom(4) if data is None else bytes(data)
+        with self._cond:
+            if self._closed is not None:
+                raise self._closed
+            self._proto.ping(data)
+            event = self._pings.setdefault(data, threading.Event())
+            self._queue_flush()
+        return event
+
+    def _got_pong(self, data):
+        # RFC 6455 5.5.3: a pong answers the most recent ping, so it settles the older ones
+        # too.  A pong nobody asked for is fine (a heartbeat) and ignored.
+        with self._cond:
+            if data not in self._pings:
+                return
+            settled = []
+            for payload in list(self._pings):
+                settled.append(self._pings.pop(payload))
+                if payload == data:
+                    break
+        for event in settled:
+            event.set()
+        self._pong_deadline = None
+
+    def close(self, code=CloseCode.NORMAL, reason=''):
+        """Close the connection: send a close frame, wait up to close_timeout for the
+        peer's answer (the server then ends the TCP connection).  Raises ValueError for a
+        code that may not be sent or a reason over 123 bytes."""
+        _ws_close_payload(code, reason)
+        self._start_close(code, reason)
+        deadline = time.monotonic() + self.close_timeout
+        with self._cond:
+            while not self._done and self._closed is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+
+    def _start_close(self, code, reason=''):
+        with self._cond:
+            if self._proto.state is not WebSocketState.OPEN:
+                return
+            self._proto.close(code, reason)
+            self._queue_flush()
+        self.conn.server.call_soon(self._closing)
+
+    def _closing(self):
+        if self._close_by is None:
+            self._close_by = time.monotonic() + self.close_timeout
+        self._resume()                      # the peer's answer is to be read
+
+    def _fail(self, code, reason=''):
+        with self._cond:
+            self._proto.fail(code, reason)
+            self._proto.events()
+            out = self._proto.data_to_send()
+        self.conn.write(out)
+        self._set_closed()
+
+
+def _ws_wake(future):
+    if not future.done():
+        future.set_result(None)
+
+
+class _AsyncWebSocket:
+    """What an `async def` render handler gets: the connection, with awaitable recv, send,
+    ping and close.  Nothing here blocks the asyncio loop or uses an executor."""
+
+    def __init__(self, ws):
+        self._ws = ws
+
+    def __getattr__(self, name):
+        return getattr(self._ws, name)
+
+    async def recv(self, timeout=None):
+        import asyncio
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            future = loop.create_future()
+            message = self._ws._take(future)
+            if message is not None:
+                return message
+            remaining = None if deadline is None else deadline - loop.time()
+            try:
+                await asyncio.wait_for(future, remaining)
+            except asyncio.TimeoutError:
+                raise WebSocketTimeout('no websocket message within %s s' % timeout) from None
+
+    async def send(self, message):
+        import asyncio
+        ws = self._ws
+        with ws._cond:
+            if ws._closed is not None:
+                raise ws._closed
+            ws._proto.send(message)
+            ws._queue_flush()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _WS_WRITE_TIMEOUT
+        while ws._backlog() > _HIGH_WATER and ws._closed is None and loop.time() < deadline:
+            future = loop.create_future()
+            with ws._cond:
+                ws._wakers.append(future)
+            try:
+                await asyncio.wait_for(future, deadline - loop.time())
+            except asyncio.TimeoutError:
+                break
+
+    async def ping(self, data=None):
+        return self._ws.ping(data)
+
+    async def close(self, code=CloseCode.NORMAL, reason=''):
+        import asyncio
+        ws = self._ws
+        _ws_close_payload(code, reason)
+        ws._start_close(code, reason)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + ws.close_timeout
+        while ws._closed is None and loop.time() < deadline:
+            future = loop.create_future()
+            with ws._cond:
+                if ws._closed is not None:
+                    break
+                ws._wakers.append(future)
+            try:
+                await asyncio.wait_for(future, deadline - loop.time())
+            except asyncio.TimeoutError:
+                break
+
+    def __aiter__(self):
+        return self._messages()
+
+    async def _messages(self):
+        while True:
+            try:
+                yield await self.recv()
+            except ConnectionClosed as exc:
+                if exc.ok:
+                    return
+                raise
+
+
+# -- signals: one router for every server in the process --
+
+_stop_callbacks = []        # [callback, foreground] entries, in the order registered
+_saved_handlers = {}        # signum -> the handler ours replaced
+
+
+def _on_stop_signals(callback, foreground=True):
+    """Route SIGTERM and SIGINT (Ctrl+C) to callback(signum) until the returned function
+    is called.  `foreground`: the main thread waits in a serving loop that the callback
+    ends; otherwise (servers in the background only) the signal then also does what
+    Python's default would (KeyboardInterrupt, or exit 0 for SIGTERM) while the main
+    thread runs.  Only Python's own handlers are replaced, and only from the main thread.
+    """
+    entry = [callback, foreground]
+    if threading.current_thread() is threading.main_thread():
+        import signal
+        for signum, default in ((signal.SIGTERM, signal.SIG_DFL),
+                                (signal.SIGINT, signal.default_int_handler)):
+            try:
+                if signal.getsignal(signum) is default:
+                    _saved_handlers[signum] = signal.signal(signum, _stop_signal)
+            except (ValueError, OSError):
+                pass
+    _stop_callbacks.append(entry)
+
+    def restore():
+        if entry in _stop_callbacks:
+            _stop_callbacks.remove(entry)
+        if not _stop_callbacks and threading.current_thread() is threading.main_thread():
+            import signal
+            for signum, old in list(_saved_handlers.items()):
+                try:
+                    if signal.getsignal(signum) is _stop_signal:
+                        signal.signal(signum, old)
+                except (ValueError, OSError):
+                    pass
+                _saved_handlers.pop(signum, None)
+    return restore
+
+
+def _stop_signal(signum, frame):
+    # A handler runs between two bytecodes of the main thread, which may hold any lock
+    # then, and may even run inside another handler: the callbacks take none (they set
+    # flags and write to sockets), and the stops are logged by the serving loops.
+    import signal
+    entries = list(_stop_callbacks)
+    for callback, _ in entries:
+        callback(signum)
+    if any(foreground for _, foreground in entries):
+        return
+    if not threading.main_thread().is_alive():
+        return      # the interpreter waits for the serving threads: they are stopping
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise SystemExit(0)         # SIGTERM: a clean stop is the expected answer
+
+
+def _signal_name(signum):
+    import signal
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return 'signal %d' % signum
+
+
+def _interrupt(signum):
+    raise KeyboardInterrupt
+
+
+# ###########################################################################################
+# 10. Pools: ordered per key over any Executor
 # ###########################################################################################
 
 # Tasks that share a key must run one after another, in the order they were submitted,
@@ -5622,7 +6106,7 @@ class Worker(threading.Thread):
 
 
 # ###########################################################################################
-# 10. Command line
+# 11. Command line
 # ###########################################################################################
 
 def _load_target(target):
@@ -5866,7 +6350,7 @@ def _listening_socket(host, port, listen=True, reuse_port=False):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, int(port)))
         if listen:
-            sock.listen(_ListenerServer.request_queue_size)
+            sock.listen(_BACKLOG)
     except BaseException:
         sock.close()
         raise
