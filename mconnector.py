@@ -2775,6 +2775,7 @@ class Microservice:
         readable afterwards as `M.port` (and `M.url`).  TLS options as for run().
         Raises OSError if the address is taken."""
         self._bind(port, host, debug, **tls)
+        self._log_listening()
         self._thread = threading.Thread(target=self._server.serve_forever,
                                         name='mconnector-%s' % self.name, daemon=True)
         self._thread.start()
@@ -2836,6 +2837,7 @@ class Microservice:
         server = self._server
         signals = []
         restore = _on_stop_signals(functools.partial(self._stop_signal, server, signals))
+        self._log_listening()
         if on_serving is not None:
             on_serving()
         try:
@@ -2917,6 +2919,9 @@ class Microservice:
                                self.max_workers, ssl_context, self.request_timeout,
                                self.request_timeout)
         self.port = self._server.server_address[1]
+
+    def _log_listening(self):
+        # Logged once stop signals are routed: whoever waits for this line may send one.
         count = len(self._rules)
         log.info('%s: listening on %s (%d rule%s)', self.name, self.url, count,
                  '' if count == 1 else 's')
@@ -3240,6 +3245,9 @@ class SocketServer:
             self._server.workers.prestart()
             if any(_is_coroutine_function(handler) for handler in self._handlers()):
                 _event_loop()
+
+    def _log_listening(self, host):
+        # Logged once stop signals are routed: whoever waits for this line may send one.
         _default_logging()
         log.info('websocket server %s on ws%s://%s:%d', self.name or '',
                  's' if self.ssl_context else '', host, self.port)
@@ -3254,9 +3262,15 @@ class SocketServer:
         OSError when the address cannot be bound, RuntimeError when already running."""
         self._bind(host, port)
         _ws_running.add(self)
-        self._restore_signals = _on_stop_signals(self._on_signal, foreground=False)
-        self._thread = threading.Thread(target=self._serve, name='mconnector-ws-%d' % self.port)
-        self._thread.start()
+        _starting.append(self)
+        try:
+            self._restore_signals = _on_stop_signals(self._on_signal, foreground=False)
+            self._log_listening(host)
+            self._thread = threading.Thread(target=self._serve,
+                                            name='mconnector-ws-%d' % self.port)
+            self._thread.start()
+        finally:
+            _starting.remove(self)
         return self
 
     def serve_forever(self, host='127.0.0.1', port=8765):
@@ -3268,6 +3282,7 @@ class SocketServer:
             return
         self._bind(host, port)
         restore = _on_stop_signals(self._on_signal)
+        self._log_listening(host)
         try:
             self._serve()
         finally:
@@ -5507,6 +5522,7 @@ class _AsyncWebSocket:
 # -- signals: one router for every server in the process --
 
 _stop_callbacks = []        # [callback, foreground] entries, in the order registered
+_starting = []              # non-empty while the main thread is starting a server
 _saved_handlers = {}        # signum -> the handler ours replaced
 
 
@@ -5552,8 +5568,8 @@ def _stop_signal(signum, frame):
     entries = list(_stop_callbacks)
     for callback, _ in entries:
         callback(signum)
-    if any(foreground for _, foreground in entries):
-        return
+    if any(foreground for _, foreground in entries) or _starting:
+        return      # the main thread is in our code, which returns once stopped
     if not threading.main_thread().is_alive():
         return      # the interpreter waits for the serving threads: they are stopping
     if signum == signal.SIGINT:
@@ -6175,8 +6191,14 @@ def _serve_command(options):
     services, sockets = _load_servers(options)
     if _RELOAD_FD_ENV in os.environ:
         _check_supervised(options, services, sockets, workers=False)
+    ws_port = options.ws_port
+    if ws_port is None and not services and options.port is not None:
+        if len(sockets) > 1:            # one port cannot serve them all
+            raise SystemExit('mconnector: %s defines %d websocket servers: --port serves one; '
+                             'run them separately' % (options.target, len(sockets)))
+        ws_port = options.port          # a module of websocket servers only: --port is theirs
     for server in sockets:
-        kwargs = {} if options.ws_port is None else {'port': options.ws_port}
+        kwargs = {} if ws_port is None else {'port': ws_port}
         if options.host is not None:
             kwargs['host'] = options.host
         server.run(**kwargs)
@@ -6849,7 +6871,9 @@ def _parser():
                        help='module name (app1), file (path/app1.py), optionally :NAME')
     serve.add_argument('--host', help="address to bind (default: the service's own, 0.0.0.0)")
     serve.add_argument('--port', type=int, help="port (default: the service's own, 5000)")
-    serve.add_argument('--ws-port', type=int, help='port for the websocket server')
+    serve.add_argument('--ws-port', type=int,
+                       help='port for the websocket server beside a Microservice (a module of '
+                            'websocket servers only takes --port)')
     serve.add_argument('--debug', action='count', default=0,
                        help='log every request, return tracebacks, restart when a source '
                             'file changes (twice: debug logging)')

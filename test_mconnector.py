@@ -2159,6 +2159,245 @@ class TLSTest(unittest.TestCase):
         self.assertEqual(M.runs, [None])
 
 
+class ServingShellTest(unittest.TestCase):
+    """The one serving shell: what waits in its loop costs no worker and no thread."""
+
+    TLS = {'certfile': os.path.join(CERTS, 'server.pem'), 'keyfile': os.path.join(CERTS, 'server.key')}
+
+    def test_async_rules_hold_no_worker(self):
+        M = Microservice('async', max_workers=2)
+        arrived = [0]
+
+        @M.typing('/gate')
+        async def gate():
+            import asyncio
+            arrived[0] += 1                 # (on the one asyncio loop: no race)
+            for _ in range(500):            # each waits until all 40 are in at once
+                if arrived[0] >= 40:
+                    return 'in'
+                await asyncio.sleep(0.01)
+            return 'alone'
+        M.start(port=0, host='127.0.0.1')
+        self.addCleanup(M.stop)
+        with concurrent.futures.ThreadPoolExecutor(40) as calls:
+            answers = list(calls.map(lambda _: call_once(M.url, '/gate'), range(40)))
+        self.assertEqual(answers, ['in'] * 40)
+        self.assertTrue(inspect_is_coroutine(gate))
+
+    def test_idle_websockets_cost_no_thread(self):
+        sk = mconnector.SocketServer('idle')
+        sk.router('/echo')(lambda m: m)
+        threads_before = threading.active_count()
+        sk.run(port=0)
+        self.addCleanup(sk.stop)
+        idle = [raw_handshake(sk.port)[0] for _ in range(300)]
+        self.addCleanup(lambda: [s.close() for s in idle])
+        self.assertTrue(wait_for(lambda: len(sk.connections) == 300))
+        self.assertLessEqual(threading.active_count() - threads_before, 2)   # loop, a worker
+        with mconnector.SocketClient('127.0.0.1:%d' % sk.port, '/echo') as ws:
+            ws.send('through')
+            self.assertEqual(ws.recv(5), 'through')
+
+    def test_slow_peers_hold_no_worker(self):
+        M = Microservice('slow-peers', max_workers=1, request_timeout=30)
+
+        @M.typing('/flood', methods=['GET'])
+        @M.stream
+        def flood():
+            for _ in range(64):
+                yield {'x': 'x' * (1 << 20)}
+
+        @M.typing('/ping')
+        def ping():
+            return 'pong'
+        M.start(port=0, host='127.0.0.1', **self.TLS)
+        self.addCleanup(M.stop)
+        import ssl
+        context = ssl.create_default_context(cafile=os.path.join(CERTS, 'ca.pem'))
+        peers = []
+        self.addCleanup(lambda: [s.close() for s in peers])
+        for _ in range(5):          # a first byte of a TLS ClientHello, then nothing
+            s = socket.create_connection(('127.0.0.1', M.port), timeout=5)
+            s.sendall(b'\x16')
+            peers.append(s)
+        for head in (b'POST /ping HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n' + b'{',
+                     b'POST /ping HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n{'):
+            for _ in range(3):      # bodies that never end
+                s = context.wrap_socket(socket.create_connection(('127.0.0.1', M.port), timeout=5),
+                                        server_hostname='localhost')
+                s.sendall(head)
+                peers.append(s)
+        for _ in range(3):          # streamed answers nobody reads
+            s = context.wrap_socket(socket.create_connection(('127.0.0.1', M.port), timeout=5),
+                                    server_hostname='localhost')
+            s.sendall(b'GET /flood HTTP/1.1\r\nHost: x\r\n\r\n')
+            peers.append(s)
+        self.assertTrue(wait_for(lambda: M.stats['connections'] >= len(peers)))
+        with Friend('normal', M.url, cafile=os.path.join(CERTS, 'ca.pem'), timeout=5) as friend:
+            self.assertEqual([friend.send('/ping') for _ in range(3)], ['pong'] * 3)
+
+    def test_a_trickled_request_is_answered_408_at_its_deadline(self):
+        M = counting_service(request_timeout=0.5)
+        friend = Service.start(self, M)
+        with socket.create_connection(('127.0.0.1', M.port), timeout=5) as slow:
+            slow.sendall(b'POST /count HTTP/1.1\r\n')
+            started = time.monotonic()
+            stop = threading.Event()
+            self.addCleanup(stop.set)
+
+            def trickle():          # a byte just before each sweep: still one deadline
+                while not stop.wait(0.1):
+                    try:
+                        slow.sendall(b'X')
+                    except OSError:
+                        return
+            threading.Thread(target=trickle, daemon=True).start()
+            reply = read_until_eof(slow)
+            stop.set()
+        self.assertTrue(reply.startswith(b'HTTP/1.1 408 '), reply[:60])
+        self.assertIn(b'Connection: close', reply)
+        self.assertLess(time.monotonic() - started, 3)
+        self.assertEqual(friend.send('/count', 1), 1)
+
+    def test_calls_in_flight_at_a_stop_are_answered_with_connection_close(self):
+        M = Microservice('closing')
+        entered, release = threading.Event(), threading.Event()
+
+        @M.typing('/slow')
+        def slow():
+            entered.set()
+            release.wait(10)
+            return 'done'
+        M.start(port=0, host='127.0.0.1')
+        self.addCleanup(M.stop)
+        self.addCleanup(release.set)
+        with socket.create_connection(('127.0.0.1', M.port), timeout=5) as sock:
+            sock.sendall(b'POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n')
+            self.assertTrue(entered.wait(5))
+            stopper = threading.Thread(target=M.stop)
+            stopper.start()
+            self.assertTrue(wait_for(lambda: refuses_connections(M.port)))
+            release.set()
+            reply = read_until_eof(sock)
+        stopper.join(5)
+        self.assertTrue(reply.startswith(b'HTTP/1.1 200 '), reply[:60])
+        self.assertIn(b'\r\nConnection: close\r\n', reply)
+        self.assertNotIn(b'Keep-Alive', reply)
+
+    RENDER = '''
+import sys
+sys.path.insert(0, %r)
+from mconnector import SocketServer
+sk = SocketServer(__name__)
+
+@sk.render('/render')
+async def raw(ws, message):
+    await ws.send('Render 1:' + message)
+    again = await ws.recv()
+    await ws.send('Render 2:' + again)
+
+@sk.router('/hello')
+def test(message):
+    return 'ok:' + message
+
+sk.run(port=0)
+'''
+
+    def test_the_render_example_serves_with_run_as_the_last_line(self):
+        import signal
+        proc = subprocess.Popen([sys.executable, '-c', self.RENDER % HERE], text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        self.addCleanup(proc.communicate)
+        self.addCleanup(proc.kill)
+        line = proc.stderr.readline()
+        self.assertIn('websocket server __main__ on ws://127.0.0.1:', line)
+        port = int(line.rsplit(':', 1)[1])
+        with mconnector.SocketClient('127.0.0.1:%d' % port, '/render') as ws:
+            ws.send('a')
+            self.assertEqual(ws.recv(5), 'Render 1:a')
+            ws.send('b')
+            self.assertEqual(ws.recv(5), 'Render 2:b')
+            with self.assertRaises(mconnector.ConnectionClosed) as caught:
+                ws.recv(5)
+            self.assertEqual(caught.exception.code, 1000)
+        with mconnector.SocketClient('127.0.0.1:%d' % port, '/hello') as ws:
+            ws.send('x')
+            self.assertEqual(ws.recv(5), 'ok:x')
+            proc.send_signal(signal.SIGTERM)
+            with self.assertRaises(mconnector.ConnectionClosed) as caught:
+                ws.recv(5)
+            self.assertEqual(caught.exception.code, 1001)
+        out, err = proc.communicate(timeout=10)
+        self.assertEqual(proc.returncode, 0, err)
+        self.assertNotIn('Traceback', err)
+
+    BOTH = '''
+import sys
+sys.path.insert(0, %r)
+import mconnector
+sk = mconnector.SocketServer('ws')
+sk.router('/echo')(lambda m: m)
+M = mconnector.Microservice('http')
+M.typing('/hi')(lambda: 'hi')
+sk.run(port=0)
+M.run(port=0, host='127.0.0.1')
+print('run returned', flush=True)
+'''
+
+    def test_fifty_stops_right_after_a_probe_connection_all_exit_0(self):
+        import re
+        import signal
+        scripts = {'listener and websocket server': self.BOTH % HERE,
+                   'websocket server alone': self.RENDER % HERE}
+
+        def one_stop(n):
+            name = sorted(scripts)[n % 2]
+            signum = (signal.SIGTERM, signal.SIGINT)[n // 2 % 2]
+            proc = subprocess.Popen([sys.executable, '-c', scripts[name]], text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    preexec_fn=lambda: signal.signal(signal.SIGINT,
+                                                                     signal.SIG_DFL))
+            try:
+                ports, err = [], ''
+                while len(ports) < (2 if 'listener' in name else 1):
+                    line = proc.stderr.readline()
+                    err += line
+                    if not line:
+                        return name, signum, 'no address logged', err
+                    ports += re.findall(r'://127\.0\.0\.1:(\d+)', line)
+                for port in ports:          # a probe connection, then the signal at once
+                    socket.create_connection(('127.0.0.1', int(port)), timeout=5).close()
+                proc.send_signal(signum)
+                out, rest = proc.communicate(timeout=15)
+                return name, signum, proc.returncode, err + rest
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                return name, signum, 'still running 15 s after the signal', proc.communicate()[1]
+        with concurrent.futures.ThreadPoolExecutor(4) as runs:
+            results = list(runs.map(one_stop, range(50)))
+        failed = [(name, signum, code, err[-500:]) for name, signum, code, err in results
+                  if code != 0 or 'Traceback' in err]
+        self.assertEqual(failed, [])
+
+    def test_serve_applies_port_to_a_module_of_websocket_servers(self):
+        import tempfile
+        folder = tempfile.mkdtemp()
+        self.addCleanup(__import__('shutil').rmtree, folder)
+        proc = ServeProcess(self, folder, 'examples/ws_server.py', '--host', '127.0.0.1',
+                            '--port', '0')
+        url = proc.url(scheme='ws')
+        with mconnector.SocketClient(url[len('ws://'):], '/hello') as ws:
+            ws.send('x')
+            self.assertEqual(ws.recv(5), 'ok:x')
+        proc.terminate()
+
+
+def inspect_is_coroutine(func):
+    import inspect
+    return inspect.iscoroutinefunction(getattr(func, '__wrapped__', func))
+
+
 class WorkerDispatchTest(unittest.TestCase):
     def test_requests_arriving_together_each_get_a_worker(self):
         # One idle worker and two requests ready at once: the second must get a worker of

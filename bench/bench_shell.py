@@ -498,7 +498,7 @@ def row_async(path, options, figures, notes):
     time.sleep(0.25)
     figures['threads'] = server.stats()[0]
     for thread in threads:
-        thread.join(max(0.0, started + options.limit - 10 - time.perf_counter()))
+        thread.join(max(0.0, started + 70 - time.perf_counter()))   # calls time out at 60 s
     finished = [end - started for end in ends if end is not None]
     figures['ok'] = '%d/%d' % (len(finished), n)
     if failures:
@@ -706,7 +706,7 @@ def run_row(function, path, options):
     thread.join(options.limit)
     if thread.is_alive():
         figures = dict(figures)     # what was measured in time: not what follows the kill
-        notes.append('timed out after %d s' % options.limit)
+        notes.append('timed out after %g s' % options.limit)
         for server in [s for s in RUNNING if s not in before]:
             servers.append(server)
             server.kill()           # its sockets fail: the row's clients give up
