@@ -300,6 +300,18 @@ async def _as_coroutine(awaitable):
     return await awaitable
 
 
+def _readable(sock, timeout=0.0):
+    """Whether bytes (or the end of the stream) wait on `sock`, within `timeout` seconds.
+    poll() where the system has it: select() refuses descriptors over 1023."""
+    if getattr(sock, 'pending', None) is not None and sock.pending():
+        return True
+    if hasattr(select, 'poll'):
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(None if timeout is None else int(timeout * 1000 + 0.999)))
+    return bool(select.select([sock], [], [], timeout)[0])
+
+
 # ###########################################################################################
 # 2. Values: the codec
 # ###########################################################################################
@@ -3365,8 +3377,7 @@ def _connection_is_stale(sock):
     # run: a request is only retried when it could not have been written.
     # Over TLS, readable may only mean session tickets arrived: read to find out.
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
-        if not readable:
+        if not _readable(sock):
             return False
         timeout = sock.gettimeout()
         sock.setblocking(False)
@@ -4769,17 +4780,8 @@ class _Conn:
         except OSError:
             pass
         self.server.connections.discard(self)
-        self.session.lost()
-
-
-def _readable_now(sock):
-    pending = getattr(sock, 'pending', None)
-    if pending is not None and pending():
-        return True
-    try:
-        return bool(select.select([sock], [], [], 0)[0])
-    except (OSError, ValueError):
-        return False
+        session, self.session = self.session, None     # no cycle left for the collector
+        session.lost()
 
 
 class _HTTPSession:
@@ -4971,7 +4973,7 @@ class _HTTPSession:
 
     def stop(self):
         # Idle when the stop begins: closed, unless its next request is already here.
-        if not self.busy() and not self.http.buffered() and not _readable_now(self.conn.sock):
+        if not self.busy() and not self.http.buffered() and not _readable(self.conn.sock):
             self.conn.close()
 
     def lost(self):

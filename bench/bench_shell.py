@@ -1,7 +1,8 @@
 """What idle connections, async rules and slow peers cost mconnector's servers, in one run.
 
     python bench/bench_shell.py [--idle N] [--rounds R] [--http-idle N] [--concurrent N]
-                                [--slow N] [--streams N] [--limit S] [--against OTHER/mconnector.py]
+                                [--slow N] [--streams N] [--limit S] [--only WORD]
+                                [--against OTHER/mconnector.py]
 
 Each server runs in its own process, started with `python -c` in the directory of the
 mconnector.py measured (python -c imports from its cwd); asked `stats` on its stdin, it
@@ -16,10 +17,12 @@ the hard limit on both sides.  Rows, with the goal of each figure beside it:
                         client must).  While they are open: the server's threads, its RSS
                         growth per connection (KB, over its idle RSS before), and the worst
                         of 3 fresh SocketClient connect+send+recv round trips (ms).  Then all
-                        are closed; R rounds (default 3), and the server's idle RSS once
-                        its threads have ended, after each (met: no round above the one
-                        before, nor the last above the first, by more than max(2 MB, 10%
-                        of what the connections cost while open): allocators keep some).
+                        are closed at once (and the time until the server next answers on
+                        its pipe is shown, the worst of the rounds); R rounds (default 3),
+                        and the server's idle RSS once its threads have ended, after each
+                        (met: no round above the one before, nor the last above the first,
+                        by more than max(2 MB, 10% of what the connections cost while
+                        open): allocators keep some).
   idle HTTP keep-alive  N connections (default 1000) to a Microservice, each sent one
                         GET /_mc/health and its answer read, then left open (the listener's
                         idle timeout is raised so that they stay open while measured): its
@@ -38,8 +41,8 @@ the hard limit on both sides.  Rows, with the goal of each figure beside it:
                         too: how many slow peers the listener had dropped 3 s after its
                         request_timeout.
 
-Every row also says how long it took; a row that fails or passes --limit says what happened
-instead of its missing figures.  With --against, the other file's servers are measured in
+Every row also says how long it took; a row that fails or passes --limit (240 s) says what
+happened instead of its missing figures, and every server process is ended at the end.  With --against, the other file's servers are measured in
 the same run (same clients) and a ratio column (this / other) is added: compare ratios
 within one run, the machines these run on are shared and noisy.  Smaller, quicker run:
 --idle 1000 --rounds 2 --concurrent 128.
@@ -164,12 +167,12 @@ class Server:
         threads, rss, conns = line.split()
         return int(threads), int(rss), int(conns)
 
-    def settle(self, threads, seconds=20):
+    def settle(self, threads, seconds=60):
         """Wait until the server is back to at most `threads` threads and no websocket
         connection; return its last stats and whether it got there."""
         deadline = time.monotonic() + seconds
         while True:
-            now = self.stats()
+            now = self.stats(120)
             if now[0] <= threads and now[2] <= 0:
                 return now, True
             if time.monotonic() > deadline:
@@ -426,9 +429,14 @@ def row_idle_websockets(path, options, figures, notes):
                 figures['open'] = '%d/%d' % (alive, n)
         finally:
             keeper.close()
+        # How long the server takes to answer its pipe once they have all gone at once.
+        closed = time.monotonic()
+        server.stats(120)
+        figures['close_stall_s'] = max(figures.get('close_stall_s', 0),
+                                       time.monotonic() - closed)
         (threads, rss, conns), settled = server.settle(base_threads + 2)
         if not settled:
-            notes.append('round %d: 20 s after the close the server still had %d threads, '
+            notes.append('round %d: 60 s after the close the server still had %d threads, '
                          '%d connections' % (round_ + 1, threads, conns))
         # threading.active_count() drops before the threads' stacks are given back
         time.sleep(1)
@@ -657,6 +665,7 @@ def layout(options):
              ('fresh_ms', 'fresh connect+send+recv, ms (worst of 3)', '%.1f', 'within 1 s',
               lambda v, f: v < 1000),
              ('open', 'still open when measured', '%s', 'all', all_of),
+             ('close_stall_s', 'server\'s first answer after the close, s', '%.1f', '', None),
              ('idle_mb', 'idle RSS after each round, MB', '%s', 'no growth round to round',
               no_growth),
          ]),
@@ -759,7 +768,9 @@ def main():
     versions = [('mconnector', os.path.join(ROOT, 'mconnector.py'))]
     if options.against:
         where = os.path.abspath(options.against)
-        label = os.path.join(os.path.basename(os.path.dirname(where)), os.path.basename(where))
+        label = os.path.basename(os.path.dirname(where))        # the folder says which
+        if os.path.basename(where) != 'mconnector.py':
+            label = os.path.join(label, os.path.basename(where))
         versions.append(('at ' + (label if len(label) <= 18 else '...' + label[-15:]),
                          options.against))
     results = []
@@ -790,7 +801,7 @@ def main():
             if len(versions) > 1:
                 a, b = values[0], values[1]
                 numeric = all(isinstance(v, (int, float)) for v in (a, b))
-                line += '%9s' % ('%.2fx' % (a / b) if numeric and b else '')
+                line += '%9s' % ('%.3gx' % (a / b) if numeric and b else '')
             met = ''
             if check is not None:
                 marks = []
