@@ -2118,7 +2118,7 @@ class Microservice:
                 raise SystemExit(_reload(
                     self.name, self.host if host is None else host,
                     self.port if port is None else port, bool(ssl_context or certfile),
-                    self.grace, _script_command(), os.environ, _app_directory(sys.argv[0])))
+                    self.grace, _script_command(), os.environ, sys.argv[0]))
         self._serve_until_stopped(port, host, debug, sock, tls)
 
     def _run_reload_child(self, port, host, debug, sock, tls):
@@ -5905,8 +5905,8 @@ def _python(*args):
 
 def _module_command(argv):
     """(command, environment) of a child `python -m mconnector ARGV` that imports this very
-    file.  Its directory goes first on PYTHONPATH, unless it is a site directory, which
-    every child searches anyway and which put before the standard library could shadow it."""
+    file.  Its directory goes first on PYTHONPATH, unless it is a site directory: every
+    child searches those anyway, and one put before the standard library could shadow it."""
     import site
     import sysconfig
     path = os.path.abspath(__file__)
@@ -6053,17 +6053,12 @@ def _script_command():
     return None
 
 
-def _app_directory(path):
-    """Where to look for .py files after a child failed: the app's own directory."""
-    if path and os.path.exists(path):
-        return os.path.dirname(os.path.abspath(path))
-    return os.getcwd()
-
-
-def _reload(name, host, port, tls, grace, command, env, directory):
+def _reload(name, host, port, tls, grace, command, env, app):
     """Keep the port, and serve it from children running `command`, started again at once
-    when one asks for it (_EXIT_RELOAD), after a change of a .py file under `directory`
-    when one fails.  Returns 0, once stopped by a signal or once a child ends well."""
+    when one asks for it (_EXIT_RELOAD), after a change of a .py file beside the `app`
+    file (or under the working directory) when one fails.  Returns 0, once stopped by a
+    signal or once a child ends well."""
+    directory = os.path.dirname(os.path.abspath(app)) if os.path.exists(app) else os.getcwd()
     with _Supervisor(name, grace) as supervisor, _bind_or_exit(name, host, port) as sock:
         log.info('%s: serving %s, restarting on source changes (reloader %d)', name,
                  _url(host, sock.getsockname()[1], tls), os.getpid())
@@ -6158,7 +6153,7 @@ def _serve_supervised(options, reload):
     if options.workers:
         return _serve_workers(options, host, port, grace, tls)
     return _reload(options.target, host, port, tls, grace, *_module_command(options.argv),
-                   _app_directory(options.target))
+                   options.target)
 
 
 def _serve_reloads(options):
