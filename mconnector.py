@@ -6026,9 +6026,8 @@ def _reload_child_socket():
 
 def _reload_wanted(debug, reload):
     """Whether run() should become a reloader (in the main thread of a POSIX system)."""
-    if not (debug if reload is None else reload):
-        return False
-    if threading.current_thread() is not threading.main_thread():
+    if not (debug if reload is None else reload) or \
+            threading.current_thread() is not threading.main_thread():
         return False
     if os.name != 'posix':
         log.warning('reloading on changes needs a POSIX system: serving without it')
@@ -6197,7 +6196,8 @@ def _serve_workers(options, host, port, grace, tls):
     log.info('%s: %d workers serving %s (supervisor %d)', options.target, options.workers,
              _url(host, port, tls), os.getpid())
     # The same `serve` options, with the address resolved: the last --host and --port win.
-    command, env = _module_command(options.argv + ['--host', host, '--port', str(port)] + listen)
+    command, env = _module_command(options.argv + ['--host', host, '--port', str(port)]
+                                   + listen)
     quick_deaths = 0
     with _Supervisor(options.target, grace) as supervisor, sock:
         while True:
