@@ -6057,6 +6057,7 @@ def _reload(name, host, port, tls, grace, command, env, app):
     when one asks for it (_EXIT_RELOAD), after a change of a .py file beside the `app`
     file (or under the working directory) when one fails.  Returns 0, once stopped by a
     signal or once a child ends well."""
+    app = app if os.path.exists(app) else app.partition(':')[0]     # serve's FILE:NAME
     directory = os.path.dirname(os.path.abspath(app)) if os.path.exists(app) else os.getcwd()
     with _Supervisor(name, grace) as supervisor, _bind_or_exit(name, host, port) as sock:
         log.info('%s: serving %s, restarting on source changes (reloader %d)', name,
