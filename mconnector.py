@@ -2815,9 +2815,10 @@ class Microservice:
             if sock is not None:
                 return self._run_reload_child(port, host, debug, sock, tls)
             if _reload_wanted(self.debug if debug is None else debug, reload):
-                raise SystemExit(_run_reloader(
-                    self, self.host if host is None else host,
-                    self.port if port is None else port, bool(ssl_context or certfile)))
+                raise SystemExit(_reload(
+                    self.name, self.host if host is None else host,
+                    self.port if port is None else port, bool(ssl_context or certfile),
+                    self.grace, _script_command(), os.environ, sys.argv[0]))
         self._serve_until_stopped(port, host, debug, sock, tls)
 
     def _run_reload_child(self, port, host, debug, sock, tls):
@@ -2835,9 +2836,8 @@ class Microservice:
                 # are the next child's to serve.
                 server.keep_backlog = True
                 server.stop()
-        _watch_parent()
         self._serve_until_stopped(port, host, debug, sock, tls,
-                                  on_serving=functools.partial(_watch_sources, on_change))
+                                  on_serving=functools.partial(_watch, on_change))
         if changed:
             raise SystemExit(_EXIT_RELOAD)
 
@@ -6318,8 +6318,11 @@ def _ws_cli(options):
 #     its modules' source files.  On a change the child stops gracefully and exits with
 #     _EXIT_RELOAD; the parent starts a new one.  Connections that arrive in between wait
 #     in the listen backlog of the socket the parent keeps.
-# Children poll for their parent (_watch_parent): a parent killed with SIGKILL must not
-# leave orphans holding the port.
+# The children of `serve` run `python -m mconnector`, not this file by its path: only an
+# import reads the bytecode cache, a path has every child compile the whole module again.
+# Parents poll for stop signals and dead children (_POLL), which needs nothing from how
+# _on_stop_signals installs its handlers; children poll for their parent (_watch), as a
+# parent killed with SIGKILL must not leave orphans holding the port.
 
 RELOAD_INTERVAL = 1.0       # seconds between two looks at the sources (see _reload_interval)
 _RELOAD_FD_ENV = 'MCONNECTOR_RELOAD_FD'     # "PID:FD": the reloader's pid and socket's fd
@@ -6329,7 +6332,7 @@ _QUICK_DEATH = 1.0          # a worker dead this soon after its start counts as 
 _MAX_QUICK_DEATHS = 3       # consecutive failed starts before the parent gives up
 _DEFAULT_GRACE = 10.0       # Microservice's default grace, for a parent that did not import it
 _STOP_MARGIN = 5.0          # beyond the grace, before a child that does not stop is killed
-_PARENT_CHECK = 1.0         # seconds between two looks at a child's parent
+_POLL = 0.1                 # seconds a parent lets a stop signal or a child's death wait
 
 
 def _reload_interval():
@@ -6338,13 +6341,6 @@ def _reload_interval():
         return float(os.environ.get('MCONNECTOR_RELOAD_INTERVAL', RELOAD_INTERVAL))
     except ValueError:
         return RELOAD_INTERVAL
-
-
-def _interpreter_flags():
-    """The -X, -W, -O... options of this interpreter, for a child to run like it."""
-    import subprocess
-    flags = getattr(subprocess, '_args_from_interpreter_flags', None)
-    return flags() if flags else []
 
 
 def _url(host, port, tls):
@@ -6400,76 +6396,78 @@ def _exit_status(code):
     return 'exited with status %s' % code
 
 
-def _ignore_signal(signum, frame):
-    """A handler that does nothing: SIGCHLD only has to wake the supervisor's loop."""
+def _python(*args):
+    """A command running this interpreter as it runs (its -X, -W, -O... options)."""
+    import subprocess
+    return [sys.executable] + subprocess._args_from_interpreter_flags() + list(args)
+
+
+def _module_command(argv):
+    """(command, environment) of a child `python -m mconnector ARGV` that imports this very
+    file.  Its directory goes first on PYTHONPATH, unless it is a site directory: every
+    child searches those anyway, and one put before the standard library could shadow it."""
+    import site
+    import sysconfig
+    path = os.path.abspath(__file__)
+    env = dict(os.environ)
+    if sys.flags.ignore_environment:        # -E, -I: PYTHONPATH would not reach the child
+        return _python(path, *argv), env
+    here, name = os.path.split(os.path.splitext(path)[0])
+    if here not in (sysconfig.get_path('purelib'), sysconfig.get_path('platlib'),
+                    site.getusersitepackages()):
+        env['PYTHONPATH'] = os.pathsep.join(filter(None, [here, env.get('PYTHONPATH')]))
+    return _python('-m', name, *argv), env
 
 
 class _Supervisor:
-    """The parent of workers or of reload children.
-
-    Its loop sleeps in wait(), which returns at once when a stop signal (SIGTERM,
-    SIGINT) or a child's exit (SIGCHLD) arrives: signal.set_wakeup_fd writes to a
-    socketpair that wait() selects on.  Stop signals are collected in `signals`.
-    """
+    """The parent of workers or of reload children, as a context: it collects the stop
+    signals in `signals`, and on leaving stops the children still running."""
 
     def __init__(self, name, grace):
-        import signal
-        self.name = name
-        self.grace = grace
-        self.signals = []
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._restore_stop = _on_stop_signals(self.signals.append)
-        self._old_wakeup = signal.set_wakeup_fd(self._wake_w.fileno())
-        self._old_child = signal.signal(signal.SIGCHLD, _ignore_signal)
+        self.name, self.grace = name, grace
+        self.signals, self.children = [], []
 
     def __enter__(self):
+        self._restore = _on_stop_signals(self.signals.append)
         return self
 
     def __exit__(self, *exc_info):
-        self.close()
-
-    def close(self):
-        import signal
-        signal.signal(signal.SIGCHLD, self._old_child)
-        signal.set_wakeup_fd(self._old_wakeup)
-        self._restore_stop()
-        self._wake_r.close()
-        self._wake_w.close()
-
-    @property
-    def stopping(self):
-        return bool(self.signals)
-
-    def wait(self, timeout):
-        """Sleep until a signal arrives or `timeout` seconds pass."""
-        select.select([self._wake_r], [], [], timeout)
         try:
-            self._wake_r.recv(4096)
-        except OSError:
-            pass
+            self._stop()
+        finally:
+            self._restore()
 
-    def start(self, command, fds, env=None):
+    def start(self, command, fds, env):
         import subprocess
         child = subprocess.Popen(command, pass_fds=fds, env=env)
+        child.started = time.monotonic()
+        self.children.append(child)
         log.debug('%s: started process %d', self.name, child.pid)
-        return child
 
-    def stop(self, children):
+    def wait(self, seconds=float('inf')):
+        """The first child to exit within `seconds`, no longer counted among the children;
+        None once the time is up, or at once when a stop signal arrives."""
+        deadline = time.monotonic() + seconds
+        while not self.signals and time.monotonic() < deadline:
+            for child in self.children:
+                if child.poll() is not None:
+                    self.children.remove(child)
+                    return child
+            time.sleep(_POLL)
+        return None
+
+    def _stop(self):
         """SIGTERM every child (each stops gracefully), wait for them up to the grace and
         a margin, then SIGKILL those left; a second Ctrl+C kills them at once."""
-        import signal
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
+        if not self.children:
+            return
+        for child in self.children:
+            child.terminate()
         deadline = time.monotonic() + self.grace + _STOP_MARGIN
-        while any(child.poll() is None for child in children):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or self.signals.count(_SIGINT) > 1:
-                break
-            self.wait(min(remaining, 1.0))
-        for child in children:
+        while (any(child.poll() is None for child in self.children)
+               and time.monotonic() < deadline and self.signals.count(_SIGINT) < 2):
+            time.sleep(_POLL)
+        for child in self.children:
             if child.poll() is None:
                 log.warning('%s: process %d did not stop: killing it', self.name, child.pid)
                 child.kill()
@@ -6477,17 +6475,37 @@ class _Supervisor:
         log.info('%s: stopped', self.name)
 
 
-def _watch_parent():
-    """In a child: stop gracefully, as on SIGTERM, once the parent process is gone."""
+def _watch(on_change=None):
+    """In a child, a daemon thread that stops this process as SIGTERM does once its parent
+    is gone, and calls on_change(path) once, if given, when the source file of a loaded
+    module changes.  The first look at the files is taken now; a module imported later is
+    watched from the look that first sees it."""
     import signal
-    parent = os.getppid()
+    parent, interval, seen = os.getppid(), _reload_interval(), {}
+
+    def changed():
+        for module in list(sys.modules.values()):
+            path = getattr(module, '__file__', None)
+            if isinstance(path, str):
+                try:
+                    mtime = os.stat(path).st_mtime_ns
+                except OSError:     # an editor may be replacing it: look again next time
+                    continue
+                if seen.setdefault(path, mtime) != mtime:
+                    return path
+        return None
 
     def watch():
         while os.getppid() == parent:
-            time.sleep(_PARENT_CHECK)
+            time.sleep(interval)
+            path = on_change and changed()
+            if path:
+                return on_change(path)
         log.warning('parent process %d is gone: stopping', parent)
         os.kill(os.getpid(), signal.SIGTERM)
-    threading.Thread(target=watch, name='mconnector-parent', daemon=True).start()
+    if on_change:
+        changed()
+    threading.Thread(target=watch, name='mconnector-watch', daemon=True).start()
 
 
 # -- the reloader --
@@ -6507,9 +6525,8 @@ def _reload_child_socket():
 
 def _reload_wanted(debug, reload):
     """Whether run() should become a reloader (in the main thread of a POSIX system)."""
-    if not (debug if reload is None else reload):
-        return False
-    if threading.current_thread() is not threading.main_thread():
+    if not (debug if reload is None else reload) or \
+            threading.current_thread() is not threading.main_thread():
         return False
     if os.name != 'posix':
         log.warning('reloading on changes needs a POSIX system: serving without it')
@@ -6526,79 +6543,48 @@ def _script_command():
     the interactive prompt."""
     main = sys.modules.get('__main__')
     spec = getattr(main, '__spec__', None)
-    head = [sys.executable] + _interpreter_flags()
     if spec is not None and spec.name and spec.name != '__main__':     # python -m NAME
         name = spec.name[:-len('.__main__')] if spec.name.endswith('.__main__') else spec.name
-        return head + ['-m', name] + sys.argv[1:]
+        return _python('-m', name, *sys.argv[1:])
     if sys.argv and sys.argv[0] and os.path.exists(sys.argv[0]):
-        return head + [os.path.abspath(sys.argv[0])] + sys.argv[1:]
+        return _python(os.path.abspath(sys.argv[0]), *sys.argv[1:])
     return None
 
 
-def _app_directory(path=None):
-    """Where to look for .py files after a child failed: the app's own directory."""
-    if path and os.path.exists(path):
-        return os.path.dirname(os.path.abspath(path))
-    return os.getcwd()
-
-
-def _run_reloader(service, host, port, tls):
-    """run(debug=True) in the process the user started.  Returns the exit status."""
-    main = sys.modules.get('__main__')
-    return _reload(service.name, host, port, tls, service.grace, _script_command(),
-                   _app_directory(getattr(main, '__file__', None)))
-
-
-def _reload(name, host, port, tls, grace, command, directory):
-    """Keep the port, and serve from children running `command`, started again after
-    each change (run(debug=True) and `serve --debug`).  Returns the exit status."""
-    with _bind_or_exit(name, host, port) as sock, _Supervisor(name, grace) as supervisor:
+def _reload(name, host, port, tls, grace, command, env, app):
+    """Keep the port, and serve it from children running `command`, started again at once
+    when one asks for it (_EXIT_RELOAD), after a change of a .py file beside the `app`
+    file (or under the working directory) when one fails.  Returns 0, once stopped by a
+    signal or once a child ends well."""
+    app = app if os.path.exists(app) else app.partition(':')[0]     # serve's FILE:NAME
+    directory = os.path.dirname(os.path.abspath(app)) if os.path.exists(app) else os.getcwd()
+    with _Supervisor(name, grace) as supervisor, _bind_or_exit(name, host, port) as sock:
         log.info('%s: serving %s, restarting on source changes (reloader %d)', name,
                  _url(host, sock.getsockname()[1], tls), os.getpid())
-        return _supervise_reload(supervisor, sock, command, directory)
-
-
-def _supervise_reload(supervisor, sock, command, directory):
-    """Run `command` as a child serving `sock` again and again: at once when it asks
-    for it (_EXIT_RELOAD), after a change of a .py file under `directory` when it fails.
-    Returns the exit status: 0 once stopped by a signal, or the child's when it ends well
-    on its own."""
-    env = dict(os.environ)
-    env[_RELOAD_FD_ENV] = '%d:%d' % (os.getpid(), sock.fileno())
-    while True:
-        before = _py_mtimes(directory)
-        child = supervisor.start(command, (sock.fileno(),), env)
-        while child.poll() is None and not supervisor.stopping:
-            supervisor.wait(1.0)
-        if supervisor.stopping:
-            sock.close()        # so that, once the child closes it too, connecting is refused
-            supervisor.stop([child])
-            return 0
-        if child.returncode == _EXIT_RELOAD:
-            continue
-        if child.returncode == 0:
-            log.info('%s: the service ended', supervisor.name)
-            return 0
-        log.warning('%s: the service %s: waiting for a change of a .py file under %s',
-                    supervisor.name, _exit_status(child.returncode), directory)
-        if not _wait_for_change(supervisor, directory, before, sock):
-            return 0
-
-
-def _wait_for_change(supervisor, directory, before, sock):
-    """Wait until a .py file under `directory` differs from `before`; False if stopped.
-    Meanwhile, calls get a 503 that says why at once, instead of hanging in the backlog."""
-    interval = _reload_interval()
-    while not supervisor.stopping:
-        _answer_unavailable(sock, '%s failed to start: fix it (see its log), it restarts on '
-                                  'the next change' % supervisor.name)
-        now = _py_mtimes(directory)
-        changed = sorted(set(now.items()) ^ set(before.items()))
-        if changed:
-            log.info('%s: %s changed: restarting', supervisor.name, changed[0][0])
-            return True
-        supervisor.wait(interval)
-    return False
+        env = dict(env, **{_RELOAD_FD_ENV: '%d:%d' % (os.getpid(), sock.fileno())})
+        while True:
+            before = _py_mtimes(directory)
+            supervisor.start(command, [sock.fileno()], env)
+            child = supervisor.wait()
+            if child is None:
+                return 0
+            if child.returncode == 0:
+                log.info('%s: the service ended', name)
+                return 0
+            if child.returncode == _EXIT_RELOAD:
+                continue
+            log.warning('%s: the service %s: waiting for a change of a .py file under %s',
+                        name, _exit_status(child.returncode), directory)
+            changed = None
+            while not changed:
+                # Calls get a 503 that says why at once, instead of hanging in the backlog.
+                _answer_unavailable(sock, '%s failed to start: fix it (see its log), it '
+                                          'restarts on the next change' % name)
+                supervisor.wait(_reload_interval())
+                if supervisor.signals:
+                    return 0
+                changed = sorted(set(_py_mtimes(directory).items()) ^ set(before.items()))
+            log.info('%s: %s changed: restarting', name, changed[0][0])
 
 
 def _answer_unavailable(sock, message):
@@ -6642,64 +6628,6 @@ def _py_mtimes(directory):
     return found
 
 
-def _library_directories():
-    """Prefixes of the standard library and installed packages: their files are not watched."""
-    import site
-    import sysconfig
-    paths = sysconfig.get_paths()
-    found = {paths.get(key) for key in ('stdlib', 'platstdlib', 'purelib', 'platlib')}
-    try:
-        found.add(site.getusersitepackages())
-    except Exception:       # site may be disabled (python -S)
-        pass
-    return tuple(os.path.join(os.path.abspath(p), '') for p in found if p)
-
-
-def _source_files(library, verdicts):
-    """The files of the loaded modules that belong to the app (or to mconnector itself)."""
-    for module in list(sys.modules.values()):
-        path = getattr(module, '__file__', None)
-        if not isinstance(path, str):
-            continue
-        if path not in verdicts:
-            full = os.path.abspath(path)
-            parts = full.split(os.sep)
-            verdicts[path] = not full.startswith(library) and \
-                _SKIPPED_DIRECTORIES.isdisjoint(parts)
-        if verdicts[path]:
-            yield path
-
-
-def _watch_sources(on_change):
-    """Call on_change(path), once, when a loaded module's source file changes.
-
-    The first look is taken now, the next ones every _reload_interval() seconds in a
-    daemon thread; modules imported later are watched from the look that first sees them.
-    """
-    library, verdicts, seen = _library_directories(), {}, {}
-
-    def look():
-        for path in _source_files(library, verdicts):
-            try:
-                mtime = os.stat(path).st_mtime_ns
-            except OSError:         # an editor may be replacing it: look again next time
-                continue
-            if seen.setdefault(path, mtime) != mtime:
-                return path
-        return None
-    look()
-    interval = _reload_interval()
-
-    def watch():
-        while True:
-            time.sleep(interval)
-            path = look()
-            if path is not None:
-                on_change(path)
-                return
-    threading.Thread(target=watch, name='mconnector-reloader', daemon=True).start()
-
-
 # -- serve --workers, serve --debug --
 
 def _serve_supervised(options, reload):
@@ -6711,14 +6639,20 @@ def _serve_supervised(options, reload):
                          'add --no-reload, or drop --workers')
     if os.name != 'posix':
         raise SystemExit('mconnector: --workers needs a POSIX system')
-    host, port, grace = _serve_address(options)
+    host, port, grace = options.host, options.port, options.grace
+    if host is None or port is None:    # with both given, the parent need not import the app
+        services, sockets = _load_servers(options)
+        _check_supervised(options, services, sockets, bool(options.workers))
+        host = services[0].host if host is None else host
+        port = services[0].port if port is None else port
+        grace = services[0].grace if grace is None else grace
+    grace = _DEFAULT_GRACE if grace is None else grace
     _serve_logging(options)
     tls = bool(options.certfile)
     if options.workers:
         return _serve_workers(options, host, port, grace, tls)
-    command = [sys.executable] + _interpreter_flags() + [os.path.abspath(__file__)] + options.argv
-    return _reload(options.target, host, port, tls, grace, command,
-                   _app_directory(options.target))
+    return _reload(options.target, host, port, tls, grace, *_module_command(options.argv),
+                   options.target)
 
 
 def _serve_reloads(options):
@@ -6730,20 +6664,6 @@ def _serve_reloads(options):
         log.warning('reloading on changes needs a POSIX system: serving without it')
         return False
     return True
-
-
-def _serve_address(options):
-    """(host, port, grace) to serve: from --host and --port when both are given, so that
-    the parent need not import the app; else the parent imports it to learn them."""
-    if options.host is not None and options.port is not None:
-        return options.host, options.port, \
-            _DEFAULT_GRACE if options.grace is None else options.grace
-    services, sockets = _load_servers(options)
-    _check_supervised(options, services, sockets, bool(options.workers))
-    service = services[0]
-    host = service.host if options.host is None else options.host
-    port = service.port if options.port is None else options.port
-    return host, port, service.grace if options.grace is None else options.grace
 
 
 def _check_supervised(options, services, sockets, workers):
@@ -6760,69 +6680,41 @@ def _check_supervised(options, services, sockets, workers):
 
 
 def _serve_workers(options, host, port, grace, tls):
-    """Bind (or reserve) the port, start the workers, replace those that die."""
-    fds = ()
+    """Bind (or reserve) the port, keep options.workers workers serving it, and replace
+    those that die; returns the exit status (1 when the workers cannot start)."""
     sock = None
     if _reuse_port_wanted():
         try:        # reserved, not listening: connections go to the workers' sockets only
             sock = _listening_socket(host, port, listen=False, reuse_port=True)
+            listen, fds = ['--reuse-port'], []
         except OSError:
-            sock = None
+            pass
     if sock is None:
         sock = _bind_or_exit(options.target, host, port)
-        fds = (sock.fileno(),)
+        listen, fds = ['--listen-fd', str(sock.fileno())], [sock.fileno()]
     port = sock.getsockname()[1]
     log.info('%s: %d workers serving %s (supervisor %d)', options.target, options.workers,
              _url(host, port, tls), os.getpid())
-    command = _worker_command(options, host, port, fds[0] if fds else None)
-    with sock, _Supervisor(options.target, grace) as supervisor:
-        return _supervise_workers(supervisor, options.workers, command, sock, fds)
-
-
-def _worker_command(options, host, port, fd):
-    """A worker: this file's `serve` with the resolved address, told how to listen."""
-    command = [sys.executable] + _interpreter_flags() + [
-        os.path.abspath(__file__), 'serve', options.target, '--host', host, '--port', str(port)]
-    command += ['--debug'] * options.debug
-    if options.grace is not None:
-        command += ['--grace', str(options.grace)]
-    for name in ('certfile', 'keyfile', 'cafile'):
-        if getattr(options, name):
-            command += ['--' + name, getattr(options, name)]
-    return command + (['--reuse-port'] if fd is None else ['--listen-fd', str(fd)])
-
-
-def _supervise_workers(supervisor, count, command, sock, fds):
-    """Keep `count` workers alive until a stop signal; returns the exit status (1 when
-    the workers cannot start).  `sock` is the listening socket the workers inherit (as
-    `fds`), or the port reserved beside their own SO_REUSEPORT sockets."""
-    workers = {}        # Popen -> monotonic time it was started
-
-    def start():
-        workers[supervisor.start(command, fds)] = time.monotonic()
-    for _ in range(count):
-        start()
+    # The same `serve` options, with the address resolved: the last --host and --port win.
+    command, env = _module_command(options.argv + ['--host', host, '--port', str(port)]
+                                   + listen)
     quick_deaths = 0
-    while not supervisor.stopping:
-        supervisor.wait(1.0)
-        for worker, started in list(workers.items()):
-            if supervisor.stopping or worker.poll() is None:
-                continue
-            del workers[worker]
+    with _Supervisor(options.target, grace) as supervisor, sock:
+        while True:
+            while len(supervisor.children) < options.workers:
+                supervisor.start(command, fds, env)
+            worker = supervisor.wait()
+            if worker is None:
+                return 0
             code = worker.returncode
-            quick_deaths = quick_deaths + 1 if time.monotonic() - started < _QUICK_DEATH else 0
+            quick = time.monotonic() - worker.started < _QUICK_DEATH
+            quick_deaths = quick_deaths + 1 if quick else 0
             if code == _EXIT_BOOT_FAILED or quick_deaths >= _MAX_QUICK_DEATHS:
                 log.error('%s: worker %d could not start (it %s): giving up, the reason is '
-                          'above', supervisor.name, worker.pid, _exit_status(code))
-                sock.close()
-                supervisor.stop(list(workers))
+                          'above', options.target, worker.pid, _exit_status(code))
                 return 1
-            log.warning('%s: worker %d %s: starting another', supervisor.name, worker.pid,
+            log.warning('%s: worker %d %s: starting another', options.target, worker.pid,
                         _exit_status(code))
-            start()
-    sock.close()        # so that, once the workers close theirs, connecting is refused
-    supervisor.stop(list(workers))
-    return 0
 
 
 def _serve_worker(options):
@@ -6847,7 +6739,7 @@ def _serve_worker(options):
             raise SystemExit(_EXIT_BOOT_FAILED) from None
     else:
         sock = socket.socket(fileno=options.listen_fd)
-    _watch_parent()
+    _watch()
     if options.grace is not None:
         services[0].grace = options.grace
     services[0].run(sock=sock, debug=True if options.debug else None, reload=False,

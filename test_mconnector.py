@@ -4319,6 +4319,34 @@ class SupervisionTest(unittest.TestCase):
                 self.assertIn('Address already in use', out.stderr, args)
                 self.assertEqual(len(out.stderr.strip().splitlines()), 1, out.stderr)
 
+    def test_children_import_the_module_of_their_parent(self):
+        # The parent runs the file by its path, from elsewhere: its children still import
+        # that very file (-m), as only an import can take its bytecode from the cache.
+        self.app = self.write_app('import mconnector\nM = mconnector.Microservice("m")\n'
+                                  '@M.typing("/how")\ndef how():\n'
+                                  '    return "%s %s" % (getattr(mconnector.__spec__, "name", None),'
+                                  ' mconnector.__file__)\n')
+        for args in (['--workers', '1'], ['--debug']):
+            with self.subTest(args[0]):
+                serve = ServeProcess(
+                    self, self.folder, cwd=self.folder, env={'PYTHONPATH': ''},
+                    command=[sys.executable, os.path.join(HERE, 'mconnector.py'), 'serve',
+                             self.app, '--host', '127.0.0.1', '--port', '0'] + args)
+                url = serve.url()
+                self.assertTrue(wait_for(lambda: try_call(url, '/how'), 10), serve.output())
+                self.assertEqual(try_call(url, '/how'),
+                                 'mconnector ' + os.path.join(HERE, 'mconnector.py'))
+                serve.terminate()
+
+    def test_an_installed_module_is_found_without_pythonpath(self):
+        from unittest import mock
+        here = os.path.dirname(os.path.abspath(mconnector.__file__))
+        with mock.patch('sysconfig.get_path', return_value=here), \
+                mock.patch.dict(os.environ, {'PYTHONPATH': 'elsewhere'}):
+            command, env = mconnector._module_command(['serve', 'app'])
+        self.assertEqual(command[-4:], ['-m', 'mconnector', 'serve', 'app'])
+        self.assertEqual(env['PYTHONPATH'], 'elsewhere')    # site-packages not put before it
+
     def test_run_debug_in_a_script_reloads_it(self):
         script = self.write_app(
             'from mconnector import Microservice\n'
