@@ -63,7 +63,7 @@ __version__ = '1.1.0'
 
 __all__ = [
     # listener and sender
-    'Microservice', 'SanicApp', 'Friend', 'Response',
+    'Microservice', 'SanicApp', 'Friend', 'AsyncFriend', 'Response',
     # values
     'register', 'to_wire', 'from_wire', 'dumps', 'loads',
     # routing and HTTP pieces
@@ -2211,10 +2211,17 @@ class _Endpoint:
 
 
 def _mark(func, mode):
-    """Wrap `func` so that typing() knows its mode; the wrapper still calls it locally."""
-    @functools.wraps(func)
-    def endpoint(*args, **kwargs):
-        return func(*args, **kwargs)
+    """Wrap `func` so that typing() knows its mode; the wrapper still calls it locally,
+    and is a coroutine function when `func` is one (for inspect, asyncio and frameworks
+    that look before they call)."""
+    if _is_coroutine_function(func):
+        @functools.wraps(func)
+        async def endpoint(*args, **kwargs):
+            return await func(*args, **kwargs)
+    else:
+        @functools.wraps(func)
+        def endpoint(*args, **kwargs):
+            return func(*args, **kwargs)
     endpoint._mconnector_mode = mode
     if hasattr(func, '__await__') or _is_coroutine_function(func):
         # Keep `await helloworld()` working for local callers of an async endpoint.
@@ -3348,6 +3355,9 @@ class SocketServer:
 
 _SENDER_HEADERS = (('Content-Type', 'application/json'), ('X-MConnector', __version__),
                    ('User-Agent', 'mconnector/%s' % __version__))
+# The seconds a sender still waits for its answer, sent with every try (relative, so that
+# the two clocks need not agree); the listener offers it as mconnector.request.time_left.
+_TIMEOUT_HEADER = 'X-MC-Timeout'
 
 
 class _Reply:
@@ -3422,7 +3432,7 @@ class Friend:
 
     def __init__(self, name, address, token=None, ruleMethods=None, timeout=30.0,
                  secretKey=None, cafile=None, verify=True, ssl_context=None, certfile=None,
-                 keyfile=None, retries=2, backoff=0.05, max_reply=MAX_BODY):
+                 keyfile=None, retries=2, backoff=0.05, max_reply=MAX_BODY, headers=None):
         from urllib.parse import urlsplit
         self.name = name
         if '://' not in address:
@@ -3457,8 +3467,10 @@ class Friend:
                 self.setRule(rule, token=value)
         for rule, method in (ruleMethods or {}).items():
             self.setRule(rule, method=method)
+        self._extra_headers = tuple((headers or {}).items())
         self.max_idle = 16           # idle keep-alive connections kept for reuse
         self._idle = []
+        self._loops = {}             # event loop -> _LoopConnections, for the async calls
         self._idle_lock = threading.Lock()
         self.lastMessage = None
         self.lastreply = None
@@ -3500,6 +3512,10 @@ class Friend:
     def send(self, rule, *args, **kwargs):
         """Call the function behind `rule` with these arguments and return its result:
         one value as itself, several as a tuple.  Raises what the call met (see class)."""
+        return self._call(*self._send_request(rule, args, kwargs))
+
+    def _send_request(self, rule, args, kwargs):
+        """What _call() takes for send(rule, *args, **kwargs)."""
         notes = []
         wire_args, wire_kwargs = to_wire([list(args), kwargs], notes)
         token = self._token(rule)
@@ -3510,11 +3526,15 @@ class Friend:
             body = _ENCODER.encode(payload).encode('utf-8')
         except (TypeError, ValueError) as exc:
             raise CodecError('cannot encode the arguments: %s' % exc) from None
-        return self._call(self._method(rule), rule, body, token)
+        return self._method(rule), rule, body, token
 
     def json(self, rule, method=None, **kwargs):
         """Send `kwargs` as one JSON object (for @M.json, @M.dict, @M.async_json rules) and
         return the answer, unwrapped as send() does.  `method` defaults to the rule's."""
+        return self._call(*self._json_request(rule, method, kwargs))
+
+    def _json_request(self, rule, method, kwargs):
+        """What _call() takes for json(rule, method, **kwargs)."""
         notes = []
         body = dumps(kwargs, notes)
         # The body is the arguments themselves, so type notes go in a header; past a few
@@ -3522,8 +3542,7 @@ class Friend:
         extra = (('X-MConnector-Types', json.dumps(notes)),) if notes else ()
         if extra and len(extra[0][1]) > 4096:
             extra = ()
-        return self._call((method or self._method(rule)).upper(), rule, body, self._token(rule),
-                          extra)
+        return (method or self._method(rule)).upper(), rule, body, self._token(rule), extra
 
     def rules(self):
         """The listener's rules (GET /_mc/rules): a list of dicts with rule, methods, mode,
@@ -3536,23 +3555,40 @@ class Friend:
         return self._call('GET', _ADMIN_PREFIX + 'health', b'', self._token(_ALL_RULES))
 
     async def send_async(self, rule, *args, **kwargs):
-        """send() for asyncio code: runs in the loop's default executor."""
-        import asyncio
-        call = functools.partial(self.send, rule, *args, **kwargs)
-        return await asyncio.get_running_loop().run_in_executor(None, call)
+        """send() for asyncio code, on asyncio streams: no thread, a pool of keep-alive
+        connections per event loop.  Cancelling the awaiting task closes the connection
+        of the call and raises CancelledError."""
+        return await self._call_async(*self._send_request(rule, args, kwargs))
 
     async def json_async(self, rule, method=None, **kwargs):
-        """json() for asyncio code."""
-        import asyncio
-        call = functools.partial(self.json, rule, method, **kwargs)
-        return await asyncio.get_running_loop().run_in_executor(None, call)
+        """json() for asyncio code, as send_async()."""
+        return await self._call_async(*self._json_request(rule, method, kwargs))
 
     def close(self):
-        """Close the idle connections (a later call opens a new one)."""
+        """Close the idle connections (a later call opens a new one): those of threads,
+        and those of event loops (at once for the loop running in this thread, soon for
+        loops running in others)."""
         with self._idle_lock:
             idle, self._idle = self._idle, []
+            loops, self._loops = self._loops, {}
         for conn in idle:
             conn.close()
+        for pool in loops.values():
+            pool.close_soon()
+
+    async def aclose(self):
+        """close(), then wait until the connections of this event loop are closed."""
+        import asyncio
+        with self._idle_lock:
+            pool = self._loops.get(asyncio.get_running_loop())
+        writers = [conn.writer for conn in (pool.idle if pool is not None else ())
+                   if conn.writer is not None]
+        self.close()
+        for writer in writers:
+            try:
+                await writer.wait_closed()
+            except OSError:
+                pass
 
     def __enter__(self):
         return self
@@ -3561,10 +3597,20 @@ class Friend:
         self.close()
 
     def _call(self, method, rule, body, token, extra=()):
-        headers = _SENDER_HEADERS + extra
+        reply = self._exchange(method, rule, body, self._headers(token, extra))
+        return self._received(rule, reply)
+
+    async def _call_async(self, method, rule, body, token, extra=()):
+        reply = await self._exchange_async(method, rule, body, self._headers(token, extra))
+        return self._received(rule, reply)
+
+    def _headers(self, token, extra):
+        headers = _SENDER_HEADERS + self._extra_headers + extra
         if token is not None:
             headers = headers + (('Authorization', 'Bearer ' + token),)
-        reply = self._exchange(method, rule, body, headers)
+        return headers
+
+    def _received(self, rule, reply):
         self.lastreply = reply
         value = self._decode(rule, reply)
         self.lastMessage = value
@@ -3647,34 +3693,23 @@ class Friend:
         return self._ssl
 
     def _exchange(self, method, rule, body, headers):
-        where = '%s%s' % (self.address, rule)
-        target = self._prefix + rule
-        if self.secretKey:
-            headers = headers + tuple(sign_request(self.secretKey, method, target, body))
-        headers = (('Host', self._host_header),) + headers
-        idempotent = method in ('GET', 'HEAD', 'OPTIONS') or \
-            self._rules.get(rule, {}).get('idempotent', False)
-        # `timeout` bounds the whole call, retries included: connect, send, whole reply.
-        deadline = time.monotonic() + self.timeout
-        attempt = 0
+        tries = _Tries(self, method, rule, body, headers)
         while True:
             try:
-                return self._attempt(method, target, headers, body, where, deadline)
+                return self._attempt(*tries.next_request())
             except _Failed as failed:
-                # A call that cannot have reached the function is tried again; one that may
-                # have run only when the rule is idempotent; a silent listener never.
-                error = failed.error
-                retry = attempt < self.retries and failed.retry and (not failed.sent or (
-                    idempotent and not isinstance(error, CallTimeout)))
-                if not retry:
-                    raise error from None
-            attempt += 1
-            import random
-            delay = min(2.0, self.backoff * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
-            if time.monotonic() + delay >= deadline:
-                raise error from None
-            log.debug('%s: attempt %d failed, again in %.3fs', where, attempt, delay)
+                delay = tries.delay_after(failed)
             time.sleep(delay)
+
+    async def _exchange_async(self, method, rule, body, headers):
+        import asyncio
+        tries = _Tries(self, method, rule, body, headers)
+        while True:
+            try:
+                return await self._attempt_async(*tries.next_request())
+            except _Failed as failed:
+                delay = tries.delay_after(failed)
+            await asyncio.sleep(delay)
 
     def _attempt(self, method, target, headers, body, where, deadline):
         """One try: the reply, or _Failed saying whether the request may have arrived."""
@@ -3683,36 +3718,172 @@ class Friend:
             reused = conn.sock is not None
             try:
                 conn.send(method, target, headers, body, deadline)
-            except socket.timeout:
-                conn.close()
-                raise _Failed(CallTimeout('no connection to %s within %ss' % (where, self.timeout)))
-            except (ConnectionRefusedError, socket.gaierror) as exc:
-                conn.close()
-                raise _Failed(Unreachable('cannot reach %s: %s' % (where, exc)))
             except OSError as exc:
                 conn.close()
-                if reused and attempt == 1:
+                if reused and attempt == 1 and not isinstance(exc, socket.timeout):
                     continue        # a reused connection that failed the write: not sent
-                raise _Failed(Unreachable('cannot reach %s: %s' % (where, exc)))
+                raise self._not_sent(exc, where)
             break
         try:
             reply, keep_alive = conn.receive(deadline)
-        except socket.timeout:
+        except (OSError, HTTPError) as exc:
             conn.close()
-            raise _Failed(CallTimeout('%s did not answer within %ss' % (where, self.timeout)), True)
-        except HTTPError as exc:
-            conn.close()
-            raise _Failed(NetworkError('%s sent a reply that cannot be read (the call may have '
-                                       'run): %s' % (where, exc.message)), True, retry=False)
-        except OSError as exc:
-            conn.close()
-            raise _Failed(NetworkError('connection to %s lost after the call was sent (it may '
-                                       'have run): %s' % (where, exc or type(exc).__name__)), True)
+            raise self._lost(exc, where)
         if keep_alive:
             self._release(conn)
         else:
             conn.close()
         return reply
+
+    async def _attempt_async(self, method, target, headers, body, where, deadline):
+        """_attempt() on this event loop's connections."""
+        import asyncio
+        pool = self._loop_pool()
+        if pool.closer is None:
+            await pool.watch()
+        conn = pool.acquire(self)
+        try:
+            for attempt in (1, 2):
+                reused = conn.writer is not None
+                try:
+                    await _in_time(conn.send(method, target, headers, body), deadline)
+                except OSError as exc:
+                    conn.abort()
+                    if reused and attempt == 1 and not isinstance(exc, socket.timeout):
+                        continue
+                    raise self._not_sent(exc, where)
+                break
+            try:
+                reply, keep_alive = await _in_time(conn.receive(), deadline)
+            except (OSError, HTTPError) as exc:
+                conn.abort()
+                raise self._lost(exc, where)
+        except asyncio.CancelledError:
+            # Whatever was written or is on its way back, the connection is not reused:
+            # closing it is how the listener learns that the caller is gone.
+            conn.abort()
+            raise
+        if keep_alive:
+            pool.release(conn, self.max_idle)
+        else:
+            conn.close()
+        return reply
+
+    def _not_sent(self, exc, where):
+        """The _Failed of a try whose request cannot have arrived (`exc`: an OSError)."""
+        if isinstance(exc, socket.timeout):
+            return _Failed(CallTimeout('no connection to %s within %ss' % (where, self.timeout)))
+        return _Failed(Unreachable('cannot reach %s: %s' % (where, exc)))
+
+    def _lost(self, exc, where):
+        """The _Failed of a try whose request was sent (`exc`: OSError or HTTPError)."""
+        if isinstance(exc, socket.timeout):
+            return _Failed(CallTimeout('%s did not answer within %ss' % (where, self.timeout)), True)
+        if isinstance(exc, HTTPError):
+            return _Failed(NetworkError('%s sent a reply that cannot be read (the call may have '
+                                        'run): %s' % (where, exc.message)), True, retry=False)
+        return _Failed(NetworkError('connection to %s lost after the call was sent (it may '
+                                    'have run): %s' % (where, exc or type(exc).__name__)), True)
+
+    def _loop_pool(self):
+        """The idle connections of this Friend on the running event loop."""
+        import asyncio
+        loop = asyncio.get_running_loop()
+        with self._idle_lock:
+            pool = self._loops.get(loop)
+            if pool is None:
+                for other in [key for key in self._loops if key.is_closed()]:
+                    del self._loops[other]
+                pool = self._loops[loop] = _LoopConnections(loop)
+        return pool
+
+    def _async_connection(self):
+        """A new, unconnected connection for this event loop."""
+        context = self._ssl_context() if self._scheme == 'https' else None
+        return _AsyncConnection(self._connect_host, self._port, context, self._host,
+                                self.max_reply)
+
+
+class AsyncFriend(Friend):
+    """A Friend for asyncio code: the same options, errors, retries and whole-call
+    timeout, with send(), json(), rules() and health() as coroutines, on asyncio streams
+    (any event loop, uvloop's too).  Each event loop keeps its own idle keep-alive
+    connections, closed when asyncio.run() ends it, or by aclose().  Cancelling a call
+    closes its connection and raises CancelledError.
+
+        async with AsyncFriend('app1', 'http://127.0.0.1:5000') as app1:
+            answers = await asyncio.gather(*(app1.send('/helloworld', n) for n in names))
+    """
+
+    send = Friend.send_async
+    json = Friend.json_async
+
+    async def rules(self):
+        """Friend.rules(), awaited."""
+        return (await self._call_async('GET', _ADMIN_PREFIX + 'rules', b'',
+                                       self._token(_ALL_RULES)))['rules']
+
+    async def health(self):
+        """Friend.health(), awaited."""
+        return await self._call_async('GET', _ADMIN_PREFIX + 'health', b'',
+                                      self._token(_ALL_RULES))
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc_info):
+        await self.aclose()
+
+    def __repr__(self):
+        return '<AsyncFriend %r at %s>' % (self.name, self.address)
+
+
+class _Tries:
+    """The tries of one call, for Friend's sync and async paths alike: the request of
+    each, and whether and when to try again."""
+
+    __slots__ = ('friend', 'method', 'target', 'headers', 'body', 'where', 'idempotent',
+                 'deadline', 'count')
+
+    def __init__(self, friend, method, rule, body, headers):
+        self.friend = friend
+        self.method = method
+        self.body = body
+        self.where = '%s%s' % (friend.address, rule)
+        self.target = target = friend._prefix + rule
+        if friend.secretKey:
+            headers = headers + tuple(sign_request(friend.secretKey, method, target, body))
+        self.headers = (('Host', friend._host_header),) + headers
+        self.idempotent = method in ('GET', 'HEAD', 'OPTIONS') or \
+            friend._rules.get(rule, {}).get('idempotent', False)
+        # `timeout` bounds the whole call, retries included: connect, send, whole reply.
+        self.deadline = time.monotonic() + friend.timeout
+        self.count = 0
+
+    def next_request(self):
+        """The arguments of _attempt() for the next try.  The time left goes with it, so
+        that the listener knows how long its caller waits (mconnector.request.time_left)."""
+        left = max(0.0, self.deadline - time.monotonic())
+        headers = self.headers + ((_TIMEOUT_HEADER, '%.3f' % left),)
+        return self.method, self.target, headers, self.body, self.where, self.deadline
+
+    def delay_after(self, failed):
+        """Seconds to wait before the next try after `failed`; raises the call's error
+        when there is to be none."""
+        # A call that cannot have reached the function is tried again; one that may have
+        # run only when the rule is idempotent; a silent listener never.
+        error = failed.error
+        retry = self.count < self.friend.retries and failed.retry and (not failed.sent or (
+            self.idempotent and not isinstance(error, CallTimeout)))
+        if not retry:
+            raise error from None
+        self.count += 1
+        import random
+        delay = min(2.0, self.friend.backoff * 2 ** (self.count - 1)) * (0.5 + random.random() / 2)
+        if time.monotonic() + delay >= self.deadline:
+            raise error from None
+        log.debug('%s: attempt %d failed, again in %.3fs', self.where, self.count, delay)
+        return delay
 
 
 class _Failed(Exception):
@@ -3749,7 +3920,7 @@ class _ClientConnection:
     """
 
     __slots__ = ('host', 'port', 'context', 'sock', 'http', 'server_hostname', 'reuse_until',
-                 'max_reply')
+                 'max_reply', 'head', 'parts')
 
     def __init__(self, host, port, context=None, server_hostname=None, max_reply=MAX_BODY):
         self.host = host
@@ -3760,6 +3931,8 @@ class _ClientConnection:
         self.sock = None
         self.http = None
         self.reuse_until = None     # from the listener's Keep-Alive: timeout=N
+        self.head = None            # of the reply being read, and its body so far
+        self.parts = []
 
     def reusable(self):
         """False once the listener may be closing this connection as idle."""
@@ -3784,23 +3957,31 @@ class _ClientConnection:
     def receive(self, deadline):
         """Read one reply before `deadline`: (_Reply, keep_alive).  Raises HTTPError for a
         reply the core refuses, OSError for the network, socket.timeout at the deadline."""
+        reply = self._reply()
+        while reply is None:
+            self.sock.settimeout(_remaining(deadline))
+            self.http.receive_data(self.sock.recv(65536))
+            reply = self._reply()
+        return reply
+
+    def _reply(self):
+        """(_Reply, keep_alive) once the core holds a whole reply; None while it needs more
+        bytes."""
         http = self.http
-        sock = self.sock
-        head = None
-        parts = []
         while True:
             event = http.next_event()
             if event is NEED_DATA:
-                sock.settimeout(_remaining(deadline))
-                http.receive_data(sock.recv(65536))
-            elif event is END_OF_MESSAGE:
+                return None
+            if event is END_OF_MESSAGE:
                 break
-            elif type(event) is bytes:
-                parts.append(event)
+            if type(event) is bytes:
+                self.parts.append(event)
             elif event is CLOSED:
                 raise ConnectionResetError('connection closed before the reply')
             else:
-                head = event
+                self.head = event
+        head, parts = self.head, self.parts
+        self.head, self.parts = None, []
         headers = head.headers
         keep_alive = http.keep_alive
         hint = headers.get('keep-alive')
@@ -3821,6 +4002,139 @@ class _ClientConnection:
         if sock is not None:
             self.http = None
             sock.close()
+
+
+async def _in_time(coroutine, deadline):
+    """Await `coroutine` until `deadline` (time.monotonic()); socket.timeout after that,
+    as a socket says it, once the coroutine has been cancelled."""
+    import asyncio
+    left = deadline - time.monotonic()
+    if left <= 0:
+        coroutine.close()
+        raise socket.timeout('deadline passed')
+    try:
+        return await asyncio.wait_for(coroutine, left)
+    except asyncio.TimeoutError:
+        raise socket.timeout('deadline passed') from None
+
+
+class _AsyncConnection(_ClientConnection):
+    """A _ClientConnection on asyncio streams: the same core, the same replies, awaited
+    on the event loop that opened it."""
+
+    __slots__ = ('reader', 'writer')
+
+    def __init__(self, host, port, context=None, server_hostname=None, max_reply=MAX_BODY):
+        super().__init__(host, port, context, server_hostname, max_reply)
+        self.reader = self.writer = None
+
+    def reusable(self):
+        """False once the listener closed this idle connection, or may be closing it."""
+        writer = self.writer
+        return writer is not None and not writer.is_closing() and not self.reader.at_eof() \
+            and super().reusable()
+
+    async def send(self, method, target, headers, body):
+        if self.writer is None:
+            import asyncio
+            tls = {} if self.context is None else {
+                'ssl': self.context, 'server_hostname': self.server_hostname}
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port, **tls)
+            self.http = HTTPConnection(client=True, max_body=self.max_reply)
+            sock = self.writer.get_extra_info('socket')
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except (OSError, AttributeError):
+                pass
+        self.writer.write(self.http.send_request(method, target, headers, body))
+        await self.writer.drain()
+
+    async def receive(self):
+        """receive() of _ClientConnection, awaited; the caller bounds it in time."""
+        reply = self._reply()
+        while reply is None:
+            self.http.receive_data(await self.reader.read(65536))
+            reply = self._reply()
+        return reply
+
+    def abort(self):
+        """Drop the connection at once, with whatever it had still to write."""
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            self.http = self.reader = None
+            writer.transport.abort()
+
+    def close(self):
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            self.http = self.reader = None
+            writer.close()
+
+
+class _LoopConnections:
+    """A Friend's idle connections on one event loop.  Only that loop's thread touches
+    them, but close_soon()."""
+
+    def __init__(self, loop):
+        self.loop = loop
+        self.idle = []
+        self.closer = None
+
+    async def watch(self):
+        """Close the connections when the loop ends: asyncio.run() (and uvloop.run())
+        close every async generator still alive before closing the loop, this one among
+        them; its connections would otherwise be left to the collector, each with a
+        ResourceWarning."""
+        import asyncio
+
+        async def closer():
+            try:
+                yield
+            finally:
+                self.close(abort=True)
+                await asyncio.sleep(0)      # the transports' last callbacks
+        self.closer = closer()
+        await self.closer.__anext__()
+
+    def acquire(self, friend):
+        while self.idle:
+            conn = self.idle.pop()
+            if conn.reusable():
+                return conn
+            conn.close()
+        return friend._async_connection()
+
+    def release(self, conn, max_idle):
+        if len(self.idle) < max_idle:
+            self.idle.append(conn)
+        else:
+            conn.close()
+
+    def close(self, abort=False):
+        idle, self.idle = self.idle, []
+        for conn in idle:
+            if abort:
+                conn.abort()
+            else:
+                conn.close()
+
+    def close_soon(self):
+        """close() from any thread: at once in the loop's own, else through the loop."""
+        import asyncio
+        if self.loop.is_closed():
+            self.idle = []
+            return
+        try:
+            here = asyncio.get_running_loop() is self.loop
+        except RuntimeError:
+            here = False
+        if here:
+            self.close()
+            return
+        try:
+            self.loop.call_soon_threadsafe(self.close)
+        except RuntimeError:            # it closed meanwhile
+            pass
 
 
 # The client's websocket: the thread that calls recv() is the one that reads the socket (no

@@ -1516,6 +1516,266 @@ class SenderTest(unittest.TestCase):
         self.assertEqual(self.friend.lastreply.status, 200)
 
 
+def run_async(coroutine, timeout=20):
+    """asyncio.run(coroutine), given up after `timeout` seconds."""
+    import asyncio
+    return asyncio.run(asyncio.wait_for(coroutine, timeout))
+
+
+async def until(predicate, timeout=5.0):
+    """wait_for() for coroutines: poll `predicate` without blocking the event loop."""
+    import asyncio
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.005)
+    return True
+
+
+class AsyncSenderTest(unittest.TestCase):
+    """AsyncFriend (and Friend's async methods): asyncio streams, no threads, the same
+    answers and errors as Friend."""
+
+    def setUp(self):
+        M = self.M = Microservice('svc', token={'/secret': 's3cret'})
+        self.release = threading.Event()
+        self.addCleanup(self.release.set)
+        self.runs = []
+        self.gate = threading.Barrier(32, timeout=10)
+
+        @M.typing('/same')
+        def same(*args, **kwargs):
+            self.runs.append(1)
+            return args, kwargs
+
+        @M.typing('/kw')
+        @M.dict
+        def kw(**kwargs):
+            return kwargs
+
+        @M.typing('/boom')
+        def boom():
+            raise KeyError('no such thing')
+
+        @M.typing('/secret')
+        def secret():
+            return 'in'
+
+        @M.typing('/slow')
+        def slow():
+            self.release.wait(10)
+            return 'late'
+
+        @M.typing('/gate')
+        def gate():
+            self.gate.wait()            # until 32 calls are in here at once
+            return 'in'
+        Service.start(self, M)
+
+    def friend(self, cls=None, **options):
+        friend = (cls or mconnector.AsyncFriend)('async', self.M.url, **options)
+        self.addCleanup(friend.close)
+        return friend
+
+    def test_answers_and_errors_as_friend(self):
+        import datetime
+        friend = self.friend()
+
+        async def main():
+            values = await friend.send('/same', (1, 2), {3}, b'\x00', when=datetime.date(2024, 1, 1))
+            kw = await friend.json('/kw', k=[1])
+            with self.assertRaises(mconnector.RemoteError) as remote:
+                await friend.send('/boom')
+            with self.assertRaises(mconnector.NotFound):
+                await friend.send('/nowhere')
+            with self.assertRaises(mconnector.AuthError):
+                await friend.send('/secret')
+            friend.setRule('/secret', token='s3cret')
+            secret = await friend.send('/secret')
+            rules = [rule['rule'] for rule in await friend.rules()]
+            return values, kw, remote.exception, secret, rules, await friend.health()
+        with self.assertLogs('mconnector', 'WARNING'):
+            values, kw, remote, secret, rules, health = run_async(main())
+        self.assertEqual(values, (((1, 2), {3}, b'\x00'), {'when': datetime.date(2024, 1, 1)}))
+        self.assertEqual(kw, {'k': [1]})
+        self.assertEqual((remote.type, remote.message), ('KeyError', "'no such thing'"))
+        self.assertEqual(secret, 'in')
+        self.assertIn('/gate', rules)
+        self.assertEqual(health['status'], 'ok')
+        self.assertEqual(friend.lastMessage, health)
+        self.assertEqual(self.M.stats['connections'], 1)       # one kept-alive connection
+
+    def test_32_calls_are_in_the_rule_at_once(self):
+        import asyncio
+        for cls in (mconnector.AsyncFriend, Friend):
+            with self.subTest(sender=cls.__name__):
+                friend = self.friend(cls)
+                call = friend.send if cls is mconnector.AsyncFriend else friend.send_async
+
+                async def main():
+                    return await asyncio.gather(*(call('/gate') for _ in range(32)))
+                self.assertEqual(run_async(main()), ['in'] * 32)
+
+    def test_cancelling_a_call_closes_its_connection(self):
+        import asyncio
+        server = socket.socket()
+        self.addCleanup(server.close)
+        server.bind(('127.0.0.1', 0))
+        server.listen()
+        arrived, ended = threading.Event(), threading.Event()
+
+        def listen():                   # reads the request, then waits for its end
+            conn, _ = server.accept()
+            with conn:
+                conn.settimeout(10)
+                while True:
+                    try:
+                        data = conn.recv(65536)
+                    except ConnectionResetError:
+                        data = b''
+                    if not data:
+                        ended.set()
+                        return
+                    arrived.set()
+        threading.Thread(target=listen, daemon=True).start()
+        friend = mconnector.AsyncFriend('held', '127.0.0.1:%d' % server.getsockname()[1])
+        self.addCleanup(friend.close)
+
+        async def main():
+            task = asyncio.ensure_future(friend.send('/held'))
+            self.assertTrue(await until(arrived.is_set))
+            task.cancel()
+            with self.assertRaises(asyncio.CancelledError):
+                await task
+            self.assertTrue(await until(ended.is_set))
+            return friend._loop_pool().idle
+        import warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always', ResourceWarning)
+            self.assertEqual(run_async(main()), [])
+        # (closed by the cancel, not by the collector)
+        self.assertEqual([w for w in caught if issubclass(w.category, ResourceWarning)], [])
+        # against a listener: the call after a cancelled one goes through
+        friend = self.friend()
+
+        async def again():
+            task = asyncio.ensure_future(friend.send('/slow'))
+            self.assertTrue(await until(lambda: self.M._metrics.in_flight == 1))
+            task.cancel()
+            with self.assertRaises(asyncio.CancelledError):
+                await task
+            self.release.set()
+            return await friend.send('/same', 1)
+        self.assertEqual(run_async(again()), ((1,), {}))
+
+    def test_timeout_bounds_the_whole_call(self):
+        friend = self.friend(timeout=0.3)
+
+        async def main():
+            started = time.monotonic()
+            with self.assertRaises(mconnector.CallTimeout) as caught:
+                await friend.send('/slow')
+            took = time.monotonic() - started
+            self.release.set()
+            return caught.exception, took, await friend.send('/same', 2)
+        error, took, after = run_async(main())
+        self.assertIsInstance(error, TimeoutError)
+        self.assertIn('/slow did not answer within 0.3s', str(error))
+        self.assertLess(took, 3)
+        self.assertEqual(after, ((2,), {}))
+
+    def test_nothing_listening_is_unreachable_after_the_retries(self):
+        with socket.socket() as s:
+            s.bind(('127.0.0.1', 0))
+            port = s.getsockname()[1]
+        friend = mconnector.AsyncFriend('nobody', '127.0.0.1:%d' % port, retries=2, backoff=0.01)
+        with self.assertRaises(mconnector.Unreachable) as caught:
+            run_async(friend.send('/x'))
+        self.assertIn('cannot reach http://127.0.0.1:%d/x' % port, str(caught.exception))
+
+    def test_a_connection_the_listener_closed_is_replaced_without_resending(self):
+        self.M.timeout = 0.2            # the listener drops idle connections after 0.2 s
+        friend = self.friend()
+
+        async def main():
+            await friend.send('/same')
+            conn = friend._loop_pool().idle[0]
+            self.assertTrue(await until(lambda: not conn.reusable()))
+            del self.runs[:]
+            return await friend.send('/same', 1)
+        self.assertEqual(run_async(main()), ((1,), {}))
+        self.assertEqual(self.runs, [1])
+        self.assertEqual(self.M.stats['connections'], 2)
+
+    def test_each_event_loop_has_its_connections_closed_with_it(self):
+        import gc
+        import warnings
+        friend = self.friend()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always', ResourceWarning)
+            for n in range(3):
+                self.assertEqual(run_async(friend.send('/same', n)), ((n,), {}))
+                # asyncio.run() has closed the loop, and its connection with it
+                self.assertTrue(wait_for(lambda: len(self.M._server.connections) == 0))
+            gc.collect()
+        self.assertEqual([w for w in caught if issubclass(w.category, ResourceWarning)], [])
+        self.assertEqual(self.M.stats['connections'], 3)
+
+    def test_https_and_signed_calls(self):
+        M = counting_service(secretKey='k')
+        M.start(port=0, host='127.0.0.1', certfile=os.path.join(CERTS, 'server.pem'),
+                keyfile=os.path.join(CERTS, 'server.key'))
+        self.addCleanup(M.stop)
+        friend = mconnector.AsyncFriend('tls', M.url, cafile=os.path.join(CERTS, 'ca.pem'),
+                                        secretKey='k')
+
+        async def main():
+            async with friend:
+                counts = [await friend.send('/count') for _ in range(3)]
+            async with mconnector.AsyncFriend('unsigned', M.url, verify=False) as unsigned:
+                with self.assertRaises(mconnector.AuthError):
+                    await unsigned.send('/count')
+            return counts
+        self.assertEqual(run_async(main()), [1, 2, 3])
+        self.assertEqual(M.stats['connections'], 2)
+
+    def test_under_uvloop(self):
+        try:
+            import uvloop
+        except ImportError:
+            self.skipTest('uvloop is not installed')
+        import asyncio
+        friend = self.friend()
+
+        async def main():
+            self.assertIsInstance(asyncio.get_running_loop(), uvloop.Loop)
+            first = await friend.send('/same', 1)
+            return first, await asyncio.gather(*(friend.send('/gate') for _ in range(32)))
+        loop = uvloop.new_event_loop()
+        try:
+            first, gated = loop.run_until_complete(asyncio.wait_for(main(), 20))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            loop.close()
+        self.assertEqual((first, gated), (((1,), {}), ['in'] * 32))
+
+    def test_async_rules_stay_coroutine_functions(self):
+        import asyncio
+        import inspect
+        M = Microservice('inspected')
+        for mode in (M.reply, M.json, M.dict, M.stream):
+            @M.typing('/' + mode.__name__)
+            @mode
+            async def rule(x):
+                return x
+            self.assertTrue(inspect.iscoroutinefunction(rule), mode.__name__)
+            self.assertEqual(asyncio.run(rule(5)), 5)
+            self.assertEqual(str(inspect.signature(rule)), '(x)')
+        self.assertFalse(inspect.iscoroutinefunction(M.reply(lambda: 1)))
+        self.assertTrue(inspect.iscoroutinefunction(mconnector.AsyncFriend.send))
+
+
 class CommandLineTest(unittest.TestCase):
     def run_cli(self, *args, **options):
         return subprocess.run([sys.executable, '-m', 'mconnector'] + list(args), cwd=HERE,
