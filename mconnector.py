@@ -40,6 +40,7 @@ Map of this file, each section using only those before it:
 import base64
 import binascii
 import bisect
+import contextvars
 import enum
 import functools
 import json
@@ -63,7 +64,8 @@ __version__ = '1.1.0'
 
 __all__ = [
     # listener and sender
-    'Microservice', 'SanicApp', 'Friend', 'AsyncFriend', 'Response',
+    'Microservice', 'SanicApp', 'Friend', 'AsyncFriend', 'Response', 'request',
+    'RequestContext',
     # values
     'register', 'to_wire', 'from_wire', 'dumps', 'loads',
     # routing and HTTP pieces
@@ -2187,7 +2189,7 @@ class _Endpoint:
     """One function behind one rule: how its request becomes arguments, and its answer
     becomes a body (the mode), and its signature for clear 400s."""
 
-    __slots__ = ('rule', 'func', 'mode', 'methods', 'signature', 'name')
+    __slots__ = ('rule', 'func', 'mode', 'methods', 'signature', 'name', 'keywords')
 
     def __init__(self, rule, func, mode, methods):
         self.rule = rule
@@ -2200,6 +2202,14 @@ class _Endpoint:
             self.signature = inspect.signature(func)
         except (TypeError, ValueError):    # some builtins have none: calls are not pre-checked
             self.signature = None
+        # The names it takes by keyword; None: any (**kwargs, or no signature to tell).
+        self.keywords = None
+        if self.signature is not None:
+            kinds = {p.kind for p in self.signature.parameters.values()}
+            if inspect.Parameter.VAR_KEYWORD not in kinds:
+                self.keywords = frozenset(
+                    name for name, p in self.signature.parameters.items()
+                    if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
 
     def check_arguments(self, args, kwargs):
         """Raise HTTPError(400) naming the signature when the call would not bind."""
@@ -2208,6 +2218,154 @@ class _Endpoint:
                 self.signature.bind(*args, **kwargs)
             except TypeError as exc:
                 raise HTTPError(400, '%s%s: %s' % (self.name, self.signature, exc)) from None
+
+
+# -- the call being answered, for the code that answers it: mconnector.request --------------
+
+_current_request = contextvars.ContextVar('mconnector.request')
+
+
+class RequestContext:
+    """What a rule or a websocket handler knows of the call it answers, beside its
+    arguments: `mconnector.request` while it runs, in the thread or task that runs it.
+
+    `method`, `target` (as sent: path and query), `path` (decoded), `rule` (the pattern
+    that matched, such as '/user/<name>'), `headers` (lower-case names; a websocket's are
+    its handshake's), `remote_address` (the TCP peer's (host, port); port None when a WSGI
+    server does not say), `client` (the caller's host: the peer's, or the one that a proxy
+    named in trusted_proxies forwarded), `deadline` (the time.monotonic() at which the
+    caller gives up, when it said so: Friend and AsyncFriend do) and `time_left`.
+    """
+
+    __slots__ = ('method', 'target', 'path', 'rule', 'headers', 'remote_address', 'deadline',
+                 '_trusted')
+
+    def __init__(self, method, target, path, rule, headers, remote_address=None,
+                 trusted=None):
+        self.method = method
+        self.target = target
+        self.path = path
+        self.rule = rule
+        self.headers = headers
+        self.remote_address = tuple(remote_address[:2]) if remote_address else None
+        self._trusted = trusted
+        self.deadline = None
+        timeout = headers.get(_TIMEOUT_HEADER.lower())
+        if timeout is not None:
+            try:
+                seconds = float(timeout)
+            except ValueError:
+                seconds = -1.0
+            if 0 <= seconds < 1e9:          # (NaN is neither)
+                self.deadline = time.monotonic() + seconds
+
+    @property
+    def time_left(self):
+        """Seconds until the caller gives up (0.0 once it has), or None when it did not
+        say."""
+        if self.deadline is None:
+            return None
+        return max(0.0, self.deadline - time.monotonic())
+
+    @property
+    def client(self):
+        """The caller's host.  Behind proxies named in trusted_proxies, the last address
+        of X-Forwarded-For that is not one of them (proxies append the peer they got the
+        request from), else the peer's own."""
+        host = self.remote_address[0] if self.remote_address else None
+        trusted = self._trusted
+        if trusted is None or host is None or not trusted(host):
+            return host
+        hops = [hop.strip() for hop in self.headers.get('x-forwarded-for', '').split(',')]
+        hops = [hop for hop in hops if hop]
+        for hop in reversed(hops):
+            if not trusted(hop):
+                return hop
+        return hops[0] if hops else host
+
+    def __repr__(self):
+        return '<RequestContext %s %s from %s>' % (self.method, self.target, self.client)
+
+
+class _RequestProxy:
+    """mconnector.request: the RequestContext of the call being answered in this thread
+    or task.  False outside of one, where its attributes raise RuntimeError."""
+
+    __slots__ = ()
+
+    def __getattr__(self, name):
+        current = _current_request.get(None)
+        if current is None:
+            raise RuntimeError('mconnector.request is only set while a rule or a websocket '
+                               'handler runs (in its own thread or task)')
+        return getattr(current, name)
+
+    def __bool__(self):
+        return _current_request.get(None) is not None
+
+    def __repr__(self):
+        current = _current_request.get(None)
+        return '<mconnector.request: %s>' % ('no call being answered here' if current is None
+                                              else repr(current)[1:-1])
+
+
+request = _RequestProxy()
+
+
+def _call_in_request(request, fn, /, *args, **kwargs):
+    """fn(*args, **kwargs) with `request` as mconnector.request, in this thread."""
+    token = _current_request.set(request)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _current_request.reset(token)
+
+
+async def _in_request(request, awaitable):
+    """Await `awaitable` with `request` as mconnector.request (in the task that runs this,
+    whose context is its own)."""
+    _current_request.set(request)
+    return await awaitable
+
+
+def _pieces_in_request(request, pieces):
+    """The pieces of a streamed answer, each produced with `request` as
+    mconnector.request, in whichever thread asks for it."""
+    try:
+        while True:
+            token = _current_request.set(request)
+            try:
+                piece = next(pieces)
+            except StopIteration:
+                return
+            finally:
+                _current_request.reset(token)
+            yield piece
+    finally:
+        _close_stream(pieces)
+
+
+def _trusted_proxies(proxies):
+    """A test of host text for trusted_proxies (addresses, networks such as '10.0.0.0/8',
+    or '*' for any peer), or None when there are none."""
+    if not proxies:
+        return None
+    if isinstance(proxies, str):
+        proxies = [proxies]
+    if '*' in proxies:
+        return lambda host: True
+    import ipaddress
+    networks = [ipaddress.ip_network(proxy, strict=False) for proxy in proxies]
+
+    def trusted(host):
+        try:
+            address = ipaddress.ip_address(host.strip('[]'))
+        except ValueError:
+            return False
+        if address.version == 6 and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return any(address in network for network in networks)
+    return trusted
 
 
 def _mark(func, mode):
@@ -2439,8 +2597,10 @@ class Microservice:
 
     def __init__(self, name, port=5000, host='0.0.0.0', debug=None, token=None,
                  secretKey=None, timeout=15.0, max_body=MAX_BODY, max_workers=64,
-                 request_timeout=10.0, grace=10.0, admin=True):
+                 request_timeout=10.0, grace=10.0, admin=True, trusted_proxies=None):
         self.name = name
+        self.trusted_proxies = trusted_proxies
+        self._trusted = _trusted_proxies(trusted_proxies)
         self.grace = grace
         self.admin = admin
         self._metrics = _Metrics()
@@ -2611,7 +2771,7 @@ class Microservice:
 
     # -- answering a request (shared by every server shell) ----------------------------
 
-    def handle(self, method, target, headers, body, signed_target=None):
+    def handle(self, method, target, headers, body, signed_target=None, client=None):
         """Answer one request: the whole of the listener's logic, with no I/O.
 
         `headers` maps lower-case names to values; `body` is bytes.  Returns a Response;
@@ -2619,10 +2779,12 @@ class Microservice:
         server, WSGI) calls this, and it counts what /_mc/metrics shows.
         `signed_target`: the target as the sender wrote it, when `target` differs (the
         path below a WSGI mount point); a secretKey signature covers that one.
+        `client`: the peer's (host, port), for mconnector.request.
         """
-        return self._handle(method, target, headers, body, signed_target)
+        return self._handle(method, target, headers, body, signed_target, client=client)
 
-    def _handle(self, method, target, headers, body, signed_target=None, defer=False):
+    def _handle(self, method, target, headers, body, signed_target=None, defer=False,
+                client=None):
         # defer: an async rule's coroutine is not awaited here but handed back in a
         # _Deferred, for the serving shell to run on the asyncio loop, holding no worker.
         metrics = self._metrics
@@ -2642,7 +2804,9 @@ class Microservice:
             else:
                 endpoint, params = self._endpoint(method, path)
                 rule = endpoint.rule
-                response = self._dispatch(endpoint, path, query, params, headers, body, defer)
+                call = RequestContext(method, target, path, rule, headers, client, self._trusted)
+                response = self._dispatch(endpoint, path, query, params, headers, body, defer,
+                                          call)
         except HTTPError as exc:
             response = Response.refusal(exc)
         finally:
@@ -2666,7 +2830,7 @@ class Microservice:
                             [('Allow', allowed)])
         return endpoint, params
 
-    def _dispatch(self, endpoint, path, query, params, headers, body, defer=False):
+    def _dispatch(self, endpoint, path, query, params, headers, body, defer=False, call=None):
         mode = endpoint.mode
         data = self._parse_body(body) if body and mode != 'raw' else {}
         if mode == 'raw':
@@ -2683,20 +2847,26 @@ class Microservice:
                     raise HTTPError(400, str(exc)) from None
             args, kwargs, given_token = [], data, None
         self._check_token(endpoint.rule, headers, given_token, kwargs, mode)
+        # A page's address carries what browsers and campaigns add (?utm_source=...): the
+        # Flask-like view passes only what the function takes.  A rule's query is its
+        # arguments, so one it cannot take is the caller's mistake (400).
+        keywords = endpoint.keywords if mode == 'raw' else None
         for name, value in query.items():
-            kwargs.setdefault(name, _query_value(value) if mode != 'raw' else value)
+            if keywords is None or name in keywords:
+                kwargs.setdefault(name, _query_value(value) if mode != 'raw' else value)
         kwargs.update(params)
         typed = mode != 'raw' and 'x-mconnector' in headers
         try:
-            result = endpoint.func(*args, **kwargs)
+            result = _call_in_request(call, endpoint.func, *args, **kwargs)
             if hasattr(result, '__await__'):
+                result = _in_request(call, result)
                 if defer:
                     return _Deferred(result, functools.partial(
-                        self._settle, endpoint, args, kwargs, mode, typed))
-                result = _run_coroutine(_as_coroutine(result))
+                        self._settle, endpoint, args, kwargs, mode, typed, call))
+                result = _run_coroutine(result)
         except Exception as exc:
             return self._raised(endpoint, args, kwargs, exc)
-        return self._answer(mode, result, typed)
+        return self._answer(mode, result, typed, call)
 
     def _raised(self, endpoint, args, kwargs, exc):
         if isinstance(exc, TypeError):
@@ -2705,7 +2875,7 @@ class Microservice:
             endpoint.check_arguments(args, kwargs)
         return self._failure(endpoint, exc)
 
-    def _settle(self, endpoint, args, kwargs, mode, typed, done):
+    def _settle(self, endpoint, args, kwargs, mode, typed, call, done):
         """The Response of an async rule whose coroutine `done` (a future) has ended."""
         try:
             try:
@@ -2716,7 +2886,7 @@ class Microservice:
                 if not isinstance(exc, Exception):
                     return Response.error(503, 'ServiceUnavailable', 'the listener stopped')
                 return self._raised(endpoint, args, kwargs, exc)
-            return self._answer(mode, result, typed)
+            return self._answer(mode, result, typed, call)
         except HTTPError as exc:
             return Response.refusal(exc)
 
@@ -2770,12 +2940,15 @@ class Microservice:
         return Response.error(500, type_name, str(exc), traceback=trace)
 
     @staticmethod
-    def _answer(mode, result, typed):
+    def _answer(mode, result, typed, call=None):
         if mode == 'raw':
             return _raw_answer(result)
         notes = [] if typed else None
         if mode == 'stream':
-            return Response(200, _stream_json(result))
+            pieces = _stream_json(result)
+            # A generator's body runs as its pieces are asked for, on a worker or in the
+            # WSGI server: it sees its request all the same.
+            return Response(200, pieces if call is None else _pieces_in_request(call, pieces))
         if mode != 'dict':
             result = list(result) if type(result) is tuple else [result]
         try:
@@ -2974,7 +3147,9 @@ class Microservice:
             response = Response.refusal(exc)
         else:
             target, sent_target = _wsgi_targets(environ)
-            response = self.handle(method, target, headers, body, sent_target)
+            port = environ.get('REMOTE_PORT')
+            client = (environ.get('REMOTE_ADDR'), int(port) if port and port.isdigit() else None)
+            response = self.handle(method, target, headers, body, sent_target, client)
             self._metrics.transferred(len(body), len(response.body)
                                       if isinstance(response.body, bytes) else 0)
         body = response.body
@@ -3193,8 +3368,10 @@ class SocketServer:
                  max_frame_size=None, handshake_timeout=_WS_HANDSHAKE_TIMEOUT,
                  ping_interval=_WS_PING_INTERVAL, ping_timeout=_WS_PING_TIMEOUT,
                  close_timeout=_WS_CLOSE_TIMEOUT, ssl_context=None, secretKey=None,
-                 max_workers=64):
+                 max_workers=64, trusted_proxies=None):
         self.name = name
+        self.trusted_proxies = trusted_proxies
+        self._trusted = _trusted_proxies(trusted_proxies)
         self.secretKey = secretKey
         self._nonces = NonceCache()
         self.subprotocols = list(subprotocols or ())
@@ -3238,7 +3415,7 @@ class SocketServer:
     def add_route(self, rule, handler, render=False):
         """Route `rule` to `handler` (a router handler, or a render one).  Raises RouteError
         for a malformed rule."""
-        self.routes.add(rule, (handler, render))
+        self.routes.add(rule, (handler, render, rule))
 
     # -- serving ------------------------------------------------------------------------------
 
@@ -5176,7 +5353,7 @@ class _HTTPSession:
         """On a worker: the answer, handed to the loop."""
         try:
             answer = self.service._handle(head.method, head.target, head.headers, body,
-                                          defer=True)
+                                          defer=True, client=self.conn.address)
         except Exception:           # handle() answers everything a peer can send
             log.exception('%s: error while answering %s', self.service.name, head.target)
             answer = Response.error(500, 'InternalError', 'the listener failed: see its log')
@@ -5352,7 +5529,7 @@ class _WsHandshake:
         conn.write(_ws_accept_response(request))
         conn.deadline = None
         ws = _ServerWebSocket(conn, app, request, target[0], target[1],
-                              tuple(params.values()))
+                              tuple(params.values()), target[2])
         conn.session = ws
         leftover = self.http.trailing_data[0]
         if leftover:
@@ -5382,10 +5559,12 @@ class _ServerWebSocket(_WebSocketBase):
 
     _client = False
 
-    def __init__(self, conn, app, request, handler, render, args):
+    def __init__(self, conn, app, request, handler, render, args, rule=None):
         import collections
         self.conn = conn
         self.app = app
+        self.request = RequestContext('GET', request.target, request.path, rule,
+                                      request.headers, conn.address, app._trusted)
         self.path = request.path
         self.query = request.query
         self.headers = request.headers
@@ -5549,12 +5728,13 @@ class _ServerWebSocket(_WebSocketBase):
         if self._async:
             import asyncio
             coroutine = self._handler(_AsyncWebSocket(self), message, *self._args)
-            self._task = asyncio.run_coroutine_threadsafe(_as_coroutine(coroutine),
+            self._task = asyncio.run_coroutine_threadsafe(_in_request(self.request, coroutine),
                                                           _event_loop())
             self._task.add_done_callback(self._handler_done)
         else:
             self._running = True
-            self.conn.server.workers.submit(self._run_render, message)
+            self.conn.server.workers.submit(_call_in_request, self.request, self._run_render,
+                                            message)
 
     def _run_render(self, message):
         try:
@@ -5584,10 +5764,11 @@ class _ServerWebSocket(_WebSocketBase):
     def _start_router(self):
         if self._async:
             import asyncio
-            self._task = asyncio.run_coroutine_threadsafe(self._route_async(), _event_loop())
+            self._task = asyncio.run_coroutine_threadsafe(
+                _in_request(self.request, self._route_async()), _event_loop())
             self._task.add_done_callback(self._router_done)
         else:
-            self.conn.server.workers.submit(self._route)
+            self.conn.server.workers.submit(_call_in_request, self.request, self._route)
 
     def _next_message(self):
         with self._cond:

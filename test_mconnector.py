@@ -1346,6 +1346,27 @@ class ListenerTest(unittest.TestCase):
         self.assertIn(b'Content-Type: text/html', reply)
         self.assertTrue(reply.endswith(b'<b>ann 1</b>'), reply)
 
+    def test_flask_like_app_passes_only_the_query_parameters_the_function_takes(self):
+        @self.M.app.route('/any')
+        def any_query(**query):
+            return query
+
+        @self.M.app.route('/kw-only/<name>')
+        def kw_only(name, *, page='1'):
+            return '%s %s' % (name, page)
+        for target, body in ((b'/page/ann?utm_source=x&q=2', b'<b>ann 2</b>'),
+                             (b'/page/ann?name=eve', b'<b>ann none</b>'),   # the path's wins
+                             (b'/kw-only/x?page=3&fbclid=y', b'x 3'),
+                             (b'/any?a=1&b=', b'{"a": "1", "b": ""}')):
+            reply = raw_request(self.port, b'GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n'
+                                % target)
+            self.assertEqual(status_of(reply), 200, reply)
+            self.assertTrue(reply.endswith(body), reply)
+        # a rule's query string is its arguments: one it does not take is refused
+        reply = raw_request(self.port, b'GET /user/ann/2?utm_source=x HTTP/1.1\r\nHost: x\r\n'
+                            b'Connection: close\r\n\r\n')
+        self.assertEqual(status_of(reply), 400, reply)
+
     @builtin_server_only
     def test_head_keep_alive_and_expect_continue(self):
         with socket.create_connection(('127.0.0.1', self.port), timeout=5) as sock:
@@ -1774,6 +1795,192 @@ class AsyncSenderTest(unittest.TestCase):
             self.assertEqual(str(inspect.signature(rule)), '(x)')
         self.assertFalse(inspect.iscoroutinefunction(M.reply(lambda: 1)))
         self.assertTrue(inspect.iscoroutinefunction(mconnector.AsyncFriend.send))
+
+
+def seen(request):
+    """What a rule tells of mconnector.request, as JSON can carry it."""
+    return {'method': request.method, 'target': request.target, 'path': request.path,
+            'rule': request.rule, 'who': request.headers.get('x-who'),
+            'peer': request.remote_address[0], 'client': request.client,
+            'time_left': request.time_left}
+
+
+class RequestContextTest(unittest.TestCase):
+    """mconnector.request inside sync and async rules, streams and the Flask-like view,
+    set in the thread or task that runs the function and nowhere else."""
+
+    shell = 'builtin'
+
+    def setUp(self):
+        from mconnector import request
+        M = self.M = Microservice('ctx', trusted_proxies=['127.0.0.0/8'])
+        self.both_in = threading.Barrier(2, timeout=10)
+        arrived = [0]
+
+        @M.typing('/who/<name>', methods=['GET', 'POST'])
+        def who(name, extra=None):
+            return seen(request)
+
+        @M.typing('/who-async')
+        async def who_async():
+            import asyncio
+            await asyncio.sleep(0)
+            return seen(request)
+
+        @M.typing('/gen')
+        @M.stream
+        def gen(n):
+            for _ in range(n):
+                yield request.headers.get('x-who')
+
+        @M.typing('/agen')
+        @M.stream
+        async def agen(n):
+            for _ in range(n):
+                yield request.headers.get('x-who')
+
+        @M.typing('/pair')
+        def pair():
+            self.both_in.wait()             # two calls in at once, on two workers
+            return request.headers['x-who']
+
+        @M.typing('/pair-async')
+        async def pair_async():
+            import asyncio
+            arrived[0] += 1                 # (the one asyncio loop: no race)
+            for _ in range(1000):
+                if arrived[0] >= 2:
+                    break
+                await asyncio.sleep(0.005)
+            return request.headers['x-who']
+
+        @M.app.route('/page')
+        def page():
+            return '%s %s' % (request.method, request.rule)
+        self.friend = Service.start(self, M, headers={'X-Who': 'ann'})
+        self.port = M.port
+
+    def test_sync_and_async_rules_see_their_request(self):
+        for rule in ('/who/x', '/who-async'):
+            with self.subTest(rule=rule):
+                got = self.friend.send(rule)
+                self.assertEqual(got['method'], 'POST')
+                self.assertEqual((got['target'], got['path']), (rule, rule))
+                self.assertEqual(got['rule'], '/who/<name>' if rule == '/who/x' else rule)
+                self.assertEqual(got['who'], 'ann')
+                self.assertEqual((got['peer'], got['client']), ('127.0.0.1', '127.0.0.1'))
+                # the sender's own timeout (30 s), less what the call took so far
+                self.assertTrue(25 < got['time_left'] <= 30, got['time_left'])
+        self.assertFalse(mconnector.request)        # nothing leaks into the caller
+        with self.assertRaises(RuntimeError):
+            mconnector.request.headers
+
+    def test_query_string_method_and_no_deadline_from_other_senders(self):
+        reply = raw_request(self.port, b'GET /who/%C3%A9?extra=1 HTTP/1.1\r\nHost: x\r\n'
+                            b'Connection: close\r\n\r\n')
+        got = json.loads(reply.split(b'\r\n\r\n', 1)[1])[0]
+        self.assertEqual((got['method'], got['target'], got['path']),
+                         ('GET', '/who/%C3%A9?extra=1', '/who/\xe9'))
+        self.assertIsNone(got['time_left'])
+        self.assertIsNone(got['who'])
+
+    def test_streams_see_their_request_as_they_are_produced(self):
+        self.assertEqual(self.friend.json('/gen', n=3), ('ann', 'ann', 'ann'))
+        self.assertEqual(self.friend.json('/agen', n=2), ('ann', 'ann'))
+
+    def test_calls_at_once_each_see_their_own(self):
+        for rule in ('/pair', '/pair-async'):
+            with self.subTest(rule=rule):
+                friends = [Friend(name, self.M.url, headers={'X-Who': name})
+                           for name in ('bob', 'eve')]
+                with concurrent.futures.ThreadPoolExecutor(2) as calls:
+                    answers = list(calls.map(lambda f: f.send(rule), friends))
+                for friend in friends:
+                    friend.close()
+                self.assertEqual(answers, ['bob', 'eve'])
+
+    def test_a_worker_keeps_nothing_from_one_call_to_the_next(self):
+        M = Microservice('one-worker', max_workers=1)
+
+        @M.typing('/who')
+        def who():
+            return mconnector.request.headers.get('x-who')
+        plain = Service.start(self, M)
+        named = Friend('named', M.url, headers={'X-Who': 'ann'})
+        self.addCleanup(named.close)
+        self.assertEqual([named.send('/who'), plain.send('/who'), named.send('/who')],
+                         ['ann', None, 'ann'])
+
+    def test_the_forwarded_client_only_from_a_trusted_proxy(self):
+        forwarded = {'X-Forwarded-For': '203.0.113.9, 10.0.0.1, 127.0.0.1'}
+        with Friend('proxied', self.M.url, headers=forwarded) as friend:
+            self.assertEqual(friend.send('/who/x')['client'], '10.0.0.1')
+        self.M._trusted = mconnector._trusted_proxies(['127.0.0.1', '10.0.0.0/8'])
+        with Friend('proxied', self.M.url, headers=forwarded) as friend:
+            got = friend.send('/who/x')
+        self.assertEqual((got['peer'], got['client']), ('127.0.0.1', '203.0.113.9'))
+        self.M._trusted = None          # (trusted_proxies=None: the header is anyone's)
+        with Friend('proxied', self.M.url, headers=forwarded) as friend:
+            self.assertEqual(friend.send('/who/x')['client'], '127.0.0.1')
+
+    def test_the_flask_like_view(self):
+        reply = raw_request(self.port, b'GET /page HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')
+        self.assertTrue(reply.endswith(b'GET /page'), reply)
+
+    def test_async_sender_deadline(self):
+        async def main():
+            async with mconnector.AsyncFriend('a', self.M.url, timeout=5) as friend:
+                return await friend.send('/who-async')
+        self.assertTrue(0 < run_async(main())['time_left'] <= 5)
+
+
+class WSGIRequestContextTest(RequestContextTest):
+    """The same through the WSGI entry, under wsgiref."""
+
+    shell = 'wsgi'
+
+
+class WebSocketRequestContextTest(unittest.TestCase):
+    """mconnector.request in websocket handlers: the handshake's headers and the route."""
+
+    def test_every_kind_of_handler(self):
+        from mconnector import request
+        sk = mconnector.SocketServer('ctx', trusted_proxies='127.0.0.1')
+
+        def told(message):
+            return '%s %s %s %s %s' % (message, request.path, request.rule,
+                                      request.headers.get('x-who'), request.client)
+
+        @sk.router('/plain/<n:int>')
+        def plain(message, n):
+            return told(message)
+
+        @sk.router('/async')
+        async def asynchronous(message):
+            return told(message)
+
+        @sk.render('/render')
+        def render(ws, message):
+            ws.send(told(message))
+            ws.send(told(ws.recv()))
+
+        @sk.render('/render-async')
+        async def render_async(ws, message):
+            await ws.send(told(message))
+            await ws.send(told(await ws.recv()))
+        sk.run(port=0)
+        self.addCleanup(sk.stop)
+        headers = {'X-Who': 'ann', 'X-Forwarded-For': '198.51.100.7'}
+        expected = {'/plain/3': '/plain/<n:int>', '/async': '/async', '/render': '/render',
+                    '/render-async': '/render-async'}
+        for path, rule in expected.items():
+            with self.subTest(path=path):
+                with mconnector.SocketClient('127.0.0.1:%d' % sk.port, path,
+                                             headers=headers) as ws:
+                    ws.send('a')
+                    self.assertEqual(ws.recv(5), 'a %s %s ann 198.51.100.7' % (path, rule))
+                    ws.send('b')
+                    self.assertEqual(ws.recv(5), 'b %s %s ann 198.51.100.7' % (path, rule))
 
 
 class CommandLineTest(unittest.TestCase):
