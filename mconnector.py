@@ -64,7 +64,7 @@ __version__ = '1.1.0'
 
 __all__ = [
     # listener and sender
-    'Microservice', 'SanicApp', 'Friend', 'AsyncFriend', 'Response', 'request',
+    'Microservice', 'SanicApp', 'Friend', 'AsyncFriend', 'TestClient', 'Response', 'request',
     'RequestContext',
     # values
     'register', 'to_wire', 'from_wire', 'dumps', 'loads',
@@ -3196,6 +3196,11 @@ class Microservice:
             parts.append(reader.read(buf, not data))
         return b''.join(parts)
 
+    def test_client(self, remote_address=('127.0.0.1', None), **options):
+        """A Friend whose calls this listener answers in process, with no socket and no
+        thread, whether or not it is serving: see TestClient."""
+        return TestClient(self, remote_address, **options)
+
     @property
     def app(self):
         """A Flask-like view of this listener: `@app.route(rule)` serves GET by default and
@@ -4013,6 +4018,106 @@ class AsyncFriend(Friend):
 
     def __repr__(self):
         return '<AsyncFriend %r at %s>' % (self.name, self.address)
+
+
+class TestClient(Friend):
+    """M.test_client(): a Friend (the same methods, options, results, exceptions, tokens
+    and signatures) whose calls go to M's dispatch in the calling thread, as bytes through
+    the HTTP core both ways, without a socket.  `remote_address` is the peer that the rules
+    see in mconnector.request; `options` are Friend's (token, secretKey, headers, timeout,
+    ruleMethods...).  A rule slower than `timeout` raises CallTimeout once it has returned.
+    """
+
+    __test__ = False        # not a test case, for runners that collect Test* names
+
+    def __init__(self, service, remote_address=('127.0.0.1', None), **options):
+        super().__init__(options.pop('name', 'test'), service.url, **options)
+        self.service = service
+        self.remote_address = remote_address
+
+    def __repr__(self):
+        return '<TestClient of %r>' % self.service.name
+
+    def _acquire(self):
+        conn = _ClientConnection(self._connect_host, self._port, max_reply=self.max_reply)
+        conn.sock = _InProcess(self.service, self.remote_address)
+        conn.http = HTTPConnection(client=True, max_body=self.max_reply)
+        return conn
+
+    def _release(self, conn):
+        conn.close()
+
+    async def _attempt_async(self, *attempt):
+        # The listener answers in the calling thread, and an async rule on the shared
+        # loop: not in this event loop's thread, which it would block.
+        import asyncio
+        return await asyncio.get_running_loop().run_in_executor(None, self._attempt, *attempt)
+
+
+class _InProcess:
+    """The socket of a TestClient's connection: the request written to it is answered by
+    the listener's handle() at once, framed by the listener's HTTP core; recv() reads the
+    answer."""
+
+    def __init__(self, service, remote_address):
+        self.service = service
+        self.remote_address = remote_address
+        self.http = HTTPConnection(max_body=service.max_body,
+                                   keep_alive_timeout=service.timeout)
+        self.head = None
+        self.parts = []
+        self.answer = bytearray()
+
+    def settimeout(self, timeout):
+        pass
+
+    def sendall(self, data):
+        http = self.http
+        http.receive_data(bytes(data))
+        while True:
+            try:
+                event = http.next_event()
+            except HTTPError as exc:
+                self.service._metrics.refused(self.head.method if self.head else None,
+                                              exc.status)
+                self._write(Response.refusal(exc))
+                return
+            if event is NEED_DATA or event is PAUSED or event is CLOSED:
+                return
+            if type(event) is bytes:
+                self.parts.append(event)
+            elif event is END_OF_MESSAGE:
+                head, body = self.head, b''.join(self.parts)
+                self.head, self.parts = None, []
+                self._write(self.service.handle(head.method, head.target, head.headers, body,
+                                                client=self.remote_address))
+            else:
+                self.head = event
+
+    def _write(self, response):
+        http, body = self.http, response.body
+        if isinstance(body, (bytes, bytearray)):
+            self.answer += http.send_response(response.status, response.headers, bytes(body))
+            return
+        self.answer += http.send_response(response.status, response.headers, None)
+        if not http.sends_body:
+            _close_stream(body)
+        else:
+            try:
+                for piece in body:
+                    self.answer += http.send_data(piece)
+            except Exception as exc:    # as the serving shell does: the stream is cut
+                log.warning('stream failed: %s: %s', type(exc).__name__, exc)
+                return
+        self.answer += http.send_end()
+
+    def recv(self, size):
+        data = bytes(self.answer[:size])
+        del self.answer[:size]
+        return data
+
+    def close(self):
+        pass
 
 
 class _Tries:

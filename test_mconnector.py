@@ -1983,6 +1983,145 @@ class WebSocketRequestContextTest(unittest.TestCase):
                     self.assertEqual(ws.recv(5), 'b %s %s ann 198.51.100.7' % (path, rule))
 
 
+class TestClientTest(unittest.TestCase):
+    """M.test_client(): Friend's answers, errors, tokens and signatures, in process."""
+
+    def service(self, **options):
+        M = Microservice('tested', token={'/secret': 's3cret', '/locked': 'x'}, **options)
+
+        @M.typing('/add', methods=['GET', 'POST'])
+        def add(a, b=1):
+            return a + b
+
+        @M.typing('/same')
+        def same(*args, **kwargs):
+            return args, kwargs
+
+        @M.typing('/boom')
+        def boom():
+            raise KeyError('no such thing')
+
+        @M.typing('/secret')
+        def secret():
+            return 'in'
+
+        @M.typing('/locked')
+        def locked():
+            return 'never'
+
+        @M.typing('/kw')
+        @M.dict
+        def kw(**kwargs):
+            return kwargs
+
+        @M.typing('/gen')
+        @M.stream
+        def gen(n):
+            for i in range(n):
+                yield {'i': i}
+
+        @M.typing('/cut')
+        @M.stream
+        def cut():
+            yield 1
+            raise ValueError('halfway')
+
+        @M.typing('/async')
+        async def asynchronous(x):
+            import asyncio
+            await asyncio.sleep(0)
+            return x * 2
+
+        @M.typing('/who')
+        def who():
+            return seen(mconnector.request)
+
+        @M.typing('/late')
+        def late():             # runs until its caller has given up
+            while mconnector.request.time_left:
+                time.sleep(0.01)
+            return 'late'
+        return M
+
+    CALLS = [
+        lambda f: f.send('/add', 2, b=3),
+        lambda f: f.send('/same', (1, 2), {3}, b'\x00', k=frozenset({4})),
+        lambda f: f.json('/kw', a=[1], b={'c': None}),
+        lambda f: f.json('/gen', n=3),
+        lambda f: f.send('/async', 21),
+        lambda f: f.send('/secret'),
+        lambda f: f.json('/add', method='GET', a=1),
+        lambda f: f.send('/boom'),
+        lambda f: f.send('/nowhere'),
+        lambda f: f.json('/add', method='DELETE', a=1),
+        lambda f: f.send('/add', 1, 2, 3),
+        lambda f: f.send('/locked'),
+        lambda f: f.json('/cut'),
+        lambda f: f.rules(),
+        lambda f: f.health()['status'],
+    ]
+
+    def outcomes(self, friend):
+        out = []
+        for call in self.CALLS:
+            try:
+                value = call(friend)
+            except mconnector.MConnectorError as exc:
+                value = (type(exc).__name__, str(exc))
+            reply = friend.lastreply
+            out.append((value, reply.status, reply.headers.get('content-type'),
+                        reply.headers.get('x-mconnector-types'), reply.headers.get('allow')))
+        return out
+
+    def test_the_same_outcomes_as_a_friend_over_a_socket(self):
+        M = self.service()
+        friend = Service.start(self, M, token={'/secret': 's3cret'})
+        client = M.test_client(token={'/secret': 's3cret'})     # (the same address)
+        with self.assertLogs('mconnector', 'WARNING'):
+            expected = self.outcomes(friend)
+            got = self.outcomes(client)
+        self.assertEqual(got, expected)
+        self.assertEqual(got[0][0], 5)
+        self.assertEqual([type(value).__name__ if not isinstance(value, tuple) else value[0]
+                          for value, *_ in got[7:13]],
+                         ['RemoteError', 'NotFound', 'MethodNotAllowed', 'BadRequest',
+                          'AuthError', 'NetworkError'])
+
+    def test_signed_calls(self):
+        M = self.service(secretKey='k')
+        self.assertEqual(M.test_client(secretKey='k').send('/add', 1), 2)
+        for client in (M.test_client(), M.test_client(secretKey='wrong')):
+            with self.assertRaises(mconnector.AuthError):
+                client.send('/add', 1)
+
+    def test_in_process_with_its_request_and_timeout(self):
+        M = self.service()
+        client = M.test_client(headers={'X-Who': 'ann'}, remote_address=('10.1.2.3', 5555),
+                               timeout=5)
+        got = client.send('/who')
+        self.assertEqual((got['who'], got['peer'], got['client'], got['rule']),
+                         ('ann', '10.1.2.3', '10.1.2.3', '/who'))
+        self.assertTrue(0 < got['time_left'] <= 5)
+        self.assertFalse(mconnector.request)        # answered in this thread; nothing left
+        self.assertIsNone(M._server)                # never served: no socket
+        self.assertEqual(M.stats['connections'], 0)
+        import asyncio
+        self.assertEqual(asyncio.run(client.send_async('/async', 4)), 8)
+        with self.assertRaises(mconnector.CallTimeout) as caught:
+            M.test_client(timeout=0.2).send('/late')
+        self.assertIn('/late did not answer within 0.2s', str(caught.exception))
+
+    def test_the_readme_example(self):
+        with open(os.path.join(HERE, 'README.md'), encoding='utf-8') as readme:
+            section = readme.read().split('## Testing your service')[1]
+        code = section.split('```python\n', 1)[1].split('```', 1)[0]
+        out = subprocess.run([sys.executable, '-c', code + 'unittest.main()'],
+                             cwd=os.path.join(HERE, 'examples'), capture_output=True,
+                             text=True, timeout=60, env=dict(os.environ, PYTHONPATH=HERE))
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertIn('Ran 1 test', out.stderr)
+
+
 class CommandLineTest(unittest.TestCase):
     def run_cli(self, *args, **options):
         return subprocess.run([sys.executable, '-m', 'mconnector'] + list(args), cwd=HERE,
