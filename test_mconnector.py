@@ -2335,6 +2335,21 @@ class ModuleTest(unittest.TestCase):
         out = subprocess.run([sys.executable, '-c', code], cwd=HERE, capture_output=True, text=True)
         self.assertEqual(out.stdout.strip(), '[]', out.stderr)
 
+    def test_no_symbolic_links(self):
+        # A Windows checkout turns a link into a text file holding its target.
+        links = [os.path.relpath(os.path.join(folder, name), HERE)
+                 for folder, dirs, files in os.walk(HERE) if '.git' not in folder.split(os.sep)
+                 for name in dirs + files if os.path.islink(os.path.join(folder, name))]
+        self.assertEqual(links, [])
+
+    def test_examples_run_from_anywhere(self):
+        # Each finds the checkout's module one folder up, whatever the working directory.
+        code = 'import runpy, sys; sys.argv = ["app1"]; runpy.run_path(%r); print("ok")' \
+            % os.path.join(HERE, 'examples', 'app1.py')
+        out = subprocess.run([sys.executable, '-I', '-c', code], cwd=os.path.dirname(HERE),
+                             capture_output=True, text=True, timeout=30)
+        self.assertEqual(out.stdout.strip(), 'ok', out.stderr)
+
 
 # ==========================================================================================
 # Security and robustness (issue 5)

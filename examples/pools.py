@@ -1,9 +1,11 @@
-"""The seed's chapter 8 example, unchanged but for the import line.
+"""The seed's chapter 8 example, unchanged but for where it finds mconnector.
 
     python examples/pools.py
 
 Every id's items are printed in the order they were submitted.
 """
+import os, sys  # the checkout's mconnector.py, one folder up: a project holds its own
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mconnector import DistributedThreads, DistributedProcess, Worker
 import random
 import time

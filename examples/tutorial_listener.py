@@ -4,6 +4,8 @@
 """
 import time
 
+import os, sys  # the checkout's mconnector.py, one folder up: a project holds its own
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mconnector import Microservice
 
 Micro = Microservice(__name__)

@@ -4,6 +4,8 @@
 """
 import sys
 
+import os, sys  # the checkout's mconnector.py, one folder up: a project holds its own
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mconnector import Friend
 
 address = sys.argv[1] if len(sys.argv) > 1 else 'http://localhost:5000'

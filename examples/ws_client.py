@@ -7,6 +7,8 @@ of the websockets package: no asyncio needed, the connection is a plain object.
 Type names; the answer 'close' (or an empty line, or Ctrl+D) ends the conversation.
 """
 
+import os, sys  # the checkout's mconnector.py, one folder up: a project holds its own
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mconnector import SocketClient
 
 

@@ -11,6 +11,8 @@ It is the server the Autobahn|Testsuite runs against (the suite sends messages o
 import logging
 import sys
 
+import os, sys  # the checkout's mconnector.py, one folder up: a project holds its own
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mconnector import SocketServer
 
 sk = SocketServer(__name__, max_size=32 * 2 ** 20)

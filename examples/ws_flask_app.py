@@ -7,6 +7,8 @@ sk.run() returns at once; app.run() then blocks in the main thread.  Ctrl+C stop
 
 import time
 
+import os, sys  # the checkout's mconnector.py, one folder up: a project holds its own
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mconnector import SocketServer, Microservice
 
 sk = SocketServer(__name__)

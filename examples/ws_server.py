@@ -6,6 +6,8 @@ sk.run() serves in a background thread and returns; that thread keeps the script
 until Ctrl+C, which closes the connections (1001) and exits without a traceback.
 """
 
+import os, sys  # the checkout's mconnector.py, one folder up: a project holds its own
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mconnector import SocketServer
 
 sk = SocketServer(__name__)

@@ -1,1 +1,0 @@
-../mconnector.py
