@@ -3925,21 +3925,13 @@ class Friend:
             await pool.watch()
         conn = pool.acquire(self)
         try:
-            for attempt in (1, 2):
-                reused = conn.writer is not None
-                try:
-                    await _in_time(conn.send(method, target, headers, body), deadline)
-                except OSError as exc:
-                    conn.abort()
-                    if reused and attempt == 1 and not isinstance(exc, socket.timeout):
-                        continue
-                    raise self._not_sent(exc, where)
-                break
-            try:
-                reply, keep_alive = await _in_time(conn.receive(), deadline)
-            except (OSError, HTTPError) as exc:
-                conn.abort()
-                raise self._lost(exc, where)
+            # One timer for the whole try (cheaper than one per step): whether the
+            # request had gone out says which timeout it was.
+            reply, keep_alive = await _in_time(self._try_on(conn, method, target, headers,
+                                                            body, where), deadline)
+        except socket.timeout as exc:
+            conn.abort()
+            raise (self._lost if conn.sent else self._not_sent)(exc, where)
         except asyncio.CancelledError:
             # Whatever was written or is on its way back, the connection is not reused:
             # closing it is how the listener learns that the caller is gone.
@@ -3950,6 +3942,23 @@ class Friend:
         else:
             conn.close()
         return reply
+
+    async def _try_on(self, conn, method, target, headers, body, where):
+        for attempt in (1, 2):
+            reused = conn.writer is not None
+            try:
+                await conn.send(method, target, headers, body)
+            except OSError as exc:
+                conn.abort()
+                if reused and attempt == 1:
+                    continue        # a reused connection that failed the write: not sent
+                raise self._not_sent(exc, where)
+            break
+        try:
+            return await conn.receive()
+        except (OSError, HTTPError) as exc:
+            conn.abort()
+            raise self._lost(exc, where)
 
     def _not_sent(self, exc, where):
         """The _Failed of a try whose request cannot have arrived (`exc`: an OSError)."""
@@ -4304,11 +4313,12 @@ class _AsyncConnection(_ClientConnection):
     """A _ClientConnection on asyncio streams: the same core, the same replies, awaited
     on the event loop that opened it."""
 
-    __slots__ = ('reader', 'writer')
+    __slots__ = ('reader', 'writer', 'sent')
 
     def __init__(self, host, port, context=None, server_hostname=None, max_reply=MAX_BODY):
         super().__init__(host, port, context, server_hostname, max_reply)
         self.reader = self.writer = None
+        self.sent = False           # the request being sent is all written
 
     def reusable(self):
         """False once the listener closed this idle connection, or may be closing it."""
@@ -4317,6 +4327,7 @@ class _AsyncConnection(_ClientConnection):
             and super().reusable()
 
     async def send(self, method, target, headers, body):
+        self.sent = False
         if self.writer is None:
             import asyncio
             tls = {} if self.context is None else {
@@ -4330,6 +4341,7 @@ class _AsyncConnection(_ClientConnection):
                 pass
         self.writer.write(self.http.send_request(method, target, headers, body))
         await self.writer.drain()
+        self.sent = True
 
     async def receive(self):
         """receive() of _ClientConnection, awaited; the caller bounds it in time."""

@@ -4,13 +4,17 @@
 
 Each listener runs in its own process (as services do); the sender is this process.
 Rows: sequential calls (microseconds per call, one connection kept alive) and calls from
-4 threads (calls per second).  The plain http.server handler is measured twice: with
+4 threads, or 4 tasks on one event loop for the asyncio senders (calls per second).  The plain http.server handler is measured twice: with
 mconnector's sender and with http.client (one kept-alive connection per thread).  The payload is small: one string argument, one string back.
 Where microservices-connector 0.3.7 itself, or Flask + requests (what it runs on, here with
-a kept-alive session), are installed, they are measured too; otherwise their row says so.  Compare the ratios of one run: the machines
+a kept-alive session), are installed, they are measured too; otherwise their row says so.
+The asyncio senders call mconnector's listener: AsyncFriend, and httpx.AsyncClient and
+aiohttp.ClientSession where those are installed.  Compare the ratios of one run: the machines
 these run on are shared and noisy.
 """
 import argparse
+import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -72,6 +76,9 @@ s = socket.socket(); s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]; s.clos
 print(port, flush=True)
 M.run(port=port, host='127.0.0.1')
 ''',
+    'mconnector + AsyncFriend (asyncio)': None,      # mconnector's listener, async senders
+    'mconnector + httpx.AsyncClient': None,
+    'mconnector + aiohttp.ClientSession': None,
     'Flask + requests (0.3.7 stack)': r'''
 import sys, logging, threading
 from flask import Flask, request, jsonify
@@ -154,6 +161,60 @@ def client_for(name, port):
     return call
 
 
+def async_client_for(name, port):
+    """For an asyncio sender: `async with session() as call` gives a coroutine function
+    that makes one call and checks the answer, on the running event loop."""
+    url = 'http://127.0.0.1:%d' % port
+    body = {'args': ['x'], 'kwargs': {}, 'token': None}
+    if name.endswith('httpx.AsyncClient'):
+        import httpx
+
+        @contextlib.asynccontextmanager
+        async def session():
+            async with httpx.AsyncClient(base_url=url) as client:
+                async def call():
+                    assert (await client.post('/hello', json=body)).json() == ['Welcome x']
+                yield call
+        return session
+    if name.endswith('aiohttp.ClientSession'):
+        import aiohttp
+
+        @contextlib.asynccontextmanager
+        async def session():
+            async with aiohttp.ClientSession(url) as client:
+                async def call():
+                    async with client.post('/hello', json=body) as reply:
+                        assert await reply.json() == ['Welcome x']
+                yield call
+        return session
+
+    @contextlib.asynccontextmanager
+    async def session():
+        async with mconnector.AsyncFriend('bench', url) as friend:
+            async def call():
+                assert await friend.send('/hello', 'x') == 'Welcome x'
+            yield call
+    return session
+
+
+def measure_async(session, calls, tasks):
+    """measure() for an asyncio sender: `tasks` tasks on one event loop."""
+    per_task = calls // tasks
+
+    async def run():
+        async with session() as call:
+            for _ in range(20):         # a connection open before the clock starts
+                await call()
+
+            async def task():
+                for _ in range(per_task):
+                    await call()
+            start = time.perf_counter()
+            await asyncio.gather(*(task() for _ in range(tasks)))
+            return time.perf_counter() - start, per_task * tasks
+    return asyncio.run(run())
+
+
 def measure(call, calls, threads):
     """Seconds for `calls` calls spread over `threads` threads, and the calls made."""
     per_thread = calls // threads
@@ -186,32 +247,43 @@ def main():
         listeners.insert(1, ('mconnector at ' + options.against, LISTENERS['mconnector']))
     try:
         for name, code in listeners:
+            asynchronous = name.startswith('mconnector + ')
             try:
                 if name.startswith('Flask'):
                     import flask, requests  # noqa: F401
                 elif name.startswith('microservices-connector'):
                     import microservices_connector  # noqa: F401
+                elif name.endswith('httpx.AsyncClient'):
+                    import httpx  # noqa: F401
+                elif name.endswith('aiohttp.ClientSession'):
+                    import aiohttp  # noqa: F401
             except ImportError:
                 missing.append(name)
                 continue
             other = name.startswith('mconnector at ')
+            if asynchronous:
+                code = LISTENERS['mconnector']
             proc, port = start_listener(code or LISTENERS['http.server (plain handler)'],
                                         os.path.dirname(os.path.abspath(options.against))
                                         if other else None)
             if proc is None:
                 missing.append(name)
                 continue
-            call = client_for(name, port)
-            for _ in range(100):
-                call()
+            if asynchronous:
+                call = async_client_for(name, port)
+            else:
+                call = client_for(name, port)
+                for _ in range(100):
+                    call()
             running.append((name, proc, call, [], []))
         # Rows take turns round by round, so that a busy moment of this shared machine
         # hits them all alike; the median of the rounds is what is shown.
         for _ in range(options.rounds):
             for name, proc, call, sequential, parallel in running:
-                seconds, n = measure(call, options.calls, 1)
+                how = measure_async if name.startswith('mconnector + ') else measure
+                seconds, n = how(call, options.calls, 1)
                 sequential.append(seconds / n * 1e6)
-                seconds, n = measure(call, options.calls, 4)
+                seconds, n = how(call, options.calls, 4)
                 parallel.append(n / seconds)
     finally:
         for _, proc, _, _, _ in running:
@@ -225,13 +297,14 @@ def main():
     rows = [(name, median(seq), median(par)) for name, _, _, seq, par in running]
     base = rows[0]
     print('%-40s %14s %10s %14s %10s' % ('listener + sender', 'sequential us', 'ratio',
-                                         '4 threads /s', 'ratio'))
+                                         '4 at once /s', 'ratio'))
     for name, seq, par in rows:
         print('%-40s %14.0f %9.2fx %14.0f %9.2fx' % (name, seq, seq / base[1], par, par / base[2]))
     for name in missing:
         print('%-40s %14s' % (name, 'not installed'))
     print('(median of %d rounds of %d calls; senders: mconnector.Friend for the mconnector rows'
-          ' and the plain handler, then http.client, 0.3.7\'s own Friend, requests.Session)'
+          ' and the plain handler, then http.client, 0.3.7\'s own Friend, requests.Session;'
+          ' 4 at once: 4 threads, or 4 tasks on one event loop for the asyncio senders)'
           % (options.rounds, options.calls))
 
 
