@@ -37,6 +37,11 @@ Map of this file, each section using only those before it:
                      serve --workers N, the reloader of run(debug=True) and serve --debug
 """
 
+# mypy: ignore-errors
+# (The public API is annotated, the function bodies not yet: a program that holds this file
+# beside its code gets its types without reports on its insides.  .ci/run checks it.)
+from __future__ import annotations      # annotations are text: typing is not imported to run
+
 import base64
 import binascii
 import bisect
@@ -59,6 +64,31 @@ import time
 # concurrent.futures, multiprocessing) are imported where they are first needed: importing
 # this module must stay cheap (under 30 ms).  The codec asks sys.modules for datetime,
 # decimal and uuid: a value of those types cannot exist before its module is imported.
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    # For type checkers only (mypy and pyright take TYPE_CHECKING for true): the
+    # decorators return the function they got, so a TypeVar keeps its signature on every
+    # Python; ParamSpec (the pools' submit()) and Self come from typing_extensions where
+    # typing lacks them (type checkers ship its stubs: nothing is installed).
+    import asyncio
+    import concurrent.futures
+    import ssl
+    from typing import (Any, AsyncIterator, Callable, Dict, Iterable, Iterator, List, Literal,
+                        Mapping, Optional, Sequence, Tuple, TypeVar, Union)
+    if sys.version_info >= (3, 11):
+        from typing import ParamSpec, Self
+    else:
+        from typing_extensions import ParamSpec, Self
+    F = TypeVar('F', bound=Callable[..., Any])
+    T = TypeVar('T')
+    C = TypeVar('C', bound=type)
+    P = ParamSpec('P')
+    Headers = Dict[str, str]                    # lower-case names, as the HTTP core reads them
+    HeaderPairs = Iterable[Tuple[str, str]]     # (name, value) pairs to send
+    Peer = Tuple[str, Optional[int]]            # (host, port)
+    Message = Union[str, bytes]                 # a websocket message as received
+    Event = Union['RequestHead', 'ResponseHead', bytes, '_Sentinel']
 
 __version__ = '1.1.0'
 
@@ -140,7 +170,8 @@ class RouteError(MConnectorError, ValueError):
 class RemoteError(MConnectorError):
     """The remote function raised; `type` and `message` are the remote exception's."""
 
-    def __init__(self, type_name, message, rule=None, address=None, traceback=None):
+    def __init__(self, type_name: str, message: str, rule: Optional[str] = None,
+                 address: Optional[str] = None, traceback: Optional[str] = None) -> None:
         self.type = type_name
         self.message = message
         self.rule = rule
@@ -156,9 +187,10 @@ class RemoteError(MConnectorError):
 class CallError(MConnectorError):
     """The listener refused the call with an HTTP status other than 500."""
 
-    status = None
+    status: Optional[int] = None
 
-    def __init__(self, message, status=None, rule=None, address=None):
+    def __init__(self, message: str, status: Optional[int] = None, rule: Optional[str] = None,
+                 address: Optional[str] = None) -> None:
         if status is not None:
             self.status = status
         self.message = message
@@ -333,7 +365,7 @@ _registry = {}           # name -> class, for classes restored by type notes
 _registered_names = {}   # class -> name
 
 
-def register(cls, name=None):
+def register(cls: C, name: Optional[str] = None) -> C:
     """Let instances of `cls` travel as themselves between mconnector peers.
 
     Both sides register the class under the same name (default: its ``__qualname__``).
@@ -378,7 +410,7 @@ def _slot_names(cls):
     return [n for n in names if n not in ('__dict__', '__weakref__')]
 
 
-def to_wire(value, notes=None):
+def to_wire(value: Any, notes: Optional[List[Any]] = None) -> Any:
     """Return `value` as JSON-ready data; append type notes to `notes` when it is a list.
 
     Raises CodecError for values that cannot travel (cycles, over-deep nesting).
@@ -528,7 +560,7 @@ def _restore_object(spec, value):
     return obj
 
 
-def from_wire(data, notes=None):
+def from_wire(data: Any, notes: Optional[List[Any]] = None) -> Any:
     """Undo to_wire(): restore the values that `notes` describe, in place where possible.
 
     `data` is what json.loads returned.  Raises CodecError for notes that do not fit it.
@@ -564,7 +596,7 @@ _ENCODER = json.JSONEncoder(allow_nan=False)
 _SORTED_ENCODER = json.JSONEncoder(allow_nan=False, sort_keys=True)
 
 
-def dumps(value, notes=None, sort_keys=False):
+def dumps(value: Any, notes: Optional[List[Any]] = None, sort_keys: bool = False) -> bytes:
     """JSON text (as bytes) of `value` converted by to_wire()."""
     try:
         encoder = _SORTED_ENCODER if sort_keys else _ENCODER
@@ -590,7 +622,7 @@ def _unique_keys(pairs):
 _decoder = json.JSONDecoder(parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
 
 
-def loads(body):
+def loads(body: Union[bytes, str]) -> Any:
     """Parse a JSON body (bytes or str) strictly: UTF-8, no NaN or Infinity, no
     duplicate keys, nesting within the interpreter's recursion limit.  Raises CodecError
     with a clear message."""
@@ -657,7 +689,7 @@ class Rule:
 
     __slots__ = ('rule', 'names', 'regex', '_converters')
 
-    def __init__(self, rule):
+    def __init__(self, rule: str) -> None:
         if not isinstance(rule, str) or not rule.startswith('/'):
             raise RouteError('a rule is a path starting with "/", got %r' % (rule,))
         self.rule = rule
@@ -701,10 +733,10 @@ class Rule:
         return name, regex, convert
 
     @property
-    def is_static(self):
+    def is_static(self) -> bool:
         return self.regex is None
 
-    def match(self, path):
+    def match(self, path: str) -> Optional[Dict[str, Any]]:
         """The parameters of `path` converted to their types, or None if it does not match."""
         if self.regex is None:
             return {} if path == self.rule else None
@@ -726,11 +758,11 @@ class Rule:
 class Router:
     """Rules to targets; static paths by dict lookup first, then patterns in order."""
 
-    def __init__(self):
-        self._static = {}
-        self._patterns = []
+    def __init__(self) -> None:
+        self._static: Dict[str, Tuple[Rule, Any]] = {}
+        self._patterns: List[Tuple[Rule, Any]] = []
 
-    def add(self, rule, target):
+    def add(self, rule: Union[str, Rule], target: Any) -> Rule:
         """Route `rule` (text or Rule) to `target`; a pattern added again replaces the old."""
         compiled = rule if isinstance(rule, Rule) else Rule(rule)
         if compiled.is_static:
@@ -740,7 +772,7 @@ class Router:
             self._patterns.append((compiled, target))
         return compiled
 
-    def find(self, path):
+    def find(self, path: str) -> Tuple[Any, Optional[Dict[str, Any]]]:
         """Return (target, params) for `path`, or (None, None)."""
         hit = self._static.get(path)
         if hit is not None:
@@ -751,12 +783,12 @@ class Router:
                 return target, params
         return None, None
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Tuple[Rule, Any]]:
         for compiled, target in self._static.values():
             yield compiled, target
         yield from self._patterns
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self._static) + len(self._patterns)
 
 
@@ -799,7 +831,7 @@ class HTTPError(MConnectorError):
     """A message the HTTP core refuses.  `status` is what a server answers with (400, 411,
     413, 414, 431, 501, 505...); None when the refused message was a server's reply."""
 
-    def __init__(self, status, message, headers=()):
+    def __init__(self, status: Optional[int], message: str, headers: HeaderPairs = ()) -> None:
         self.status = status
         self.message = message
         self.headers = list(headers)
@@ -812,7 +844,7 @@ class HTTPError(MConnectorError):
 _REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) (/[\x21-\x7e]*) HTTP/1\.([0-9])\r?\n")
 
 
-def parse_request_line(line):
+def parse_request_line(line: bytes) -> Tuple[str, str, Tuple[int, int]]:
     """b'POST /rule?x=1 HTTP/1.1\\r\\n' -> ('POST', '/rule?x=1', (1, 1)).
 
     Raises HTTPError (400, or 505 for an HTTP major version other than 1).
@@ -843,7 +875,7 @@ def parse_request_line(line):
     return method, target, (1, int(version[7]))
 
 
-def parse_header_line(line, headers):
+def parse_header_line(line: bytes, headers: Headers) -> None:
     """Add one b'Name: value\\r\\n' line to `headers` (lower-case names -> str values).
 
     Repeated fields are joined with ', ' (RFC 9110 5.3).  Raises HTTPError(400).
@@ -882,7 +914,7 @@ def _list_tokens(value):
     return [t.strip().lower() for t in value.split(',') if t.strip()]
 
 
-def parse_header_block(block):
+def parse_header_block(block: bytes) -> Headers:
     """b'Name: value\\r\\n...\\r\\n' (header lines and the blank line) -> dict with
     lower-case names; repeated fields joined with ', '.  Raises HTTPError: 431 for more
     than MAX_HEADERS lines or one over MAX_LINE bytes, 400 for anything malformed."""
@@ -908,7 +940,7 @@ def parse_header_block(block):
                     'header line too long' if len(lines[-1]) > MAX_LINE else 'truncated head')
 
 
-def parse_status_line(line):
+def parse_status_line(line: bytes) -> Tuple[Tuple[int, int], int, str]:
     """b'HTTP/1.1 200 OK\\r\\n' -> ((1, 1), 200, 'OK').  Raises HTTPError (status None),
     quoting the line, when it is not a status line of HTTP/1.0 or 1.1."""
     match = _STATUS_LINE.fullmatch(line)
@@ -930,7 +962,8 @@ class RequestHead:
 
     __slots__ = ('method', 'target', 'version', 'headers')
 
-    def __init__(self, method, target, version, headers):
+    def __init__(self, method: str, target: str, version: Tuple[int, int],
+                 headers: Headers) -> None:
         self.method, self.target, self.version, self.headers = method, target, version, headers
 
     def __repr__(self):
@@ -942,7 +975,8 @@ class ResponseHead:
 
     __slots__ = ('status', 'reason', 'version', 'headers')
 
-    def __init__(self, status, reason, version, headers):
+    def __init__(self, status: int, reason: str, version: Tuple[int, int],
+                 headers: Headers) -> None:
         self.status, self.reason, self.version, self.headers = status, reason, version, headers
 
     def __repr__(self):
@@ -1134,8 +1168,9 @@ class HTTPConnection:
     giving them a thread; larger and chunked bodies come as they arrive.
     """
 
-    def __init__(self, client=False, max_body=MAX_BODY, max_head=MAX_HEAD, assemble=ASSEMBLE,
-                 length_required=('POST', 'PUT', 'PATCH'), keep_alive_timeout=None):
+    def __init__(self, client: bool = False, max_body: int = MAX_BODY, max_head: int = MAX_HEAD,
+                 assemble: int = ASSEMBLE, length_required: Sequence[str] = ('POST', 'PUT', 'PATCH'),
+                 keep_alive_timeout: Optional[float] = None) -> None:
         self.client = client
         self.max_body = max_body
         self.max_head = max_head
@@ -1154,23 +1189,23 @@ class HTTPConnection:
         self._head_only = False
 
     @property
-    def trailing_data(self):
+    def trailing_data(self) -> Tuple[bytes, bool]:
         """(bytes received after the current message, whether input has ended): after a
         101, the first bytes of the new protocol."""
         return bytes(self._buf), self._eof
 
-    def buffered(self):
+    def buffered(self) -> bool:
         """Whether unprocessed bytes are waiting (a pipelined request, say)."""
         return bool(self._buf)
 
-    def receive_data(self, data):
+    def receive_data(self, data: bytes) -> None:
         """Take bytes from the peer; b'' means that its input has ended."""
         if data:
             self._buf += data
         else:
             self._eof = True
 
-    def next_event(self):
+    def next_event(self) -> Event:
         state = self._state
         if state is _BODY:
             body = self._body
@@ -1289,7 +1324,7 @@ class HTTPConnection:
         self._state = _BODY
         return head
 
-    def start_next_cycle(self):
+    def start_next_cycle(self) -> None:
         """After a complete exchange on a kept-alive connection: ready for the next one."""
         if self._state is not _DONE or self._streaming is not None or not self.keep_alive:
             raise RuntimeError('no complete exchange to move on from')
@@ -1299,7 +1334,8 @@ class HTTPConnection:
 
     # -- bytes out ------------------------------------------------------------------------
 
-    def send_request(self, method, target, headers, body=b''):
+    def send_request(self, method: str, target: str, headers: HeaderPairs,
+                     body: bytes = b'') -> bytes:
         """The bytes of a request (`headers`: (name, value) pairs, Host among them)."""
         self._method = method
         lines = ['%s %s HTTP/1.1\r\n' % (method, target)]
@@ -1309,18 +1345,19 @@ class HTTPConnection:
         lines.append('\r\n')
         return ''.join(lines).encode('latin-1') + body
 
-    def send_continue(self):
+    def send_continue(self) -> bytes:
         """'100 Continue', once, for a peer that waits for it before sending its body."""
         if not self.expects_continue:
             return b''
         self.expects_continue = False
         return b'HTTP/1.1 100 Continue\r\n\r\n'
 
-    def close_after_response(self):
+    def close_after_response(self) -> None:
         """The response about to be sent ends the connection (Connection: close)."""
         self.keep_alive = False
 
-    def send_response(self, status, headers, body=b''):
+    def send_response(self, status: int, headers: HeaderPairs,
+                      body: Optional[bytes] = b'') -> bytes:
         """The bytes of a response's head, and of `body` when it is bytes; body None: the
         body follows through send_data() and send_end().  Answers to HEAD, and 204 and 304
         answers, carry no body (204 not even its framing); after 101 the connection
@@ -1367,11 +1404,11 @@ class HTTPConnection:
         return data if self._head_only else data + body
 
     @property
-    def sends_body(self):
+    def sends_body(self) -> bool:
         """Whether the answer being sent has a body (not for HEAD, 204, 304)."""
         return not self._head_only
 
-    def send_data(self, data):
+    def send_data(self, data: bytes) -> bytes:
         """One piece of a streamed body (b'' sends nothing)."""
         if not data or self._head_only:
             return b''
@@ -1379,7 +1416,7 @@ class HTTPConnection:
             return b'%x\r\n%s\r\n' % (len(data), data)
         return bytes(data)
 
-    def send_end(self):
+    def send_end(self) -> bytes:
         """The end of a streamed body."""
         chunked = self._streaming == 'chunked'
         self._streaming = None
@@ -1463,7 +1500,9 @@ def _signature(key, method, target, timestamp, nonce, body):
     return hmac.new(key.encode('utf-8'), message.encode('utf-8'), hashlib.sha256).hexdigest()
 
 
-def sign_request(key, method, target, body, timestamp=None, nonce=None):
+def sign_request(key: str, method: str, target: str, body: bytes,
+                 timestamp: Optional[float] = None,
+                 nonce: Optional[str] = None) -> List[Tuple[str, str]]:
     """The headers that sign one request with `key` (str), as a list of (name, value)."""
     timestamp = str(int(time.time() if timestamp is None else timestamp))
     nonce = nonce or os.urandom(16).hex()
@@ -1474,13 +1513,13 @@ def sign_request(key, method, target, body, timestamp=None, nonce=None):
 class NonceCache:
     """Nonces seen within the signature window, forgotten once they are older than it."""
 
-    def __init__(self, window=SIGNATURE_WINDOW):
+    def __init__(self, window: float = SIGNATURE_WINDOW) -> None:
         self.window = window
         self._seen = {}
         self._lock = threading.Lock()
         self._next_prune = 0.0
 
-    def add(self, nonce, now):
+    def add(self, nonce: str, now: float) -> bool:
         """Record `nonce`; return False if it was already seen inside the window."""
         with self._lock:
             if now >= self._next_prune:
@@ -1493,7 +1532,8 @@ class NonceCache:
             return True
 
 
-def verify_request(key, method, target, headers, body, nonces, now=None):
+def verify_request(key: str, method: str, target: str, headers: Mapping[str, str], body: bytes,
+                   nonces: NonceCache, now: Optional[float] = None) -> None:
     """Raise HTTPError(401) unless the request carries a valid, fresh, unreplayed signature.
 
     `headers` maps lower-case names to values; `nonces` is a NonceCache."""
@@ -1521,21 +1561,24 @@ class Response:
 
     __slots__ = ('status', 'headers', 'body')
 
-    def __init__(self, status=200, body=b'', headers=(), content_type='application/json'):
+    def __init__(self, status: int = 200, body: Union[bytes, Iterable[bytes]] = b'',
+                 headers: HeaderPairs = (),
+                 content_type: Optional[str] = 'application/json') -> None:
         self.status = status
         self.body = body
         self.headers = [('Content-Type', content_type)] if content_type else []
         self.headers.extend(headers)
 
     @classmethod
-    def error(cls, status, type_name, message, headers=(), traceback=None):
+    def error(cls, status: int, type_name: str, message: str, headers: HeaderPairs = (),
+              traceback: Optional[str] = None) -> Response:
         error = {'status': status, 'type': type_name, 'message': message}
         if traceback:
             error['traceback'] = traceback
         return cls(status, json.dumps({'error': error}).encode('utf-8'), headers)
 
     @classmethod
-    def refusal(cls, exc):
+    def refusal(cls, exc: HTTPError) -> Response:
         """The error response for an HTTPError, its type named from _STATUS_ERRORS."""
         return cls.error(exc.status, _STATUS_ERRORS.get(exc.status, CallError).__name__,
                          exc.message, exc.headers)
@@ -1583,7 +1626,8 @@ class HandshakeError(WebSocketError):
     a valid websocket upgrade.  `status` is the HTTP status (sent or received), `path` the
     resource asked for; `headers` holds extra response headers the server sends with it."""
 
-    def __init__(self, status, message, path=None, headers=None):
+    def __init__(self, status: int, message: str, path: Optional[str] = None,
+                 headers: Optional[Mapping[str, str]] = None) -> None:
         self.status = status
         self.message = message
         self.path = path
@@ -1602,7 +1646,7 @@ class WebSocketProtocolError(WebSocketError):
 class PayloadTooBig(WebSocketError):
     """A message (or frame) is larger than the limit set (close code 1009)."""
 
-    def __init__(self, size, max_size, what='message'):
+    def __init__(self, size: int, max_size: int, what: str = 'message') -> None:
         self.size = size
         self.max_size = max_size
         self.what = what
@@ -1618,14 +1662,15 @@ class ConnectionClosed(WebSocketError, ConnectionError):
     `rcvd` and `sent` are the (code, reason) pairs of the close frames received and sent, or
     None.  `ok` is true for a normal ending (1000, 1001, or a close frame without a code)."""
 
-    def __init__(self, rcvd=None, sent=None):
+    def __init__(self, rcvd: Optional[Tuple[int, str]] = None,
+                 sent: Optional[Tuple[int, str]] = None) -> None:
         self.rcvd = rcvd
         self.sent = sent
         self.code, self.reason = rcvd or sent or (CloseCode.ABNORMAL, '')
         super().__init__(self.code, self.reason)
 
     @property
-    def ok(self):
+    def ok(self) -> bool:
         return self.code in (CloseCode.NORMAL, CloseCode.GOING_AWAY, CloseCode.NO_STATUS)
 
     def __str__(self):
@@ -1769,7 +1814,8 @@ class WebSocketProtocol:
     send() raises ConnectionClosed once a close frame was sent or received.
     """
 
-    def __init__(self, client=False, max_size=_WS_MAX_SIZE, max_frame_size=None):
+    def __init__(self, client: bool = False, max_size: Optional[int] = _WS_MAX_SIZE,
+                 max_frame_size: Optional[int] = None) -> None:
         self.client = client
         self.max_size = max_size
         self.max_frame_size = max_size if max_frame_size is None else max_frame_size
@@ -1788,7 +1834,7 @@ class WebSocketProtocol:
 
     # -- input --------------------------------------------------------------------------------
 
-    def receive_data(self, data):
+    def receive_data(self, data: bytes) -> None:
         """Take bytes received from the peer; b'' means the stream ended."""
         if self.state is WebSocketState.CLOSED:
             return
@@ -1798,11 +1844,11 @@ class WebSocketProtocol:
             self._eof = True
 
     @property
-    def pending(self):
+    def pending(self) -> bool:
         """True when events() may return more without new input."""
         return self.state is not WebSocketState.CLOSED and (len(self._buf) >= self._need or self._eof)
 
-    def events(self):
+    def events(self) -> List[Tuple[Opcode, Any]]:
         """Parse on, up to the next whole message, and return (and forget) the events since
         the last call, oldest first."""
         if self.state is not WebSocketState.CLOSED:
@@ -1983,7 +2029,7 @@ class WebSocketProtocol:
     def _mask_key(self):
         return os.urandom(4) if self.client else None
 
-    def send(self, message):
+    def send(self, message: Union[str, bytes, bytearray, memoryview]) -> None:
         """Queue a message: str as text, bytes-like as binary.  Raises ConnectionClosed once
         a close frame was sent or received, TypeError for anything else."""
         if isinstance(message, str):
@@ -1996,11 +2042,11 @@ class WebSocketProtocol:
             raise ConnectionClosed(self.close_rcvd, self.close_sent)
         self._out.append(_ws_frame(opcode, payload, mask_key=self._mask_key()))
 
-    def ping(self, payload=b''):
+    def ping(self, payload: bytes = b'') -> None:
         """Queue a ping.  Raises ValueError over 125 bytes, ConnectionClosed when closing."""
         self._control(Opcode.PING, payload)
 
-    def pong(self, payload=b''):
+    def pong(self, payload: bytes = b'') -> None:
         """Queue an unsolicited pong (a one-way heartbeat).  Raises as ping() does."""
         self._control(Opcode.PONG, payload)
 
@@ -2011,7 +2057,7 @@ class WebSocketProtocol:
             raise ConnectionClosed(self.close_rcvd, self.close_sent)
         self._out.append(_ws_frame(opcode, bytes(payload), mask_key=self._mask_key()))
 
-    def close(self, code=CloseCode.NORMAL, reason=''):
+    def close(self, code: int = CloseCode.NORMAL, reason: str = '') -> None:
         """Start the closing handshake (OPEN -> CLOSING); does nothing once closing or closed.
         Raises ValueError for a code that may not be sent or a reason over 123 bytes."""
         payload = _ws_close_payload(code, reason)
@@ -2021,7 +2067,7 @@ class WebSocketProtocol:
         self.close_sent = (code, reason)
         self.state = WebSocketState.CLOSING
 
-    def fail(self, code=CloseCode.INTERNAL_ERROR, reason=''):
+    def fail(self, code: int = CloseCode.INTERNAL_ERROR, reason: str = '') -> None:
         """Fail the connection (RFC 6455 7.1.7): send a close frame with `code` unless one was
         sent already, ignore all further input, and report CLOSE."""
         if self.state is WebSocketState.CLOSED:
@@ -2036,7 +2082,7 @@ class WebSocketProtocol:
         self._frag_parts = []
         self._events.append((Opcode.CLOSE, (code, reason)))
 
-    def data_to_send(self):
+    def data_to_send(self) -> bytes:
         """Return (and forget) every queued byte as one bytes object, b'' if none."""
         out = self._out
         if not out:
@@ -2240,8 +2286,17 @@ class RequestContext:
     __slots__ = ('method', 'target', 'path', 'rule', 'headers', 'remote_address', 'deadline',
                  '_trusted')
 
-    def __init__(self, method, target, path, rule, headers, remote_address=None,
-                 trusted=None):
+    method: str
+    target: str
+    path: str
+    rule: Optional[str]
+    headers: Headers
+    remote_address: Optional[Peer]
+    deadline: Optional[float]
+
+    def __init__(self, method: str, target: str, path: str, rule: Optional[str],
+                 headers: Headers, remote_address: Optional[Sequence[Any]] = None,
+                 trusted: Optional[Callable[[str], bool]] = None) -> None:
         self.method = method
         self.target = target
         self.path = path
@@ -2260,7 +2315,7 @@ class RequestContext:
                 self.deadline = time.monotonic() + seconds
 
     @property
-    def time_left(self):
+    def time_left(self) -> Optional[float]:
         """Seconds until the caller gives up (0.0 once it has), or None when it did not
         say."""
         if self.deadline is None:
@@ -2268,7 +2323,7 @@ class RequestContext:
         return max(0.0, self.deadline - time.monotonic())
 
     @property
-    def client(self):
+    def client(self) -> Optional[str]:
         """The caller's host.  Behind proxies named in trusted_proxies, the last address
         of X-Forwarded-For that is not one of them (proxies append the peer they got the
         request from), else the peer's own."""
@@ -2309,7 +2364,10 @@ class _RequestProxy:
                                               else repr(current)[1:-1])
 
 
-request = _RequestProxy()
+if TYPE_CHECKING:
+    request: RequestContext
+else:
+    request = _RequestProxy()
 
 
 def _call_in_request(request, fn, /, *args, **kwargs):
@@ -2595,9 +2653,12 @@ class Microservice:
     secretKey, apply to them too.
     """
 
-    def __init__(self, name, port=5000, host='0.0.0.0', debug=None, token=None,
-                 secretKey=None, timeout=15.0, max_body=MAX_BODY, max_workers=64,
-                 request_timeout=10.0, grace=10.0, admin=True, trusted_proxies=None):
+    def __init__(self, name: str, port: int = 5000, host: str = '0.0.0.0',
+                 debug: Optional[bool] = None, token: Union[str, Mapping[str, str], None] = None,
+                 secretKey: Optional[str] = None, timeout: float = 15.0, max_body: int = MAX_BODY,
+                 max_workers: int = 64, request_timeout: float = 10.0, grace: float = 10.0,
+                 admin: bool = True,
+                 trusted_proxies: Union[str, Iterable[str], None] = None) -> None:
         self.name = name
         self.trusted_proxies = trusted_proxies
         self._trusted = _trusted_proxies(trusted_proxies)
@@ -2631,7 +2692,8 @@ class Microservice:
 
     # -- registering functions ---------------------------------------------------------
 
-    def typing(self, rule, token=None, methods=('POST',)):
+    def typing(self, rule: str, token: Optional[str] = None,
+               methods: Union[str, Iterable[str]] = ('POST',)) -> Callable[[F], F]:
         """Decorator: calls to `rule` run the function below.
 
         Put a mode decorator under it (@M.reply, @M.json, @M.dict, @M.stream); without
@@ -2669,13 +2731,13 @@ class Microservice:
             table[method] = endpoint
 
     @staticmethod
-    def reply(func):
+    def reply(func: F) -> F:
         """Mode decorator: the body is {"args": [...], "kwargs": {...}, "token": ...};
         the answer is a JSON list of the returned values (a tuple gives several)."""
         return _mark(func, 'reply')
 
     @staticmethod
-    def json(func):
+    def json(func: F) -> F:
         """Mode decorator: the JSON object of the body is the keyword arguments; the answer
         is wrapped in a list as with reply."""
         return _mark(func, 'json')
@@ -2683,23 +2745,23 @@ class Microservice:
     async_json = json
 
     @staticmethod
-    def dict(func):
+    def dict(func: F) -> F:
         """Mode decorator: like json, but the answer is the converted value itself."""
         return _mark(func, 'dict')
 
     @staticmethod
-    def stream(func):
+    def stream(func: F) -> F:
         """Mode decorator: like dict, sent in chunks; a generator's items are streamed as
         the elements of a JSON list as they are produced."""
         return _mark(func, 'stream')
 
-    def setToken(self, rule, token):
+    def setToken(self, rule: str, token: str) -> None:
         """Require `token` for calls to `rule` ('*' for every rule)."""
         if rule != _ALL_RULES:
             Rule(rule)
         self._tokens[rule] = _normalise_token(token)
 
-    def removeToken(self, rule):
+    def removeToken(self, rule: str) -> bool:
         """Stop requiring a token for `rule`; returns whether one was set."""
         return self._tokens.pop(rule, None) is not None
 
@@ -2708,13 +2770,13 @@ class Microservice:
     secret_key = _alias('secretKey')
 
     @property
-    def rules(self):
+    def rules(self) -> Dict[str, List[str]]:
         """{rule: sorted methods} of everything this listener answers."""
         return {rule: sorted(table) for rule, table in self._rules.items()}
 
     # -- what the listener says about itself: /_mc/health, /_mc/rules, /_mc/metrics -------
 
-    def describe(self):
+    def describe(self) -> Dict[str, Any]:
         """The rules as GET /_mc/rules gives them: methods, mode, function, parameter
         names, and whether a token is required (never the token itself)."""
         rules = []
@@ -2738,7 +2800,7 @@ class Microservice:
                 })
         return {'name': self.name, 'rules': rules}
 
-    def health(self):
+    def health(self) -> Dict[str, Any]:
         """What GET /_mc/health answers: status ('ok', or 'stopping' once a graceful
         stop has begun), the listener's name, and its uptime in seconds."""
         server = self._server
@@ -2746,7 +2808,7 @@ class Microservice:
         return {'status': 'stopping' if stopping else 'ok', 'name': self.name,
                 'uptime_s': round(self._metrics.uptime(), 3)}
 
-    def metrics(self):
+    def metrics(self) -> bytes:
         """The Prometheus text that GET /_mc/metrics answers, as bytes."""
         server = self._server
         connections = None
@@ -2771,7 +2833,8 @@ class Microservice:
 
     # -- answering a request (shared by every server shell) ----------------------------
 
-    def handle(self, method, target, headers, body, signed_target=None, client=None):
+    def handle(self, method: str, target: str, headers: Headers, body: bytes,
+               signed_target: Optional[str] = None, client: Optional[Peer] = None) -> Response:
         """Answer one request: the whole of the listener's logic, with no I/O.
 
         `headers` maps lower-case names to values; `body` is bytes.  Returns a Response;
@@ -2962,7 +3025,8 @@ class Microservice:
 
     # -- serving -----------------------------------------------------------------------
 
-    def start(self, port=None, host=None, debug=None, **tls):
+    def start(self, port: Optional[int] = None, host: Optional[str] = None,
+              debug: Optional[bool] = None, **tls: Any) -> Self:
         """Serve in a background thread and return self; `port=0` picks a free port,
         readable afterwards as `M.port` (and `M.url`).  TLS options as for run().
         Raises OSError if the address is taken."""
@@ -2973,8 +3037,11 @@ class Microservice:
         self._thread.start()
         return self
 
-    def run(self, port=None, host=None, debug=None, ssl_context=None, certfile=None,
-            keyfile=None, cafile=None, sock=None, reload=None):
+    def run(self, port: Optional[int] = None, host: Optional[str] = None,
+            debug: Optional[bool] = None, ssl_context: Optional[ssl.SSLContext] = None,
+            certfile: Optional[str] = None, keyfile: Optional[str] = None,
+            cafile: Optional[str] = None, sock: Optional[socket.socket] = None,
+            reload: Optional[bool] = None) -> None:
         """Serve until SIGTERM or Ctrl+C (or stop() from another thread), then return.
 
         Stopping is graceful (see the class): a second Ctrl+C stops at once.
@@ -3058,7 +3125,7 @@ class Microservice:
         else:
             server.stop()
 
-    def stop(self, grace=None):
+    def stop(self, grace: Optional[float] = None) -> None:
         """Stop serving, gracefully: refuse new connections at once, answer the requests
         in flight for up to `grace` seconds (default: the listener's own), close every
         connection, and wait for the serving thread."""
@@ -3082,12 +3149,12 @@ class Microservice:
             else:
                 log.info('%s: stopped', self.name)
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         if self._server is None:
             self.start()
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
     def _bind(self, port, host, debug, ssl_context=None, certfile=None, keyfile=None,
@@ -3119,17 +3186,18 @@ class Microservice:
                  '' if count == 1 else 's')
 
     @property
-    def url(self):
+    def url(self) -> str:
         return _url(self.host, self.port, self._tls)
 
     @property
-    def address(self):
+    def address(self) -> Tuple[str, int]:
         """(host, port) actually bound while serving, else as configured."""
         return self._server.server_address[:2] if self._server else (self.host, self.port)
 
     # -- other shells ------------------------------------------------------------------
 
-    def wsgi(self, environ, start_response):
+    def wsgi(self, environ: Dict[str, Any],
+             start_response: Callable[..., Any]) -> Iterable[bytes]:
         """The listener as a WSGI application (PEP 3333), for gunicorn, uWSGI, mod_wsgi or
         wsgiref: `gunicorn app1:Micro` serves the same rules with the same answers, since
         both this and the built-in server call handle().  The Microservice itself is
@@ -3196,13 +3264,14 @@ class Microservice:
             parts.append(reader.read(buf, not data))
         return b''.join(parts)
 
-    def test_client(self, remote_address=('127.0.0.1', None), **options):
+    def test_client(self, remote_address: Peer = ('127.0.0.1', None),
+                    **options: Any) -> TestClient:
         """A Friend whose calls this listener answers in process, with no socket and no
         thread, whether or not it is serving: see TestClient."""
         return TestClient(self, remote_address, **options)
 
     @property
-    def app(self):
+    def app(self) -> _FlaskLike:
         """A Flask-like view of this listener: `@app.route(rule)` serves GET by default and
         gives the function the route's parameters and query string as keyword arguments;
         `app.run()` serves."""
@@ -3232,11 +3301,12 @@ def _wsgi_targets(environ):
 
 
 class _FlaskLike:
-    def __init__(self, service):
+    def __init__(self, service: Microservice) -> None:
         self.service = service
         self.name = service.name
 
-    def route(self, rule, methods=('GET',), **options):
+    def route(self, rule: str, methods: Iterable[str] = ('GET',),
+              **options: Any) -> Callable[[F], F]:
         """Decorator, as Flask's: the return value is the response (str as HTML, bytes,
         dict or list as JSON, or a (body, status) tuple)."""
         def decorator(func):
@@ -3244,7 +3314,8 @@ class _FlaskLike:
             return func
         return decorator
 
-    def run(self, host=None, port=None, debug=None, **options):
+    def run(self, host: Optional[str] = None, port: Optional[int] = None,
+            debug: Optional[bool] = None, **options: Any) -> None:
         self.service.run(port=port, host=host, debug=debug, reload=options.get('use_reloader'))
 
 
@@ -3302,7 +3373,8 @@ def _default_logging():
             log.setLevel(logging.INFO)
 
 
-def server_ssl_context(certfile, keyfile=None, cafile=None):
+def server_ssl_context(certfile: str, keyfile: Optional[str] = None,
+                       cafile: Optional[str] = None) -> ssl.SSLContext:
     """A server-side SSLContext; with `cafile`, clients must present a certificate."""
     import ssl
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -3369,11 +3441,17 @@ class SocketServer:
     Connections wait in the serving shell's selector loop: an idle one costs no thread.
     """
 
-    def __init__(self, name=None, *, subprotocols=None, origins=None, max_size=_WS_MAX_SIZE,
-                 max_frame_size=None, handshake_timeout=_WS_HANDSHAKE_TIMEOUT,
-                 ping_interval=_WS_PING_INTERVAL, ping_timeout=_WS_PING_TIMEOUT,
-                 close_timeout=_WS_CLOSE_TIMEOUT, ssl_context=None, secretKey=None,
-                 max_workers=64, trusted_proxies=None):
+    def __init__(self, name: Optional[str] = None, *,
+                 subprotocols: Optional[Iterable[str]] = None,
+                 origins: Optional[Iterable[Optional[str]]] = None,
+                 max_size: Optional[int] = _WS_MAX_SIZE, max_frame_size: Optional[int] = None,
+                 handshake_timeout: float = _WS_HANDSHAKE_TIMEOUT,
+                 ping_interval: Optional[float] = _WS_PING_INTERVAL,
+                 ping_timeout: Optional[float] = _WS_PING_TIMEOUT,
+                 close_timeout: float = _WS_CLOSE_TIMEOUT,
+                 ssl_context: Optional[ssl.SSLContext] = None, secretKey: Optional[str] = None,
+                 max_workers: int = 64,
+                 trusted_proxies: Union[str, Iterable[str], None] = None) -> None:
         self.name = name
         self.trusted_proxies = trusted_proxies
         self._trusted = _trusted_proxies(trusted_proxies)
@@ -3400,7 +3478,7 @@ class SocketServer:
 
     # -- routes -------------------------------------------------------------------------------
 
-    def router(self, rule):
+    def router(self, rule: str) -> Callable[[F], F]:
         """Decorator: call the function for every message on `rule`, as f(message, *params)."""
         def decorate(handler):
             self.add_route(rule, handler)
@@ -3409,7 +3487,7 @@ class SocketServer:
 
     route = router
 
-    def render(self, rule):
+    def render(self, rule: str) -> Callable[[F], F]:
         """Decorator: call the function once per connection on `rule`, after its first
         message, as f(ws, message, *params); it talks on `ws` as it likes."""
         def decorate(handler):
@@ -3417,7 +3495,7 @@ class SocketServer:
             return handler
         return decorate
 
-    def add_route(self, rule, handler, render=False):
+    def add_route(self, rule: str, handler: Callable[..., Any], render: bool = False) -> None:
         """Route `rule` to `handler` (a router handler, or a render one).  Raises RouteError
         for a malformed rule."""
         self.routes.add(rule, (handler, render, rule))
@@ -3425,11 +3503,11 @@ class SocketServer:
     # -- serving ------------------------------------------------------------------------------
 
     @property
-    def server_address(self):
+    def server_address(self) -> Optional[Tuple[str, int]]:
         return None if self._server is None else self._server.server_address[:2]
 
     @property
-    def port(self):
+    def port(self) -> Optional[int]:
         return None if self._server is None else self._server.server_address[1]
 
     def _bind(self, host, port):
@@ -3456,7 +3534,7 @@ class SocketServer:
     def _handlers(self):
         return [target[0] for _, target in self.routes]
 
-    def run(self, host='127.0.0.1', port=8765):
+    def run(self, host: str = '127.0.0.1', port: int = 8765) -> Self:
         """Start serving on host:port (port 0: any free port, see .port) in a background
         thread and return self at once.  That thread keeps the process alive until stop(),
         SIGTERM or Ctrl+C, so a script that only calls run() serves until then.  Raises
@@ -3474,7 +3552,7 @@ class SocketServer:
             _starting.remove(self)
         return self
 
-    def serve_forever(self, host='127.0.0.1', port=8765):
+    def serve_forever(self, host: str = '127.0.0.1', port: int = 8765) -> None:
         """Serve in this thread until stop(), SIGTERM or Ctrl+C.  When run() already
         started it, wait for it to stop instead."""
         if self._thread is not None:
@@ -3505,7 +3583,7 @@ class SocketServer:
             self._stopped.set()
             log.info('websocket server %s stopped', self.name or '')
 
-    def stop(self, timeout=None):
+    def stop(self, timeout: Optional[float] = None) -> None:
         """Stop listening, close every connection with 1001 (going away), wait up to
         `timeout` seconds (default close_timeout) for their closing handshakes, then drop
         whatever is left.  Returns once stopped; calling it again does nothing."""
@@ -3524,10 +3602,10 @@ class SocketServer:
         if restore is not None:
             restore()
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
 
@@ -3612,9 +3690,16 @@ class Friend:
     off; `certfile`/`keyfile` present a client certificate).
     """
 
-    def __init__(self, name, address, token=None, ruleMethods=None, timeout=30.0,
-                 secretKey=None, cafile=None, verify=True, ssl_context=None, certfile=None,
-                 keyfile=None, retries=2, backoff=0.05, max_reply=MAX_BODY, headers=None):
+    lastMessage: Any
+    lastreply: Optional[_Reply]
+
+    def __init__(self, name: str, address: str, token: Union[str, Mapping[str, str], None] = None,
+                 ruleMethods: Optional[Mapping[str, str]] = None, timeout: float = 30.0,
+                 secretKey: Optional[str] = None, cafile: Optional[str] = None,
+                 verify: bool = True, ssl_context: Optional[ssl.SSLContext] = None,
+                 certfile: Optional[str] = None, keyfile: Optional[str] = None,
+                 retries: int = 2, backoff: float = 0.05, max_reply: int = MAX_BODY,
+                 headers: Optional[Mapping[str, str]] = None) -> None:
         from urllib.parse import urlsplit
         self.name = name
         if '://' not in address:
@@ -3662,7 +3747,8 @@ class Friend:
 
     # -- per-rule settings ----------------------------------------------------------------
 
-    def setRule(self, rule, method=None, token=None, idempotent=None):
+    def setRule(self, rule: str, method: Optional[str] = None, token: Optional[str] = None,
+                idempotent: Optional[bool] = None) -> None:
         """Remember the HTTP method, the token, and whether calls to `rule` may be repeated
         (`idempotent=True`: a call whose connection broke after it was sent is retried)."""
         settings = self._rules.setdefault(rule, {})
@@ -3673,7 +3759,7 @@ class Friend:
         if idempotent is not None:
             settings['idempotent'] = bool(idempotent)
 
-    def removeToken(self, rule):
+    def removeToken(self, rule: str) -> bool:
         """Stop sending a token with calls to `rule`; returns whether one was set."""
         return self._rules.get(rule, {}).pop('token', None) is not None
 
@@ -3691,7 +3777,7 @@ class Friend:
 
     # -- calls ------------------------------------------------------------------------------
 
-    def send(self, rule, *args, **kwargs):
+    def send(self, rule: str, *args: Any, **kwargs: Any) -> Any:
         """Call the function behind `rule` with these arguments and return its result:
         one value as itself, several as a tuple.  Raises what the call met (see class)."""
         return self._call(*self._send_request(rule, args, kwargs))
@@ -3710,7 +3796,7 @@ class Friend:
             raise CodecError('cannot encode the arguments: %s' % exc) from None
         return self._method(rule), rule, body, token
 
-    def json(self, rule, method=None, **kwargs):
+    def json(self, rule: str, method: Optional[str] = None, **kwargs: Any) -> Any:
         """Send `kwargs` as one JSON object (for @M.json, @M.dict, @M.async_json rules) and
         return the answer, unwrapped as send() does.  `method` defaults to the rule's."""
         return self._call(*self._json_request(rule, method, kwargs))
@@ -3726,27 +3812,27 @@ class Friend:
             extra = ()
         return (method or self._method(rule)).upper(), rule, body, self._token(rule), extra
 
-    def rules(self):
+    def rules(self) -> List[Dict[str, Any]]:
         """The listener's rules (GET /_mc/rules): a list of dicts with rule, methods, mode,
         function, params, token (whether one is required) and doc."""
         return self._call('GET', _ADMIN_PREFIX + 'rules', b'', self._token(_ALL_RULES))['rules']
 
-    def health(self):
+    def health(self) -> Dict[str, Any]:
         """The listener's GET /_mc/health: {'status': 'ok', 'name': ..., 'uptime_s': ...}.
         Raises CallError with status 503 while it is stopping."""
         return self._call('GET', _ADMIN_PREFIX + 'health', b'', self._token(_ALL_RULES))
 
-    async def send_async(self, rule, *args, **kwargs):
+    async def send_async(self, rule: str, *args: Any, **kwargs: Any) -> Any:
         """send() for asyncio code, on asyncio streams: no thread, a pool of keep-alive
         connections per event loop.  Cancelling the awaiting task closes the connection
         of the call and raises CancelledError."""
         return await self._call_async(*self._send_request(rule, args, kwargs))
 
-    async def json_async(self, rule, method=None, **kwargs):
+    async def json_async(self, rule: str, method: Optional[str] = None, **kwargs: Any) -> Any:
         """json() for asyncio code, as send_async()."""
         return await self._call_async(*self._json_request(rule, method, kwargs))
 
-    def close(self):
+    def close(self) -> None:
         """Close the idle connections (a later call opens a new one): those of threads,
         and those of event loops (at once for the loop running in this thread, soon for
         loops running in others)."""
@@ -3758,7 +3844,7 @@ class Friend:
         for pool in loops.values():
             pool.close_soon()
 
-    async def aclose(self):
+    async def aclose(self) -> None:
         """close(), then wait until the connections of this event loop are closed."""
         import asyncio
         with self._idle_lock:
@@ -3772,10 +3858,10 @@ class Friend:
             except OSError:
                 pass
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def _call(self, method, rule, body, token, extra=()):
@@ -4009,20 +4095,20 @@ class AsyncFriend(Friend):
     send = Friend.send_async
     json = Friend.json_async
 
-    async def rules(self):
+    async def rules(self) -> List[Dict[str, Any]]:
         """Friend.rules(), awaited."""
         return (await self._call_async('GET', _ADMIN_PREFIX + 'rules', b'',
                                        self._token(_ALL_RULES)))['rules']
 
-    async def health(self):
+    async def health(self) -> Dict[str, Any]:
         """Friend.health(), awaited."""
         return await self._call_async('GET', _ADMIN_PREFIX + 'health', b'',
                                       self._token(_ALL_RULES))
 
-    async def __aenter__(self):
+    async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(self, *exc_info):
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
     def __repr__(self):
@@ -4039,7 +4125,8 @@ class TestClient(Friend):
 
     __test__ = False        # not a test case, for runners that collect Test* names
 
-    def __init__(self, service, remote_address=('127.0.0.1', None), **options):
+    def __init__(self, service: Microservice, remote_address: Peer = ('127.0.0.1', None),
+                 **options: Any) -> None:
         super().__init__(options.pop('name', 'test'), service.url, **options)
         self.service = service
         self.remote_address = remote_address
@@ -4439,18 +4526,18 @@ class _WebSocketBase:
     """What both sides of a websocket connection offer beyond send, recv, ping, close."""
 
     @property
-    def closed(self):
+    def closed(self) -> bool:
         return self._closed is not None
 
     @property
-    def close_code(self):
+    def close_code(self) -> Optional[int]:
         return None if self._closed is None else self._closed.code
 
     @property
-    def close_reason(self):
+    def close_reason(self) -> Optional[str]:
         return None if self._closed is None else self._closed.reason
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Message]:
         while True:
             try:
                 yield self.recv()
@@ -4459,10 +4546,10 @@ class _WebSocketBase:
                     return
                 raise
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def __repr__(self):
@@ -4487,9 +4574,12 @@ class WebSocket(_WebSocketBase):
     subprotocol, remote_address, closed, close_code, close_reason.
     """
 
-    def __init__(self, sock, protocol, *, path='/', query='', headers=None, subprotocol=None,
-                 remote_address=None, leftover=b'', ping_interval=_WS_PING_INTERVAL,
-                 ping_timeout=_WS_PING_TIMEOUT, close_timeout=_WS_CLOSE_TIMEOUT):
+    def __init__(self, sock: socket.socket, protocol: WebSocketProtocol, *, path: str = '/',
+                 query: str = '', headers: Optional[Headers] = None,
+                 subprotocol: Optional[str] = None, remote_address: Optional[Any] = None,
+                 leftover: bytes = b'', ping_interval: Optional[float] = _WS_PING_INTERVAL,
+                 ping_timeout: Optional[float] = _WS_PING_TIMEOUT,
+                 close_timeout: float = _WS_CLOSE_TIMEOUT) -> None:
         import collections
         self.path = path
         self.query = query
@@ -4528,7 +4618,7 @@ class WebSocket(_WebSocketBase):
 
     # -- receiving ----------------------------------------------------------------------------
 
-    def recv(self, timeout=None):
+    def recv(self, timeout: Optional[float] = None) -> Message:
         """Return the next message: str for text, bytes for binary.
 
         Messages that arrived before the close are still returned; after them it raises
@@ -4648,7 +4738,7 @@ class WebSocket(_WebSocketBase):
 
     # -- sending ------------------------------------------------------------------------------
 
-    def send(self, message):
+    def send(self, message: Union[str, bytes, bytearray, memoryview]) -> None:
         """Send a message: str as text, bytes-like as binary (one write per frame).
         Raises ConnectionClosed once the connection is closing or closed, TypeError for any
         other type."""
@@ -4681,7 +4771,7 @@ class WebSocket(_WebSocketBase):
                 except ConnectionClosed:
                     pass
 
-    def ping(self, data=None):
+    def ping(self, data: Optional[bytes] = None) -> threading.Event:
         """Send a ping; return a threading.Event that is set when its pong arrives (pongs are
         read while some thread is in recv() or close()).  `data` (at most 125 bytes)
         defaults to 4 random bytes.  Raises ConnectionClosed when closing or closed."""
@@ -4717,7 +4807,7 @@ class WebSocket(_WebSocketBase):
 
     # -- closing ------------------------------------------------------------------------------
 
-    def close(self, code=CloseCode.NORMAL, reason=''):
+    def close(self, code: int = CloseCode.NORMAL, reason: str = '') -> None:
         """Close the connection: send a close frame, wait up to close_timeout for the peer's
         answer, then end the TCP connection.  Does nothing more when already closed.  Raises
         ValueError for a code that may not be sent (1005, 1006, 1015, ...) or a reason over
@@ -4864,7 +4954,7 @@ def _ws_connect(url, *, timeout=_WS_HANDSHAKE_TIMEOUT, subprotocols=None, origin
                      close_timeout=close_timeout)
 
 
-def SocketClient(host='localhost:8765', url='/', **options):
+def SocketClient(host: str = 'localhost:8765', url: str = '/', **options: Any) -> WebSocket:
     """Open a websocket connection to ws://HOST{url} and return it (a WebSocket).
 
     `host` is 'HOST:PORT' as in 0.3.7, or a whole ws:// or wss:// URL (then `url`, when not
@@ -5937,7 +6027,7 @@ class _ServerWebSocket(_WebSocketBase):
 
     # -- the connection, for handlers ---------------------------------------------------------
 
-    def recv(self, timeout=None):
+    def recv(self, timeout: Optional[float] = None) -> Message:
         """Return the next message: str for text, bytes for binary.  Messages that came
         before the close are still returned; then ConnectionClosed.  WebSocketTimeout
         after `timeout` seconds without a message (the connection stays usable)."""
@@ -5968,7 +6058,7 @@ class _ServerWebSocket(_WebSocketBase):
         self._took()
         return message
 
-    def send(self, message):
+    def send(self, message: Union[str, bytes, bytearray, memoryview]) -> None:
         """Send a message: str as text, bytes-like as binary.  Waits while more than
         _HIGH_WATER bytes wait for a slow peer.  Raises ConnectionClosed once closing or
         closed, TypeError for any other type."""
@@ -5987,7 +6077,7 @@ class _ServerWebSocket(_WebSocketBase):
     def _backlog(self):
         return len(self.conn.out)
 
-    def ping(self, data=None):
+    def ping(self, data: Optional[bytes] = None) -> threading.Event:
         """Send a ping; return a threading.Event that is set when its pong arrives.
         `data` (at most 125 bytes) defaults to 4 random bytes."""
         data = os.urandom(4) if data is None else bytes(data)
@@ -6014,7 +6104,7 @@ class _ServerWebSocket(_WebSocketBase):
             event.set()
         self._pong_deadline = None
 
-    def close(self, code=CloseCode.NORMAL, reason=''):
+    def close(self, code: int = CloseCode.NORMAL, reason: str = '') -> None:
         """Close the connection: send a close frame, wait up to close_timeout for the
         peer's answer (the server then ends the TCP connection).  Raises ValueError for a
         code that may not be sent or a reason over 123 bytes."""
@@ -6059,13 +6149,13 @@ class _AsyncWebSocket:
     """What an `async def` render handler gets: the connection, with awaitable recv, send,
     ping and close.  Nothing here blocks the asyncio loop or uses an executor."""
 
-    def __init__(self, ws):
+    def __init__(self, ws: _ServerWebSocket) -> None:
         self._ws = ws
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self._ws, name)
 
-    async def recv(self, timeout=None):
+    async def recv(self, timeout: Optional[float] = None) -> Message:
         import asyncio
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
@@ -6080,7 +6170,7 @@ class _AsyncWebSocket:
             except asyncio.TimeoutError:
                 raise WebSocketTimeout('no websocket message within %s s' % timeout) from None
 
-    async def send(self, message):
+    async def send(self, message: Union[str, bytes, bytearray, memoryview]) -> None:
         import asyncio
         ws = self._ws
         with ws._cond:
@@ -6099,10 +6189,10 @@ class _AsyncWebSocket:
             except asyncio.TimeoutError:
                 break
 
-    async def ping(self, data=None):
+    async def ping(self, data: Optional[bytes] = None) -> threading.Event:
         return self._ws.ping(data)
 
-    async def close(self, code=CloseCode.NORMAL, reason=''):
+    async def close(self, code: int = CloseCode.NORMAL, reason: str = '') -> None:
         import asyncio
         ws = self._ws
         _ws_close_payload(code, reason)
@@ -6120,7 +6210,7 @@ class _AsyncWebSocket:
             except asyncio.TimeoutError:
                 break
 
-    def __aiter__(self):
+    def __aiter__(self) -> AsyncIterator[Message]:
         return self._messages()
 
     async def _messages(self):
@@ -6321,8 +6411,9 @@ class KeyedExecutor:
     Raises TypeError if `executor` has no `submit`, ValueError for a negative max_watching.
     """
 
-    def __init__(self, executor, out_queue=None, max_watching=None, check_pickle=None,
-                 shutdown_executor=True):
+    def __init__(self, executor: concurrent.futures.Executor, out_queue: Optional[Any] = None,
+                 max_watching: Optional[int] = None, check_pickle: Optional[bool] = None,
+                 shutdown_executor: bool = True) -> None:
         import concurrent.futures
         import weakref
         from collections import deque
@@ -6362,28 +6453,30 @@ class KeyedExecutor:
     # -- submitting ---------------------------------------------------------------------
 
     @property
-    def executor(self):
+    def executor(self) -> concurrent.futures.Executor:
         """The wrapped executor."""
         return self._executor
 
     @property
-    def pending(self):
+    def pending(self) -> int:
         """Number of tasks submitted and not yet finished."""
         return self._pending
 
     @property
-    def busy_keys(self):
+    def busy_keys(self) -> int:
         """Number of keys with a task running or waiting."""
         return len(self._queues)
 
-    def submit(self, fn, /, *args, **kwargs):
+    def submit(self, fn: Callable[P, T], /, *args: P.args,
+               **kwargs: P.kwargs) -> concurrent.futures.Future[T]:
         """Schedule `fn(*args, **kwargs)` with no key and no order; return its Future.
 
         Raises what `submit_id` raises.
         """
         return self.submit_id(None, fn, *args, **kwargs)
 
-    def submit_id(self, key, fn, /, *args, **kwargs):
+    def submit_id(self, key: Any, fn: Callable[P, T], /, *args: P.args,
+                  **kwargs: P.kwargs) -> concurrent.futures.Future[T]:
         """Schedule `fn(*args, **kwargs)` after every task submitted before with `key`.
 
         Returns a `concurrent.futures.Future` for the task: the executor's own when the
@@ -6552,7 +6645,7 @@ class KeyedExecutor:
 
     # -- shutting down ------------------------------------------------------------------
 
-    def shutdown(self, wait=True, *, cancel_futures=False):
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Refuse new tasks; with `wait`, return once every pending task has finished.
 
         As `Executor.shutdown`: `cancel_futures` cancels the tasks that have not started,
@@ -6612,10 +6705,10 @@ class KeyedExecutor:
             except Exception:
                 log.exception('pool: shutting down %r failed', self._executor)
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> Literal[False]:
         self.shutdown(wait=True)
         return False
 
@@ -6644,8 +6737,9 @@ class DistributedThreads(KeyedExecutor):
     Raises ValueError if max_workers <= 0.
     """
 
-    def __init__(self, out_queue=None, max_workers=4, max_watching=100, worker=None,
-                 maxsize=0, delay=1):
+    def __init__(self, out_queue: Optional[Any] = None, max_workers: int = 4,
+                 max_watching: Optional[int] = 100, worker: Any = None, maxsize: int = 0,
+                 delay: float = 1) -> None:
         from concurrent.futures import ThreadPoolExecutor
         _compat_arguments(type(self), worker, maxsize, delay)
         super().__init__(ThreadPoolExecutor(max_workers, thread_name_prefix='mconnector-pool'),
@@ -6667,8 +6761,9 @@ class DistributedProcess(KeyedExecutor):
     well as a `multiprocessing.Queue`.  Raises ValueError if max_workers <= 0.
     """
 
-    def __init__(self, out_queue=None, max_workers=4, max_watching=100, worker=None,
-                 maxsize=0, delay=1, *, mp_context=None):
+    def __init__(self, out_queue: Optional[Any] = None, max_workers: int = 4,
+                 max_watching: Optional[int] = 100, worker: Any = None, maxsize: int = 0,
+                 delay: float = 1, *, mp_context: Optional[Any] = None) -> None:
         from concurrent.futures import ProcessPoolExecutor
         _compat_arguments(type(self), worker, maxsize, delay)
         if mp_context is None:
@@ -6699,12 +6794,13 @@ class Worker(threading.Thread):
     logged and the loop goes on.  Daemon by default (the seed sets it anyway).
     """
 
-    def __init__(self, out_queue, f, name=None, daemon=True):
+    def __init__(self, out_queue: Any, f: Callable[[Any], Any], name: Optional[str] = None,
+                 daemon: bool = True) -> None:
         super().__init__(name=name or 'mconnector-worker', daemon=daemon)
         self.out_queue = out_queue
         self.f = f
 
-    def run(self):
+    def run(self) -> None:
         get = self.out_queue.get
         task_done = getattr(self.out_queue, 'task_done', None)
         while True:
@@ -6720,7 +6816,7 @@ class Worker(threading.Thread):
                 if task_done is not None:
                     task_done()
 
-    def stop(self):
+    def stop(self) -> None:
         """Put a stop marker on the queue: the worker that takes it ends after the items
         put before it.  With several Workers on one queue, call it once per worker."""
         self.out_queue.put(_StopWorker())
@@ -7446,7 +7542,7 @@ def _parser():
     return parser
 
 
-def main(argv=None):
+def main(argv: Optional[Sequence[str]] = None) -> Any:
     """Entry point of `python -m mconnector` and of the `mconnector` console script."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = _parser()
