@@ -2342,6 +2342,14 @@ class ModuleTest(unittest.TestCase):
                  for name in dirs + files if os.path.islink(os.path.join(folder, name))]
         self.assertEqual(links, [])
 
+    def test_the_typed_example_runs(self):
+        out = subprocess.run([sys.executable, os.path.join(HERE, 'examples', 'typed_service.py')],
+                             capture_output=True, text=True, timeout=60)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertEqual(out.stdout.splitlines(), [
+            "add: 42 | who: {'client': '127.0.0.1', 'rule': '/who', 'user': 'ann'}",
+            'raised: TypeError', 'async: [1, 2, 3]', 'in process: 2 5', 'pool: 11'])
+
     def test_examples_run_from_anywhere(self):
         # Each finds the checkout's module one folder up, whatever the working directory.
         code = 'import runpy, sys; sys.argv = ["app1"]; runpy.run_path(%r); print("ok")' \

@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mconnector import (AsyncFriend, DistributedThreads, Friend, Microservice, RemoteError,
                         request)
 
-M = Microservice('typed', trusted_proxies=['127.0.0.1'])
+M = Microservice('typed', host='127.0.0.1', port=0, trusted_proxies=['127.0.0.1'])
 
 
 @M.typing('/add', methods=['GET', 'POST'])
@@ -49,7 +49,7 @@ async def async_calls(url: str) -> List[int]:
 
 def main() -> None:
     with M:
-        url = M.url.replace('0.0.0.0', '127.0.0.1')
+        url = M.url
         with Friend('typed', url, headers={'X-User': 'ann'}) as friend:
             total: int = friend.send('/add', 40, b=2)
             print('add:', total, '| who:', friend.json('/who'))
@@ -66,5 +66,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-    M.port = 0
     main()

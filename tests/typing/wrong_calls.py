@@ -1,5 +1,5 @@
 """Wrong calls that a type checker must report: `.ci/run` runs mypy --strict on this file
-and checks that each line marked `# wrong: TEXT` gets an error that says TEXT."""
+and checks that each line with a "wrong:" comment gets an error that says what follows."""
 import asyncio
 
 from mconnector import AsyncFriend, DistributedThreads, Friend, Microservice, request
