@@ -1401,30 +1401,46 @@ class WSGIListenerTest(ListenerTest):
     shell = 'wsgi'
 
 
+def senders_service(**options):
+    """The rules that the senders' tests call: /same answers its arguments (its runs
+    counted in M.runs), /kw its keyword arguments, /slow once M.release is set (or 10 s
+    have passed), /boom raises, /secret is there for a token."""
+    M = Microservice('svc', **options)
+    M.runs = []
+    M.release = threading.Event()
+
+    @M.typing('/same')
+    def same(*args, **kwargs):
+        M.runs.append(1)
+        return args, kwargs
+
+    @M.typing('/kw')
+    @M.dict
+    def kw(**kwargs):
+        return kwargs
+
+    @M.typing('/slow')
+    def slow():
+        M.release.wait(10)
+        return 'late'
+
+    @M.typing('/boom')
+    def boom():
+        raise KeyError('no such thing')
+
+    @M.typing('/secret')
+    def secret():
+        return 'in'
+    return M
+
+
 class SenderTest(unittest.TestCase):
     """Friend: typed values, connections, timeouts, errors as exceptions."""
 
     def setUp(self):
-        M = self.M = Microservice('svc', timeout=30)
-        self.release = threading.Event()
-        self.runs = []
-
-        @M.typing('/same')
-        def same(*args, **kwargs):
-            self.runs.append(1)
-            return args, kwargs
-
-        @M.typing('/slow')
-        def slow():
-            self.release.wait(10)
-            return 'late'
-
-        @M.typing('/kw')
-        @M.dict
-        def kw(**kwargs):
-            return kwargs
-
-        self.friend = Service.start(self, M)
+        self.M = senders_service(timeout=30)
+        self.release, self.runs = self.M.release, self.M.runs
+        self.friend = Service.start(self, self.M)
         self.addCleanup(self.release.set)
 
     def test_types_json_loses_survive_between_peers(self):
@@ -1559,34 +1575,10 @@ class AsyncSenderTest(unittest.TestCase):
     answers and errors as Friend."""
 
     def setUp(self):
-        M = self.M = Microservice('svc', token={'/secret': 's3cret'})
-        self.release = threading.Event()
+        M = self.M = senders_service(token={'/secret': 's3cret'})
+        self.release = M.release
         self.addCleanup(self.release.set)
-        self.runs = []
         self.gate = threading.Barrier(32, timeout=10)
-
-        @M.typing('/same')
-        def same(*args, **kwargs):
-            self.runs.append(1)
-            return args, kwargs
-
-        @M.typing('/kw')
-        @M.dict
-        def kw(**kwargs):
-            return kwargs
-
-        @M.typing('/boom')
-        def boom():
-            raise KeyError('no such thing')
-
-        @M.typing('/secret')
-        def secret():
-            return 'in'
-
-        @M.typing('/slow')
-        def slow():
-            self.release.wait(10)
-            return 'late'
 
         @M.typing('/gate')
         def gate():
@@ -1723,10 +1715,10 @@ class AsyncSenderTest(unittest.TestCase):
             await friend.send('/same')
             conn = friend._loop_pool().idle[0]
             self.assertTrue(await until(lambda: not conn.reusable()))
-            del self.runs[:]
+            del self.M.runs[:]
             return await friend.send('/same', 1)
         self.assertEqual(run_async(main()), ((1,), {}))
-        self.assertEqual(self.runs, [1])
+        self.assertEqual(self.M.runs, [1])
         self.assertEqual(self.M.stats['connections'], 2)
 
     def test_each_event_loop_has_its_connections_closed_with_it(self):
@@ -1987,38 +1979,20 @@ class TestClientTest(unittest.TestCase):
     """M.test_client(): Friend's answers, errors, tokens and signatures, in process."""
 
     def service(self, **options):
-        M = Microservice('tested', token={'/secret': 's3cret', '/locked': 'x'}, **options)
+        M = senders_service(token={'/secret': 's3cret', '/locked': 'x'}, **options)
 
         @M.typing('/add', methods=['GET', 'POST'])
         def add(a, b=1):
             return a + b
 
-        @M.typing('/same')
-        def same(*args, **kwargs):
-            return args, kwargs
-
-        @M.typing('/boom')
-        def boom():
-            raise KeyError('no such thing')
-
-        @M.typing('/secret')
-        def secret():
-            return 'in'
-
         @M.typing('/locked')
         def locked():
             return 'never'
 
-        @M.typing('/kw')
-        @M.dict
-        def kw(**kwargs):
-            return kwargs
-
         @M.typing('/gen')
         @M.stream
-        def gen(n):
-            for i in range(n):
-                yield {'i': i}
+        def gen(n):                 # a generator made by a plain function
+            return ({'i': i} for i in range(n))
 
         @M.typing('/cut')
         @M.stream
