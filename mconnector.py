@@ -4447,6 +4447,7 @@ class _Server:
         self._selector.register(sock, selectors.EVENT_READ, self)
         self._listening = True
         self._next_tick = 0.0
+        self._recv_view = memoryview(bytearray(_RECV))
 
     def call_soon(self, fn, *args):
         """Run fn(*args) in the loop's thread, soon; from any thread."""
@@ -4650,9 +4651,12 @@ class _Conn:
     def on_readable(self):
         if self.want:
             return self._handshake()
+        # Into the loop's one buffer, then copied at its size: recv(n) would allocate n bytes
+        # and shrink them for every read, which leaves the heap fragmented by idle peers.
+        view = self.server._recv_view
         while not self.closed and (self.reading or self.lingering is not None):
             try:
-                data = self.sock.recv(_RECV)
+                data = bytes(view[:self.sock.recv_into(view)])
             except self._blocked:
                 return
             except OSError:             # reset by the peer: as good as closed
