@@ -1158,8 +1158,8 @@ class HTTPConnection:
         return bytes(self._buf), self._eof
 
     def buffered(self):
-        """Whether unprocessed bytes are waiting (a pipelined request, say)."""
-        return bool(self._buf)
+        """How many unprocessed bytes are waiting (of a pipelined request, say)."""
+        return len(self._buf)
 
     def receive_data(self, data):
         """Take bytes from the peer; b'' means that its input has ended."""
@@ -4338,6 +4338,7 @@ _TICK = 0.5                 # how often deadlines are checked
 _RECV = 65536
 _BACKLOG = 1024             # the listen backlog: bursts wait in the kernel
 _HIGH_WATER = 262144        # bytes queued for a slow reader before its producer waits
+_HOLD = 0.002               # a worker that has answered waits this long for the next request
 _LINGER = 2.0               # after our last byte, what the peer still sends is read (and
                             # dropped) this long, so that closing does not reset the answer
 # CPython 3.12.0 and 3.12.1 refuse to start threads once the main thread has ended
@@ -4365,6 +4366,10 @@ class _Workers:
                 missing, self._threads = self.size - self._threads, self.size
             for _ in range(missing):
                 self._start()
+
+    def waiting(self):
+        """How many tasks wait for a thread."""
+        return max(0, self._waiting - self._idle)
 
     def submit(self, fn, *args):
         self._tasks.put((fn, args))
@@ -4447,12 +4452,14 @@ class _Server:
         self._selector.register(sock, selectors.EVENT_READ, self)
         self._listening = True
         self._next_tick = 0.0
+        self._sleeping = False
         self._recv_view = memoryview(bytearray(_RECV))
 
     def call_soon(self, fn, *args):
         """Run fn(*args) in the loop's thread, soon; from any thread."""
         self._calls.append((fn, args))
-        self.wake()
+        if self._sleeping:              # (a busy loop looks at its calls anyway)
+            self.wake()
 
     def defer(self, fn, *args):
         """call_soon() from the loop's own thread: no need to wake it."""
@@ -4505,8 +4512,13 @@ class _Server:
         return cut
 
     def _run_once(self, until):
+        # _sleeping is set before _calls is looked at: a call added after that look
+        # finds it set, and wakes the select.
+        self._sleeping = True
         timeout = 0 if self._calls else max(0.0, until - time.monotonic())
-        for key, mask in self._selector.select(timeout):
+        ready = self._selector.select(timeout)
+        self._sleeping = False
+        for key, mask in ready:
             conn = key.data
             if conn is None:
                 try:
@@ -4780,6 +4792,12 @@ class _Conn:
             except (KeyError, ValueError):
                 pass
         try:
+            # At once, even while a worker waits on the socket (which would delay the
+            # close until it lets go): the peer must not send on a connection we left.
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
             self.sock.close()
         except OSError:
             pass
@@ -4804,6 +4822,7 @@ class _HTTPSession:
         self.started = None             # when the request being read began
         self.stream = None              # the iterator of a streamed answer
         self.producing = False          # a worker is taking the stream's next batch
+        self.holding = False            # a worker waits for the next request (_hold)
         self.status = None
         self.begun = 0.0
         service.stats['connections'] += 1
@@ -4812,7 +4831,7 @@ class _HTTPSession:
         self.conn.deadline = time.monotonic() + self.service.timeout
 
     def busy(self):
-        return self.working or self.started is not None
+        return self.working or self.holding or self.started is not None
 
     def received(self, data):
         self.http.receive_data(data)
@@ -4825,10 +4844,8 @@ class _HTTPSession:
             try:
                 event = http.next_event()
             except HTTPError as exc:
-                self.service._metrics.refused(self.head.method if self.head else None,
-                                              exc.status)
                 self.working = True
-                self._answer(Response.refusal(exc))
+                self._refuse(exc)
                 return
             if event is NEED_DATA:
                 if http.expects_continue:       # curl waits a second for it over 1 KiB
@@ -4844,7 +4861,7 @@ class _HTTPSession:
                 del parts
                 self.working = True
                 conn.deadline = None            # the function may take its time
-                conn.pause()
+                conn.pause()                    # the worker may read the next request
                 conn.server.workers.submit(self._handle, self.head, body)
                 return
             elif event is CLOSED:
@@ -4858,23 +4875,123 @@ class _HTTPSession:
                 if self.started is None:
                     self._begin()
 
+    def _refuse(self, exc):
+        self.service._metrics.refused(self.head.method if self.head else None, exc.status)
+        self._answer(Response.refusal(exc))
+
     def _begin(self):
         self.started = time.monotonic()
         self.conn.deadline = self.started + self.service.request_timeout
 
     def _handle(self, head, body):
-        """On a worker: the answer, handed to the loop."""
+        """On a worker: the answer.  A whole one, on a plain socket, is written from here
+        at once rather than after waking the loop (which neither reads nor writes this
+        connection meanwhile: it is paused); then the caller's next request, when it
+        comes at once, is served here too (see _hold)."""
+        while True:
+            try:
+                answer = self.service._handle(head.method, head.target, head.headers, body,
+                                              defer=True)
+            except Exception:           # handle() answers everything a peer can send
+                log.exception('%s: error while answering %s', self.service.name, head.target)
+                answer = Response.error(500, 'InternalError', 'the listener failed: see its log')
+            call_soon = self.conn.server.call_soon
+            if isinstance(answer, _Deferred):
+                answer.run(lambda response: call_soon(self._answer, response))
+                return
+            if type(answer.body) is not bytes or self.conn.tls or self.conn.out:
+                call_soon(self._answer, answer)
+                return
+            if not self._write_now(answer):
+                return
+            request = self._hold()
+            if request is None:
+                call_soon(self._reopen)
+                return
+            if not request:                 # refused: the loop answers
+                return
+            head, body = request
+
+    def _write_now(self, response):
+        """Write a whole answer from the worker; True when the exchange is over and the
+        connection stays open (else the loop has been told what to do)."""
+        conn, http, server = self.conn, self.http, self.conn.server
+        if server.stopping:
+            http.close_after_response()
+        data = http.send_response(response.status, response.headers, response.body)
+        self.status = response.status
         try:
-            answer = self.service._handle(head.method, head.target, head.headers, body,
-                                          defer=True)
-        except Exception:           # handle() answers everything a peer can send
-            log.exception('%s: error while answering %s', self.service.name, head.target)
-            answer = Response.error(500, 'InternalError', 'the listener failed: see its log')
-        call_soon = self.conn.server.call_soon
-        if isinstance(answer, _Deferred):
-            answer.run(lambda response: call_soon(self._answer, response))
-        else:
-            call_soon(self._answer, answer)
+            sent = conn.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            server.call_soon(conn.close)
+            return False
+        conn.sent += sent
+        if sent < len(data):            # the rest when the peer takes it; then _done
+            server.call_soon(conn.write, data[sent:])
+            return False
+        if not http.keep_alive or server.stopping:
+            server.call_soon(self._done)
+            return False
+        self._count()
+        http.start_next_cycle()
+        return True
+
+    def _hold(self):
+        """On the worker that has just answered: the next request, when the caller sends
+        it within _HOLD seconds and it arrives whole, as (head, body); else None, and
+        the loop takes the connection back (with what arrived); () when the loop has
+        been told to refuse what arrived.  No worker is held while others wait for one."""
+        conn, http, server = self.conn, self.http, self.conn.server
+        if server.stopping or server.workers.waiting():
+            return None
+        self.holding = True             # busy: a stop waits for the hold to end
+        try:
+            if not _readable(conn.sock, _HOLD):
+                return None
+            data = conn.sock.recv(_RECV)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except (OSError, ValueError):
+            data = b''
+        finally:
+            self.holding = False
+        conn.received += len(data)
+        http.receive_data(data)
+        parts = []
+        self.working = True             # (busy still, while what came is looked at)
+        while data:
+            try:
+                event = http.next_event()
+            except HTTPError as exc:    # answered from the loop
+                self.parts = parts
+                self.working = True
+                server.call_soon(self._refuse, exc)
+                return ()
+            if type(event) is RequestHead:
+                self.head = event
+                self.begun = time.perf_counter()
+            elif type(event) is bytes:
+                parts.append(event)
+            elif event is END_OF_MESSAGE:
+                return self.head, parts[0] if len(parts) == 1 else b''.join(parts)
+            else:
+                break
+        self.parts = parts
+        self.working = False
+        return None
+
+    def _reopen(self):
+        """In the loop: a connection back from a worker, its next request to be read."""
+        conn = self.conn
+        if conn.closed:
+            return
+        conn.deadline = time.monotonic() + self.service.timeout
+        conn.resume()
+        self._advance()
+        if conn.server.stopping and not conn.closed:
+            self.stop()
 
     def _answer(self, response):
         conn, http = self.conn, self.http
@@ -4940,8 +5057,9 @@ class _HTTPSession:
         elif self.working and self.status is not None:
             self._done()
 
-    def _done(self):
-        conn, http, service = self.conn, self.http, self.service
+    def _count(self):
+        """An exchange is over: counted, logged, forgotten."""
+        conn, service = self.conn, self.service
         sent = conn.sent
         service._metrics.transferred(conn.received, sent)
         conn.received = conn.sent = 0
@@ -4951,13 +5069,14 @@ class _HTTPSession:
                             (time.perf_counter() - self.begun) * 1000)
         self.working = False
         self.status = self.head = self.started = None
-        if not http.keep_alive or conn.server.stopping:
-            conn.finish()
+
+    def _done(self):
+        self._count()
+        if not self.http.keep_alive or self.conn.server.stopping:
+            self.conn.finish()
             return
-        http.start_next_cycle()
-        conn.deadline = time.monotonic() + service.timeout
-        conn.resume()
-        self._advance()
+        self.http.start_next_cycle()
+        self._reopen()
 
     def tick(self, now):
         deadline = self.conn.deadline
@@ -4977,7 +5096,8 @@ class _HTTPSession:
 
     def stop(self):
         # Idle when the stop begins: closed, unless its next request is already here.
-        if not self.busy() and not self.http.buffered() and not _readable(self.conn.sock):
+        if not self.conn.closed and not self.busy() and not self.http.buffered() \
+                and not _readable(self.conn.sock):
             self.conn.close()
 
     def lost(self):
