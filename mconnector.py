@@ -42,6 +42,7 @@ import binascii
 import bisect
 import enum
 import functools
+import itertools
 import json
 import logging
 import os
@@ -78,7 +79,7 @@ __all__ = [
     'LengthRequired', 'PayloadTooLarge', 'URITooLong', 'UnsupportedMediaType', 'UpgradeRequired',
     'HeadersTooLarge', 'Unimplemented', 'ServiceUnavailable', 'VersionNotSupported',
     'NetworkError', 'Unreachable',
-    'CallTimeout', 'PoolError', 'PoolClosed', 'TaskNotPicklable',
+    'CallTimeout', 'PoolError', 'PoolClosed', 'TaskNotPicklable', 'WorkerLost',
     # websockets
     'SocketServer', 'SocketClient', 'WebSocket', 'WebSocketProtocol', 'WebSocketError',
     'HandshakeError', 'WebSocketProtocolError', 'PayloadTooBig', 'ConnectionClosed',
@@ -124,6 +125,7 @@ class MConnectorError(Exception):
      +-- PoolError                   the ordered pools' errors
           +-- PoolClosed (also RuntimeError)     submit after shutdown
           +-- TaskNotPicklable (also TypeError)  a process pool cannot send the task
+          +-- WorkerLost                         the process running the task died
     """
 
 
@@ -5749,6 +5751,10 @@ class PoolClosed(PoolError, RuntimeError):
     """`submit` or `submit_id` was called after `shutdown` (a RuntimeError, as Executor's)."""
 
 
+class WorkerLost(PoolError):
+    """The worker process running a task died before the task finished."""
+
+
 class TaskNotPicklable(PoolError, TypeError):
     """A task for a process pool cannot be pickled; its Future holds this at submit time."""
 
@@ -5801,6 +5807,68 @@ def _settler(pool_ref, done):
 # Up to this many completions are settled under one lock; a few dozen already make the
 # lock's cost per task negligible, and a bound keeps the first of a batch from waiting.
 _SETTLE_BATCH = 64
+
+_running = threading.local()        # .pool: the token of the pool whose task runs here
+
+
+def _run_task(token, fn, args, kwargs, number):
+    """What the executor runs for a task (`number` only makes each call unique)."""
+    outer = getattr(_running, 'pool', None)
+    _running.pool = token
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _running.pool = outer
+
+
+_task_numbers = itertools.count()
+
+
+def _pools_at_exit():
+    # As ThreadPoolExecutor does at the end of a script: tasks submitted (also after a
+    # shutdown(wait=False)) run before the interpreter goes, none is silently dropped.
+    # Registered after the executors' own exit hooks, it runs before them.
+    for pool in list(_live_pools):
+        if pool._pending:
+            log.info('pool: %d task(s) still to run at exit', pool._pending)
+            with pool._lock:
+                pool._idle_waiters += 1
+                try:
+                    while pool._pending:
+                        pool._idle.wait()
+                finally:
+                    pool._idle_waiters -= 1
+
+
+def _register_pools_at_exit():
+    register = getattr(threading, '_register_atexit', None)
+    if register is None:        # CPython 3.8: its executors use atexit
+        import atexit
+        register = atexit.register
+    try:
+        register(_pools_at_exit)
+    except RuntimeError:        # already shutting down
+        pass
+
+
+class _LivePools:
+    """The pools alive, for the exit hook (registered with the first pool)."""
+
+    def __init__(self):
+        self._pools = None
+
+    def add(self, pool):
+        if self._pools is None:
+            import weakref
+            self._pools = weakref.WeakSet()
+            _register_pools_at_exit()
+        self._pools.add(pool)
+
+    def __iter__(self):
+        return iter(self._pools or ())
+
+
+_live_pools = _LivePools()
 
 
 class KeyedExecutor:
@@ -5864,6 +5932,9 @@ class KeyedExecutor:
         self._closed = False
         self._executor_closed = False
         self._done = queue.SimpleQueue()
+        self._token = id(self)      # tells _run_task which pool a task belongs to
+        self._own_futures = False   # a Future of ours for every task (see DistributedProcess)
+        _live_pools.add(self)
         # Woken with None when the pool is collected, so that the thread ends with it.
         pool_ref = weakref.ref(self, lambda _, put=self._done.put: put(None))
         self._settler_thread = threading.Thread(
@@ -5908,15 +5979,19 @@ class KeyedExecutor:
         """
         # Only a task that waits behind its key needs a Future of its own; peeking saves
         # creating one for the others, and the lock below settles any race.
-        future = self._future_class() if key is not None and key in self._queues else None
+        future = self._future_class() if self._own_futures or \
+            key is not None and key in self._queues else None
         task = _Task(self, key, fn, args, kwargs, future)
         if self._check_pickle and not self._picklable(task):
             return task.future
         with self._lock:
             if self._closed:
                 raise PoolClosed('cannot schedule new futures after shutdown')
+            # (never in the settler, nor in a task of this pool: either would wait for
+            # itself, with every slot held by tasks waiting for a slot)
             if self.max_watching and self._pending >= self.max_watching \
-                    and threading.current_thread() is not self._settler_thread:
+                    and threading.current_thread() is not self._settler_thread \
+                    and getattr(_running, 'pool', None) != self._token:
                 self._space_waiters += 1
                 try:
                     while not self._closed and self._pending >= self.max_watching:
@@ -5938,7 +6013,7 @@ class KeyedExecutor:
             self._dispatch(task)
             return task.future
         try:
-            inner = self._executor.submit(fn, *args, **kwargs)
+            inner = self._submit(task)
         except BaseException as exc:        # broken or shut down executor
             task.future = self._future_class()
             task.future.set_running_or_notify_cancel()
@@ -5948,6 +6023,29 @@ class KeyedExecutor:
             return task.future
         inner.add_done_callback(task)
         return inner
+
+    def _submit(self, task):
+        # The task travels as the arguments of _run_task, never as the executor's own
+        # keyword arguments (dask's submit takes key=, pure=, workers=...), with a number
+        # of its own, so that an executor that merges identical calls (dask, pure=True)
+        # never merges two tasks.
+        call = (_run_task, self._token, task.fn, task.args, task.kwargs, next(_task_numbers))
+        try:
+            return self._executor.submit(*call)
+        except BaseException as exc:
+            if not self._renew(exc):
+                raise
+        return self._executor.submit(*call)
+
+    @staticmethod
+    def _broken(exc):
+        import concurrent.futures
+        return isinstance(exc, concurrent.futures.BrokenExecutor)
+
+    def _renew(self, exc):
+        """After the executor broke (a worker process died): a fresh one, if this pool can
+        make one (DistributedProcess can); True when it did."""
+        return False
 
     def _picklable(self, task):
         """Return True if `task` pickles; else fail its Future (and report it) at once."""
@@ -5978,7 +6076,7 @@ class KeyedExecutor:
                 task = self._advance(task.key)      # cancelled while waiting: skip it
                 continue
             try:
-                inner = self._executor.submit(task.fn, *task.args, **task.kwargs)
+                inner = self._submit(task)
             except BaseException as exc:            # broken or shut down executor
                 task = self._settle(task, None, exc)
                 continue
@@ -5998,6 +6096,11 @@ class KeyedExecutor:
                     future.set_exception(self._cancelled_error())
             elif future is not None or self.out_queue is not None:
                 exc = inner.exception()
+                if exc is not None and self._broken(exc):
+                    exc = WorkerLost('the worker process running task %s (key %r) died: '
+                                     '%s' % (getattr(task.fn, '__qualname__', task.fn),
+                                             task.key, exc))
+                    self._renew(exc)
                 self._resolve(task, inner.result() if exc is None else None, exc)
             task.args = task.kwargs = task.fn = task.inner = task.pool = None
         for following in self._advance_many([task.key for task in tasks]):
@@ -6116,13 +6219,21 @@ class KeyedExecutor:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
     def _close_executor(self):
-        # In the settler thread, once closed and idle.
+        # In the settler thread, once closed and idle.  Not every executor's shutdown takes
+        # `wait` (dask's Client.shutdown() takes nothing, and close() is the gentler one).
         if self._shutdown_executor and not self._executor_closed:
             self._executor_closed = True
+            import inspect
+            executor = self._executor
             try:
-                self._executor.shutdown(wait=True)
+                close = getattr(executor, 'shutdown', None) or getattr(executor, 'close')
+                try:
+                    waits = 'wait' in inspect.signature(close).parameters
+                except (TypeError, ValueError):
+                    waits = False
+                close(wait=True) if waits else close()
             except Exception:
-                log.exception('pool: shutting down %r failed', self._executor)
+                log.exception('pool: shutting down %r failed', executor)
 
     def __enter__(self):
         return self
@@ -6191,9 +6302,27 @@ class DistributedProcess(KeyedExecutor):
             if multiprocessing.get_context().get_start_method() == 'fork' and \
                     'forkserver' in multiprocessing.get_all_start_methods():
                 mp_context = multiprocessing.get_context('forkserver')
-        super().__init__(ProcessPoolExecutor(max_workers, mp_context=mp_context),
-                         out_queue=out_queue, max_watching=max_watching, check_pickle=True)
+        self._make_executor = functools.partial(ProcessPoolExecutor, max_workers,
+                                                mp_context=mp_context)
+        super().__init__(self._make_executor(), out_queue=out_queue,
+                         max_watching=max_watching, check_pickle=True)
         self.max_workers = max_workers
+        self._own_futures = True    # so that a task lost with its process fails as WorkerLost
+
+    def _renew(self, exc):
+        # A worker that died (os._exit, a crash, the OOM killer) breaks a
+        # ProcessPoolExecutor for good: the tasks it was running fail with WorkerLost,
+        # and the later ones run on a fresh executor.
+        if not self._broken(exc) or self._closed:
+            return False
+        with self._lock:
+            broken = self._executor
+            if not getattr(broken, '_broken', True):
+                return True             # renewed already, by another task's failure
+            self._executor = self._make_executor()
+        log.warning('pool: a worker process died (%s): later tasks run on a fresh pool', exc)
+        broken.shutdown(wait=False)
+        return True
 
 
 class _StopWorker:

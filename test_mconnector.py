@@ -3968,6 +3968,104 @@ def _seed_wait_on_a(a):
     return 'working on a=%s' % a
 
 
+def _exit_task(code):
+    os._exit(code)
+
+
+def _square(x):
+    return x * x
+
+
+class _DaskLikeExecutor:
+    """Stands in for dask.distributed's Client, with its submit() signature: `key`,
+    `pure` (identical calls share one result) and `workers` are its own options, and its
+    shutdown() takes no argument."""
+
+    def __init__(self):
+        self.results = {}
+        self.runs = 0
+        self.closed = False
+
+    def submit(self, fn, *args, key=None, pure=True, workers=None, **kwargs):
+        future = concurrent.futures.Future()
+        key = key or repr((fn, args, sorted(kwargs.items()))) if pure else object()
+        if key not in self.results:
+            self.runs += 1
+            self.results[key] = fn(*args, **kwargs)
+        future.set_result(self.results[key])
+        return future
+
+    def shutdown(self):
+        self.closed = True
+
+
+class PoolSurvivalTest(unittest.TestCase):
+    """Pools over any executor keep their promises: arguments stay the task's, no task
+    is merged or dropped, a dead worker process fails only its own task."""
+
+    def test_task_arguments_never_become_the_executors_options(self):
+        executor = _DaskLikeExecutor()
+        pool = mconnector.KeyedExecutor(executor)
+        with self.assertLogs('mconnector', 'DEBUG') as logs:
+            runs = [pool.submit_id('row1', _kwargs_task, 'v') for _ in range(3)]
+            keyed = [pool.submit_id('k', _kwargs_task, n, key='k') for n in range(2)]
+            pool.shutdown()
+            mconnector.log.debug('done')        # (assertLogs needs one line at least)
+        self.assertEqual([f.result(5) for f in runs], [('v', 0, None, None, None)] * 3)
+        self.assertEqual([f.result(5) for f in keyed], [(0, 0, 'k', None, None),
+                                                        (1, 0, 'k', None, None)])
+        self.assertEqual(executor.runs, 5)          # identical tasks are never merged
+        self.assertTrue(executor.closed)
+        self.assertFalse([line for line in logs.output if 'ERROR' in line], logs.output)
+
+    def test_tasks_that_submit_to_their_own_full_pool_do_not_deadlock(self):
+        pool = mconnector.DistributedThreads(max_workers=2, max_watching=2)
+        children = []
+
+        def parent(n):          # with both slots held by parents, a child finds none
+            children.extend(pool.submit_id('child%d' % n, _square, n + i) for i in range(3))
+            return n
+        parents = [pool.submit_id('p%d' % n, parent, n) for n in range(2)]
+        self.assertEqual([f.result(10) for f in parents], [0, 1])
+        pool.shutdown()
+        self.assertEqual(sorted(f.result(0) for f in children), [0, 1, 1, 4, 4, 9])
+
+    SCRIPT = '''
+import sys, time
+sys.path.insert(0, %r)
+import mconnector
+pool = mconnector.DistributedThreads(max_workers=2)
+
+def work(key, n):
+    time.sleep(0.001)
+    sys.stdout.write('%%d %%d\\n' %% (key, n))
+for n in range(200):
+    pool.submit_id(n %% 20, work, n %% 20, n)
+pool.shutdown(wait=False)
+'''
+
+    def test_the_end_of_a_script_runs_every_task_after_shutdown_without_wait(self):
+        out = subprocess.run([sys.executable, '-c', self.SCRIPT % HERE], capture_output=True,
+                             text=True, timeout=60)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        lines = [tuple(map(int, line.split())) for line in out.stdout.splitlines()]
+        self.assertEqual(len(lines), 200, out.stderr)
+        for key in range(20):
+            self.assertEqual([n for k, n in lines if k == key], list(range(key, 200, 20)))
+
+    def test_a_dead_worker_process_fails_its_task_and_later_ones_run(self):
+        with mconnector.DistributedProcess(max_workers=2) as pool:
+            self.assertEqual(pool.submit_id('a', _square, 3).result(30), 9)
+            with self.assertLogs('mconnector', 'WARNING') as logs:
+                dead = pool.submit_id('a', _exit_task, 1)
+                with self.assertRaises(mconnector.WorkerLost) as caught:
+                    dead.result(30)
+                later = [pool.submit_id('a', _square, n) for n in range(4)]
+                self.assertEqual([f.result(30) for f in later], [0, 1, 4, 9])
+        self.assertIn('_exit_task', str(caught.exception))
+        self.assertIn('fresh pool', '\n'.join(logs.output))
+
+
 class ProcessPoolTest(unittest.TestCase):
     """One process pool for all of these: starting one costs time."""
 
