@@ -6219,19 +6219,25 @@ class KeyedExecutor:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
     def _close_executor(self):
-        # In the settler thread, once closed and idle.  Not every executor's shutdown takes
-        # `wait` (dask's Client.shutdown() takes nothing, and close() is the gentler one).
+        # In the settler thread, once closed and idle.  An executor whose shutdown() takes
+        # no `wait` is not a concurrent.futures one: a dask Client's shutdown() would stop
+        # the whole cluster, where close() lets this client go.
         if self._shutdown_executor and not self._executor_closed:
             self._executor_closed = True
             import inspect
             executor = self._executor
             try:
-                close = getattr(executor, 'shutdown', None) or getattr(executor, 'close')
+                shutdown = getattr(executor, 'shutdown', None)
                 try:
-                    waits = 'wait' in inspect.signature(close).parameters
+                    waits = 'wait' in inspect.signature(shutdown).parameters
                 except (TypeError, ValueError):
                     waits = False
-                close(wait=True) if waits else close()
+                if waits:
+                    shutdown(wait=True)
+                elif callable(getattr(executor, 'close', None)):
+                    executor.close()
+                elif shutdown is not None:
+                    shutdown()
             except Exception:
                 log.exception('pool: shutting down %r failed', executor)
 

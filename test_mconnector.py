@@ -3996,6 +3996,9 @@ class _DaskLikeExecutor:
         return future
 
     def shutdown(self):
+        raise AssertionError('this would stop the whole cluster')
+
+    def close(self):
         self.closed = True
 
 
@@ -4052,6 +4055,16 @@ pool.shutdown(wait=False)
         self.assertEqual(len(lines), 200, out.stderr)
         for key in range(20):
             self.assertEqual([n for k, n in lines if k == key], list(range(key, 200, 20)))
+
+    def test_the_cluster_example_keeps_order_or_says_what_it_skipped(self):
+        out = subprocess.run([sys.executable, os.path.join(HERE, 'examples', 'cluster_pools.py')],
+                             capture_output=True, text=True, timeout=300)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        lines = out.stdout.splitlines()
+        self.assertEqual(len(lines), 2, out.stdout)
+        for engine, line in zip(('dask.distributed', 'ray'), lines):
+            self.assertTrue(line.startswith(engine + ': '), line)
+            self.assertTrue(line.endswith('each key in order') or 'not installed' in line, line)
 
     def test_a_dead_worker_process_fails_its_task_and_later_ones_run(self):
         with mconnector.DistributedProcess(max_workers=2) as pool:
