@@ -442,9 +442,11 @@ def _encode(value, notes, path, depth):
         out = {_dict_key(k): _encode(v, notes, path + (_dict_key(k),), depth)
                for k, v in value.items()}
     else:
+        name = _registered_names.get(type(value))
+        if name is None and not _own_class(type(value)):
+            raise _NoWireForm(value, path)
         attributes = _public_attributes(value)
         out = {k: _encode(v, notes, path + (k,), depth) for k, v in attributes.items()}
-        name = _registered_names.get(type(value))
         if name is not None and notes is not None:
             state = _instance_state(value)
             notes.append([list(path), ['object', name, sorted(state)]])
@@ -458,6 +460,51 @@ def _encode(value, notes, path, depth):
 
 
 _PLAIN_TYPES = frozenset({str, int, bool, type(None)})     # float: see _encode
+
+
+@functools.lru_cache(maxsize=None)
+def _own_class(cls):
+    """Whether `cls` comes from the program, not with Python.  Instances of the program's
+    classes travel as their attributes (0.3.7); Python's own types that have no form above
+    (locks, functions, complex, generators, sockets...) would arrive as {} or as nonsense."""
+    top = (cls.__module__ or '').partition('.')[0]
+    if top == '__main__':
+        return True
+    names = getattr(sys, 'stdlib_module_names', None)      # 3.10+
+    if names is not None:
+        return top not in names
+    module = sys.modules.get(top)
+    if module is None:
+        return True
+    path = getattr(module, '__file__', None)
+    if path is None:
+        return False            # built into the interpreter
+    import sysconfig
+    path = os.path.abspath(path)
+    inside = lambda directory: path.startswith(os.path.abspath(directory) + os.sep)
+    return not any(inside(sysconfig.get_path(key)) for key in ('stdlib', 'platstdlib')) or \
+        any(inside(sysconfig.get_path(key)) for key in ('purelib', 'platlib'))
+
+
+class _NoWireForm(CodecError):
+    """A value of a type that has no form on the wire, and the path of keys and indexes
+    that led to it, for a message that says where it sat (args[0], result['k'])."""
+
+    def __init__(self, value, path):
+        kind = type(value)
+        self.kind = kind.__qualname__ if kind.__module__ == 'builtins' else \
+            '%s.%s' % (kind.__module__, kind.__qualname__)
+        self.path = tuple(path)
+        self.generator = hasattr(value, '__next__') or hasattr(value, '__anext__')
+        super().__init__(self.at('value'))
+
+    def at(self, root, skip=0, hint=None):
+        where = root + ''.join('[%r]' % (step,) for step in self.path[skip:])
+        if hint is None:
+            hint = ('send a list of its items' if self.generator else
+                    'send None, bool, numbers, str, bytes, dates, Decimal, UUID, lists, '
+                    'tuples, sets, dicts, or instances of your own classes')
+        return '%s (of type %s) has no wire form: %s' % (where, self.kind, hint)
 
 
 def _is_instance(value, module, name):
@@ -564,9 +611,10 @@ _SORTED_ENCODER = json.JSONEncoder(allow_nan=False, sort_keys=True)
 
 def dumps(value, notes=None, sort_keys=False):
     """JSON text (as bytes) of `value` converted by to_wire()."""
+    data = to_wire(value, notes)
     try:
         encoder = _SORTED_ENCODER if sort_keys else _ENCODER
-        return encoder.encode(to_wire(value, notes)).encode('utf-8')
+        return encoder.encode(data).encode('utf-8')
     except (TypeError, ValueError) as exc:
         raise CodecError('cannot encode value: %s' % exc) from None
 
@@ -688,6 +736,11 @@ class Rule:
             kind = 'string'
         if kind in _PARAM_TYPES:
             regex, convert = _PARAM_TYPES[kind]
+        elif _IDENTIFIER.match(kind):
+            # As a regex, a word would match only itself: surely a misspelt type.
+            raise RouteError('rule %r: unknown parameter type %r (the types are %s; a regex '
+                             'must be more than a word)'
+                             % (self.rule, kind, ', '.join(_PARAM_TYPES)))
         else:
             # Anything else is a regex; its own groups must not shift ours.
             try:
@@ -808,6 +861,15 @@ class HTTPError(MConnectorError):
 
 
 _REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) (/[\x21-\x7e]*) HTTP/1\.([0-9])\r?\n")
+
+
+class _NotHTTP(HTTPError):
+    """What a peer that does not speak HTTP sent instead of a reply."""
+
+    def __init__(self, data):
+        self.tls = data[:1] in (b'\x15', b'\x16') and data[1:2] == b'\x03'   # a TLS record
+        line = data.split(b'\n', 1)[0].strip().decode('latin-1')
+        super().__init__(None, 'a TLS record' if self.tls else 'not HTTP: %r' % line[:80])
 
 
 def parse_request_line(line):
@@ -1201,6 +1263,11 @@ class HTTPConnection:
         if not self.client:
             while buf[:2] == b'\r\n' or buf[:1] == b'\n':   # RFC 9112 2.2: ignored
                 del buf[:2 if buf[:1] == b'\r' else 1]
+        elif buf and not b'HTTP/'.startswith(bytes(buf[:5])):
+            # Said at the first bytes: a peer of another protocol may wait for us forever.
+            self.keep_alive = False
+            self._state = _GONE
+            raise _NotHTTP(bytes(buf[:200]))
         match = _BLANK_LINE.search(buf)
         line_end = buf.find(b'\n', 0, MAX_LINE + 1)
         if line_end < 0 and len(buf) > MAX_LINE or line_end >= MAX_LINE:
@@ -2178,6 +2245,9 @@ def _ws_check_response(head, key, target, subprotocols=None):
 
 _MODES = ('reply', 'json', 'dict', 'stream', 'raw')
 _ALL_RULES = '*'          # the token key that guards every rule
+_SEND_KEYS = frozenset(['args', 'kwargs', 'token', 'types'])     # of a friend.send() body
+_JSON_KINDS = {list: 'an array', str: 'a string', int: 'a number', float: 'a number',
+               bool: 'a boolean', type(None): 'null'}
 _ADMIN_PREFIX = '/_mc/'   # health, rules and metrics of the listener itself
 _ADMIN_PAGES = ('health', 'rules', 'metrics')
 _PROMETHEUS_TYPE = 'text/plain; version=0.0.4; charset=utf-8'
@@ -2207,7 +2277,49 @@ class _Endpoint:
             try:
                 self.signature.bind(*args, **kwargs)
             except TypeError as exc:
-                raise HTTPError(400, '%s%s: %s' % (self.name, self.signature, exc)) from None
+                # bind() names the first problem only: a misspelt keyword is then reported
+                # as the missing argument it was meant to be.
+                problems = _binding_problems(self.signature, args, kwargs) or [str(exc)]
+                raise HTTPError(400, '%s%s: %s' % (self.name, self.signature,
+                                                   '; '.join(problems))) from None
+
+    def takes(self, name):
+        """Whether the function has a parameter `name` that a keyword can give."""
+        parameter = self.signature and self.signature.parameters.get(name)
+        return bool(parameter) and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD,
+                                                      parameter.KEYWORD_ONLY)
+
+
+def _binding_problems(signature, args, kwargs):
+    """Every reason why f(*args, **kwargs) does not bind to `signature`, as text."""
+    import difflib
+    import inspect
+    P = inspect.Parameter
+    params = list(signature.parameters.values())
+    kinds = {p.kind for p in params}
+    positional = [p for p in params if p.kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD)]
+    by_keyword = {p.name for p in params if p.kind in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY)}
+    filled = {p.name for p in positional[:len(args)]}
+    problems = []
+    if len(args) > len(positional) and P.VAR_POSITIONAL not in kinds:
+        problems.append('takes %d positional argument%s but %d were given'
+                        % (len(positional), '' if len(positional) == 1 else 's', len(args)))
+    twice = [name for name in kwargs if name in filled and name in by_keyword]
+    if twice:
+        problems.append('got several values for %s' % ', '.join(map(repr, twice)))
+    missing = [p.name for p in params if p.default is P.empty and p.name not in filled and
+               p.kind not in (P.VAR_POSITIONAL, P.VAR_KEYWORD) and
+               not (p.name in kwargs and p.name in by_keyword)]
+    if missing:
+        problems.append('missing argument%s %s' % ('' if len(missing) == 1 else 's',
+                                                   ', '.join(map(repr, missing))))
+    if P.VAR_KEYWORD not in kinds:
+        for name in kwargs:
+            if name not in by_keyword:
+                close = difflib.get_close_matches(name, sorted(by_keyword - set(kwargs)), 1)
+                problems.append('unexpected keyword argument %r%s'
+                                % (name, ' (did you mean %r?)' % close[0] if close else ''))
+    return problems
 
 
 def _mark(func, mode):
@@ -2227,12 +2339,23 @@ def _is_coroutine_function(func):
     return code is not None and bool(code.co_flags & 0x80)   # CO_COROUTINE
 
 
-def _normalise_token(token):
+def _normalise_token(token, rule):
     if token is None:
         return None
     if not isinstance(token, str):
-        raise TypeError('a token is a string, got %r' % (token,))
+        raise TypeError('the token of %s must be a string, got %r' % (
+            'every rule' if rule == _ALL_RULES else rule, token))
     return token.encode('utf-8')
+
+
+def _token_table(owner, token):
+    """{rule: token} from a `token` argument: one string for every rule, or a dict."""
+    if isinstance(token, str):
+        return {_ALL_RULES: token}
+    if token is not None and not isinstance(token, dict):
+        raise TypeError('%s: token must be a string (one token for every rule) or a '
+                        '{rule: token} dict, got %r' % (owner, token))
+    return token or {}
 
 
 def _token_matches(expected, given):
@@ -2448,9 +2571,7 @@ class Microservice:
         self.stats = {'connections': 0}   # connections accepted since creation
         self.max_body = max_body
         self._tokens = {}
-        if isinstance(token, str):
-            token = {_ALL_RULES: token}
-        for rule, value in (token or {}).items():
+        for rule, value in _token_table('Microservice(%r)' % (name,), token).items():
             self.setToken(rule, value)
         self._router = Router()
         self._rules = {}            # rule text -> {METHOD: _Endpoint}
@@ -2497,6 +2618,12 @@ class Microservice:
         if table is None:
             table = self._rules[compiled.rule] = {}
             self._router.add(compiled, table)
+        for method in methods:
+            taken = table.get(method)
+            if taken is not None and taken.func is not func:
+                raise RouteError('%s %s is already served by %s(): a second function would '
+                                 'replace it (give it another rule, or other methods)'
+                                 % (method, compiled.rule, taken.name))
         endpoint = _Endpoint(compiled.rule, func, mode, methods)
         for method in methods:
             table[method] = endpoint
@@ -2530,7 +2657,7 @@ class Microservice:
         """Require `token` for calls to `rule` ('*' for every rule)."""
         if rule != _ALL_RULES:
             Rule(rule)
-        self._tokens[rule] = _normalise_token(token)
+        self._tokens[rule] = _normalise_token(token, rule)
 
     def removeToken(self, rule):
         """Stop requiring a token for `rule`; returns whether one was set."""
@@ -2665,10 +2792,16 @@ class Microservice:
         if mode == 'raw':
             args, kwargs, given_token = [], {}, None
         elif mode == 'reply':
-            args, kwargs, given_token = self._reply_arguments(data)
+            args, kwargs, given_token = self._reply_arguments(data, path)
         else:
             if not isinstance(data, dict):
                 raise HTTPError(400, '%s takes a JSON object of keyword arguments' % path)
+            if _SEND_KEYS.issuperset(data) and 'args' in data and 'kwargs' in data and \
+                    not endpoint.takes('args'):
+                raise HTTPError(400, '%s is an @M.%s rule: it takes one JSON object of keyword '
+                                'arguments, as friend.json() and mconnector call --json send '
+                                'them, not the {"args": [...], "kwargs": {...}} of '
+                                'friend.send()' % (path, mode))
             if 'x-mconnector-types' in headers:
                 try:
                     data = from_wire(data, loads(headers['x-mconnector-types']))
@@ -2721,9 +2854,14 @@ class Microservice:
             raise HTTPError(400, str(exc)) from None
 
     @staticmethod
-    def _reply_arguments(data):
-        if not isinstance(data, dict):
-            raise HTTPError(400, 'body must be {"args": [...], "kwargs": {...}}')
+    def _reply_arguments(data, path):
+        if not isinstance(data, dict) or not _SEND_KEYS.issuperset(data):
+            # Such a body is meant for an @M.json rule; its keys would be dropped here.
+            got = ('an object with the keys %s' % ', '.join(sorted(repr(k[:40]) for k in data)[:10])
+                   if isinstance(data, dict) else _JSON_KINDS.get(type(data), 'a JSON value'))
+            raise HTTPError(400, '%s takes {"args": [...], "kwargs": {...}}, as friend.send() '
+                            'and mconnector call send them (not friend.json(), nor call '
+                            '--json), got %s' % (path, got))
         args = data.get('args') or []
         kwargs = data.get('kwargs') or {}
         if not isinstance(args, list) or not isinstance(kwargs, dict):
@@ -2764,21 +2902,32 @@ class Microservice:
 
     @staticmethod
     def _answer(mode, result, typed):
-        if mode == 'raw':
-            return _raw_answer(result)
+        # The answer of @M.dict and @M.stream is the returned value itself, where that of
+        # the other modes is the list of the returned values, which senders unwrap (0.3.7's
+        # did, for every mode): an mconnector sender is told not to unwrap this one.
+        headers = [('X-MConnector-Mode', mode)] if typed and mode in ('dict', 'stream') else []
+        wrapped = mode in ('reply', 'json') and type(result) is not tuple
         notes = [] if typed else None
-        if mode == 'stream':
-            return Response(200, _stream_json(result))
-        if mode != 'dict':
-            result = list(result) if type(result) is tuple else [result]
         try:
+            if mode == 'raw':
+                return _raw_answer(result)
+            if mode == 'stream':
+                return Response(200, _stream_json(result), headers)
+            if mode != 'dict':
+                result = [result] if wrapped else list(result)
             body = dumps(result, notes, sort_keys=True)
+        except _NoWireForm as exc:
+            hint = None
+            if exc.generator and len(exc.path) == wrapped:      # the returned value itself
+                hint = ('return a list, or serve the rule with @M.stream, which sends the '
+                        'items of a generator as they are produced')
+            return Response.error(500, 'CodecError', exc.at('result', wrapped, hint))
         except CodecError as exc:
             return Response.error(500, 'CodecError', str(exc))
         if notes:
             body = b'{"result": %s, "types": %s}' % (body, json.dumps(notes).encode('utf-8'))
-            return Response(200, body, [('X-MConnector-Types', '1')])
-        return Response(200, body)
+            headers.append(('X-MConnector-Types', '1'))
+        return Response(200, body, headers)
 
     # -- serving -----------------------------------------------------------------------
 
@@ -3084,21 +3233,27 @@ def _async_items(agen):
 
 
 def _stream_json(result, chunk=64 * 1024):
+    """The pieces of a streamed answer.  Any value but a generator is encoded here, before
+    the head goes out, so that one with no wire form is answered 500, not cut short."""
     if hasattr(result, '__aiter__') and hasattr(result, '__anext__'):
         result = _async_items(result)
     if result is not None and not isinstance(result, (str, bytes, dict, list, tuple)) \
             and hasattr(result, '__iter__') and not hasattr(result, '__dict__'):
-        # A generator: the items become a JSON list, sent as they are produced.
-        yield b'['
-        first = True
-        for item in result:
-            yield (b'' if first else b', ') + dumps(item)
-            first = False
-        yield b']'
-        return
+        return _stream_items(result)
     body = dumps(result)
-    for start in range(0, len(body), chunk):
-        yield body[start:start + chunk]
+    return (body[start:start + chunk] for start in range(0, len(body), chunk))
+
+
+def _stream_items(items):
+    """A generator's items as a JSON list, sent as they are produced."""
+    yield b'['
+    for n, item in enumerate(items):
+        try:
+            data = dumps(item)
+        except _NoWireForm as exc:
+            raise CodecError(exc.at('result[%d]' % n)) from None
+        yield b', ' + data if n else data
+    yield b']'
 
 
 _SIGINT = 2
@@ -3371,6 +3526,13 @@ def _unwrap(value):
     return value
 
 
+def _rule_path(rule):
+    """The rule a sender calls: its leading "/" may be left out, as on the command line."""
+    if not isinstance(rule, str):
+        raise TypeError('a rule is a path such as "/helloworld", got %r' % (rule,))
+    return rule if rule[:1] == '/' or rule == _ALL_RULES else '/' + rule
+
+
 def _connection_is_stale(sock):
     # A keep-alive connection the listener closed (idle timeout, restart) reads as EOF.
     # Finding that out before writing means no request is ever re-sent after it may have
@@ -3449,11 +3611,9 @@ class Friend:
         self._verify = verify
         self._client_cert = (certfile, keyfile) if certfile else None
         self._rules = {}
-        if isinstance(token, str):
-            self._default_token = token
-        else:
-            self._default_token = None
-            for rule, value in (token or {}).items():
+        self._default_token = token if isinstance(token, str) else None
+        if self._default_token is None:
+            for rule, value in _token_table('Friend(%r)' % (name,), token).items():
                 self.setRule(rule, token=value)
         for rule, method in (ruleMethods or {}).items():
             self.setRule(rule, method=method)
@@ -3471,7 +3631,10 @@ class Friend:
     def setRule(self, rule, method=None, token=None, idempotent=None):
         """Remember the HTTP method, the token, and whether calls to `rule` may be repeated
         (`idempotent=True`: a call whose connection broke after it was sent is retried)."""
-        settings = self._rules.setdefault(rule, {})
+        if token is not None and not isinstance(token, str):
+            raise TypeError('Friend(%r): the token of %s must be a string, got %r'
+                            % (self.name, rule, token))
+        settings = self._rules.setdefault(_rule_path(rule), {})
         if method is not None:
             settings['method'] = method.upper()
         if token is not None:
@@ -3481,7 +3644,7 @@ class Friend:
 
     def removeToken(self, rule):
         """Stop sending a token with calls to `rule`; returns whether one was set."""
-        return self._rules.get(rule, {}).pop('token', None) is not None
+        return self._rules.get(_rule_path(rule), {}).pop('token', None) is not None
 
     set_rule = setRule
     remove_token = removeToken
@@ -3500,8 +3663,12 @@ class Friend:
     def send(self, rule, *args, **kwargs):
         """Call the function behind `rule` with these arguments and return its result:
         one value as itself, several as a tuple.  Raises what the call met (see class)."""
+        rule = _rule_path(rule)
         notes = []
-        wire_args, wire_kwargs = to_wire([list(args), kwargs], notes)
+        try:
+            wire_args, wire_kwargs = to_wire([list(args), kwargs], notes)
+        except _NoWireForm as exc:
+            raise CodecError(exc.at('kwargs' if exc.path[0] else 'args', 1)) from None
         token = self._token(rule)
         payload = {'args': wire_args, 'kwargs': wire_kwargs, 'token': token}
         if notes:
@@ -3514,9 +3681,14 @@ class Friend:
 
     def json(self, rule, method=None, **kwargs):
         """Send `kwargs` as one JSON object (for @M.json, @M.dict, @M.async_json rules) and
-        return the answer, unwrapped as send() does.  `method` defaults to the rule's."""
+        return the answer: the returned value of @M.dict and @M.stream rules as it was
+        returned, that of others unwrapped as send() does.  `method` defaults to the rule's."""
+        rule = _rule_path(rule)
         notes = []
-        body = dumps(kwargs, notes)
+        try:
+            body = dumps(kwargs, notes)
+        except _NoWireForm as exc:
+            raise CodecError(exc.at('kwargs')) from None
         # The body is the arguments themselves, so type notes go in a header; past a few
         # KiB they are left out and the values arrive in their plain JSON form.
         extra = (('X-MConnector-Types', json.dumps(notes)),) if notes else ()
@@ -3589,6 +3761,8 @@ class Friend:
                 data = from_wire(data['result'], data['types'])
             except (KeyError, TypeError):
                 raise CodecError('malformed typed reply from %s%s' % (self.address, rule)) from None
+        if reply.headers.get('x-mconnector-mode') in ('dict', 'stream'):
+            return data         # the returned value itself, not the list of values
         return _unwrap(data)
 
     def _error(self, rule, status, data):
@@ -3691,6 +3865,9 @@ class Friend:
                 raise _Failed(Unreachable('cannot reach %s: %s' % (where, exc)))
             except OSError as exc:
                 conn.close()
+                refused = self._tls_refusal(exc)
+                if refused is not None:
+                    raise _Failed(refused, retry=False)
                 if reused and attempt == 1:
                     continue        # a reused connection that failed the write: not sent
                 raise _Failed(Unreachable('cannot reach %s: %s' % (where, exc)))
@@ -3700,19 +3877,57 @@ class Friend:
         except socket.timeout:
             conn.close()
             raise _Failed(CallTimeout('%s did not answer within %ss' % (where, self.timeout)), True)
+        except _NotHTTP as exc:
+            conn.close()
+            if exc.tls:
+                error = NetworkError('%s answered in TLS: call https://%s'
+                                     % (self.address, self.address.partition('://')[2]))
+            else:
+                error = NetworkError('%s does not answer in HTTP: it sent %s'
+                                     % (self.address, exc.message[len('not HTTP: '):]))
+            raise _Failed(error, True, retry=False)
         except HTTPError as exc:
             conn.close()
             raise _Failed(NetworkError('%s sent a reply that cannot be read (the call may have '
                                        'run): %s' % (where, exc.message)), True, retry=False)
         except OSError as exc:
             conn.close()
-            raise _Failed(NetworkError('connection to %s lost after the call was sent (it may '
-                                       'have run): %s' % (where, exc or type(exc).__name__)), True)
+            refused = self._tls_refusal(exc)
+            if refused is not None:
+                raise _Failed(refused, retry=False)
+            if isinstance(exc, _ClosedEarly):
+                what = 'closed the connection'
+            elif isinstance(exc, ConnectionResetError):
+                what = 'reset the connection'
+            else:
+                what = 'lost the connection (%s)' % (exc or type(exc).__name__)
+            raise _Failed(NetworkError('%s %s without answering (the call may have run)'
+                                       % (where, what)), True)
         if keep_alive:
             self._release(conn)
         else:
             conn.close()
         return reply
+
+
+    def _tls_refusal(self, exc):
+        """The error for a TLS alert that says why no call could run on this connection:
+        this client's certificate refused by mutual TLS, or a listener without TLS."""
+        reason = getattr(exc, 'reason', None) or ''
+        if 'ALERT' in reason and ('CERTIFICATE' in reason or 'UNKNOWN_CA' in reason
+                                  or 'ACCESS_DENIED' in reason):
+            why = reason.partition('ALERT_')[2].replace('_', ' ').lower()
+            return NetworkError('%s refused the client certificate (%s), so the call did not '
+                                'run: give Friend a certfile= (and keyfile=) that the listener '
+                                'trusts' % (self.address, why))
+        if reason == 'WRONG_VERSION_NUMBER':
+            return NetworkError('%s does not answer in TLS: call http://%s'
+                                % (self.address, self.address.partition('://')[2]))
+        return None
+
+
+class _ClosedEarly(ConnectionError):
+    """The listener ended the connection before the first byte of its reply."""
 
 
 class _Failed(Exception):
@@ -3798,7 +4013,7 @@ class _ClientConnection:
             elif type(event) is bytes:
                 parts.append(event)
             elif event is CLOSED:
-                raise ConnectionResetError('connection closed before the reply')
+                raise _ClosedEarly('connection closed before the reply')
             else:
                 head = event
         headers = head.headers
@@ -4684,6 +4899,8 @@ class _Conn:
         except (OSError, ValueError) as exc:
             log.debug('%s: TLS handshake with %s failed: %s', self.server.name,
                       self.address[0], exc)
+            if isinstance(exc, ssl.SSLError):
+                self._refuse_plain_http()
             self.close()
             return
         else:
@@ -4694,6 +4911,25 @@ class _Conn:
             self.on_readable()          # what came with the handshake's last records
             return
         self._update()
+
+    def _refuse_plain_http(self):
+        """Answer, in plain HTTP, a plain HTTP request that came instead of a TLS
+        handshake (as nginx does): its sender learns why, not just that it was reset."""
+        sock = self.sock
+        try:        # below the TLS layer; OpenSSL has read the first bytes, not the rest
+            rest = socket.socket.recv(sock, _RECV)
+        except OSError:
+            return
+        if not re.match(rb'[^\r\n]* HTTP/1\.[01]\r?\n', rest):
+            return
+        response = Response.error(400, 'BadRequest', 'this listener takes https://, not '
+                                                     'http://')
+        try:
+            socket.socket.send(sock, _closing_response(response.status, response.headers,
+                                                       response.body))
+            socket.socket.shutdown(sock, socket.SHUT_WR)
+        except OSError:
+            pass
 
     def tick(self, now):
         if self.lingering is not None:
@@ -6246,7 +6482,7 @@ def _call_command(options):
             args.append(_argument(item))
     friend = Friend('cli', options.url, timeout=options.timeout, secretKey=options.secret_key,
                     verify=not options.insecure, cafile=options.cafile, retries=0)
-    rule = options.rule if options.rule.startswith('/') else '/' + options.rule
+    rule = _rule_path(options.rule)
     friend.setRule(rule, method=options.method, token=options.token)
     if options.json and args:
         raise SystemExit('mconnector: --json takes NAME=VALUE arguments only')

@@ -1333,8 +1333,8 @@ class ListenerTest(unittest.TestCase):
         self.assertEqual(self.friend.json('/stream', n=3), {'items': [0, 1, 2]})
         if self.shell == 'builtin':         # (wsgiref, an HTTP/1.0 server, cannot chunk)
             self.assertEqual(self.friend.lastreply.headers['transfer-encoding'], 'chunked')
-        self.assertEqual(self.friend.json('/gen', n=3), ({'i': 0}, {'i': 1}, {'i': 2}))
-        self.assertEqual(self.friend.json('/agen', n=4), (0, 1, 4, 9))
+        self.assertEqual(self.friend.json('/gen', n=3), [{'i': 0}, {'i': 1}, {'i': 2}])
+        self.assertEqual(self.friend.json('/agen', n=4), [0, 1, 4, 9])
 
     def test_async_functions_share_one_loop(self):
         (x, loop1), (_, loop2) = self.friend.send('/async', 2), self.friend.send('/async', 3)
