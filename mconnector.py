@@ -41,6 +41,7 @@ import base64
 import binascii
 import bisect
 import enum
+import errno
 import functools
 import json
 import logging
@@ -63,7 +64,7 @@ __version__ = '1.1.0'
 
 __all__ = [
     # listener and sender
-    'Microservice', 'SanicApp', 'Friend', 'Response',
+    'Microservice', 'SanicApp', 'Friend', 'Response', 'timeit',
     # values
     'register', 'to_wire', 'from_wire', 'dumps', 'loads',
     # routing and HTTP pieces
@@ -2993,8 +2994,9 @@ class Microservice:
     def _serve_until_stopped(self, port, host, debug, sock, tls, on_serving=None):
         try:
             self._bind(port, host, debug, sock=sock, **tls)
-        except OSError as exc:
-            _cannot_listen(self.name, self.host, self.port, exc)
+        except OSError as exc:      # (or the TLS files: not found, not PEM...)
+            _cannot_listen(exc if isinstance(exc, _CannotListen) else
+                           _CannotListen(self.name, self.host, self.port, exc))
         server = self._server
         signals = []
         restore = _on_stop_signals(functools.partial(self._stop_signal, server, signals))
@@ -3073,7 +3075,7 @@ class Microservice:
             ssl_context = server_ssl_context(certfile, keyfile, cafile)
         self._tls = ssl_context is not None
         if sock is None:
-            sock = _listening_socket(self.host, self.port)
+            sock = _listening_socket(self.host, self.port, name=self.name)
         else:
             self.host = sock.getsockname()[0]
         self._server = _Server(self.name, sock, lambda conn: _HTTPSession(conn, self),
@@ -3174,6 +3176,36 @@ class Microservice:
 
 
 SanicApp = Microservice
+
+
+def timeit(func):
+    """Decorator, as 0.3.7's: each call of `func` logs how long it took, in the line 0.3.7
+    printed ("'name'  1.23 ms"), at INFO through the mconnector logger; with no logging
+    configured at all, the line is printed, as 0.3.7 did.  Async functions too."""
+    def report(started):
+        line = '%r  %2.2f ms' % (func.__name__, (time.perf_counter() - started) * 1000)
+        if log.hasHandlers():
+            log.info('%s', line)
+        else:
+            print(line)
+
+    if _is_coroutine_function(func):
+        @functools.wraps(func)
+        async def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return await func(*args, **kwargs)
+            finally:
+                report(started)
+    else:
+        @functools.wraps(func)
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return func(*args, **kwargs)
+            finally:
+                report(started)
+    return timed
 
 
 def _wsgi_targets(environ):
@@ -3385,8 +3417,13 @@ class SocketServer:
 
     def add_route(self, rule, handler, render=False):
         """Route `rule` to `handler` (a router handler, or a render one).  Raises RouteError
-        for a malformed rule."""
-        self.routes.add(rule, (handler, render))
+        for a malformed rule, or one that another handler already serves."""
+        compiled = Rule(rule)
+        for existing, (other, _) in self.routes:
+            if existing.rule == compiled.rule and other is not handler:
+                raise RouteError('%s is already served by %s(): a second handler would '
+                                 'replace it' % (compiled.rule, getattr(other, '__name__', other)))
+        self.routes.add(compiled, (handler, render))
 
     # -- serving ------------------------------------------------------------------------------
 
@@ -3402,7 +3439,8 @@ class SocketServer:
         with self._lock:
             if self._server is not None:
                 raise RuntimeError('this SocketServer is already running')
-            sock = _listening_socket(host, port)
+            sock = _listening_socket(host, port, name='websocket server %s' % self.name
+                                     if self.name else 'websocket server')
             self._server = _Server(self.name or 'ws', sock, lambda conn: _WsHandshake(conn, self),
                                    self.max_workers, self.ssl_context, self.handshake_timeout,
                                    _WS_WRITE_TIMEOUT)
@@ -3587,18 +3625,24 @@ class Friend:
                  keyfile=None, retries=2, backoff=0.05, max_reply=MAX_BODY):
         from urllib.parse import urlsplit
         self.name = name
+        given = address
         if '://' not in address:
             address = 'http://' + address
         parts = urlsplit(address)
         if parts.scheme not in ('http', 'https') or not parts.hostname:
-            raise ValueError('address must look like http://host:port, got %r' % address)
+            raise ValueError('a listener address is http://HOST:PORT or https://HOST:PORT, '
+                             'got %r' % (given,))
+        try:
+            port = parts.port
+        except ValueError:
+            raise ValueError('the port of %r is not a number from 0 to 65535' % (given,)) from None
         self.address = address.rstrip('/')
         self._scheme = parts.scheme
         self._host = parts.hostname
         # The seed's own example sends to http://0.0.0.0:5000, the listener's bind-all
         # address; Linux connects that to this host, Windows and macOS refuse it.
         self._connect_host = {'0.0.0.0': '127.0.0.1', '::': '::1'}.get(self._host, self._host)
-        self._port = parts.port or (443 if parts.scheme == 'https' else 80)
+        self._port = port or (443 if parts.scheme == 'https' else 80)
         self._prefix = parts.path.rstrip('/')
         self._host_header = host_header(self._host, self._port, parts.scheme == 'https')
         self.timeout = timeout
@@ -4499,7 +4543,7 @@ def _ws_command(url, timeout=None):
     try:
         conn = _ws_connect(url, **({} if timeout is None else {'timeout': max(timeout, 1.0)}))
     except (WebSocketError, NetworkError, ValueError) as exc:
-        print('mconnector ws: %s' % exc, file=sys.stderr)
+        print('mconnector: %s' % exc, file=sys.stderr)
         return 1
     done = threading.Event()
     activity = [time.monotonic()]
@@ -4528,7 +4572,7 @@ def _ws_command(url, timeout=None):
             print(message if isinstance(message, str) else repr(message), flush=True)
     except ConnectionClosed as exc:
         if not exc.ok:
-            print('mconnector ws: %s' % exc, file=sys.stderr)
+            print('mconnector: %s' % exc, file=sys.stderr)
             return 1
         return 0
     except KeyboardInterrupt:
@@ -5774,11 +5818,16 @@ def _on_stop_signals(callback, foreground=True):
     entry = [callback, foreground]
     if threading.current_thread() is threading.main_thread():
         import signal
+        if not _saved_handlers:
+            import atexit
+            atexit.unregister(_ignore_echo_at_exit)     # (registered once)
+            atexit.register(_ignore_echo_at_exit)
         for signum, default in ((signal.SIGTERM, signal.SIG_DFL),
                                 (signal.SIGINT, signal.default_int_handler)):
             try:
-                if signal.getsignal(signum) is default:
-                    _saved_handlers[signum] = signal.signal(signum, _stop_signal)
+                if signal.getsignal(signum) in (default, _echo_signal):
+                    signal.signal(signum, _stop_signal)
+                    _saved_handlers[signum] = default
             except (ValueError, OSError):
                 pass
     _stop_callbacks.append(entry)
@@ -5788,14 +5837,48 @@ def _on_stop_signals(callback, foreground=True):
             _stop_callbacks.remove(entry)
         if not _stop_callbacks and threading.current_thread() is threading.main_thread():
             import signal
+            # Right after a stop by signal, its echo may still be on its way (timeout(1)
+            # signals the process, then its whole group): it must not kill what stopped.
+            echo = time.monotonic() - _last_stop_signal[0] < _SIGNAL_ECHO
             for signum, old in list(_saved_handlers.items()):
                 try:
                     if signal.getsignal(signum) is _stop_signal:
-                        signal.signal(signum, old)
+                        signal.signal(signum, _echo_signal if echo else old)
                 except (ValueError, OSError):
                     pass
-                _saved_handlers.pop(signum, None)
+                if not echo:
+                    _saved_handlers.pop(signum, None)
     return restore
+
+
+_SIGNAL_ECHO = 1.0              # seconds after a stop signal in which another is its echo
+_last_stop_signal = [-_SIGNAL_ECHO]     # time.monotonic() of the last one
+
+
+def _ignore_echo_at_exit():
+    # The interpreter's last steps put SIG_DFL back where Python handlers were: an echo
+    # arriving then would still kill the process, unless it is ignored outright.
+    import signal
+    if time.monotonic() - _last_stop_signal[0] < _SIGNAL_ECHO:
+        for signum in _saved_handlers:
+            try:
+                signal.signal(signum, signal.SIG_IGN)
+            except (ValueError, OSError):
+                pass
+
+
+def _echo_signal(signum, frame):
+    """A stop signal after the stop that one before it asked for: dropped while it may be
+    that one's echo; later, what the handler that ours replaced would have done."""
+    import signal
+    if time.monotonic() - _last_stop_signal[0] < _SIGNAL_ECHO:
+        return
+    old = _saved_handlers.pop(signum, signal.SIG_DFL)
+    signal.signal(signum, old)
+    if callable(old):
+        return old(signum, frame)
+    if old == signal.SIG_DFL:
+        os.kill(os.getpid(), signum)
 
 
 def _stop_signal(signum, frame):
@@ -5803,6 +5886,7 @@ def _stop_signal(signum, frame):
     # then, and may even run inside another handler: the callbacks take none (they set
     # flags and write to sockets), and the stops are logged by the serving loops.
     import signal
+    _last_stop_signal[0] = time.monotonic()
     entries = list(_stop_callbacks)
     for callback, _ in entries:
         callback(signum)
@@ -6369,12 +6453,39 @@ def _load_target(target):
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            raise SystemExit(_import_failure(target, name, exc)) from None
     else:
         if '' not in sys.path and os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())
-        module = importlib.import_module(target)
+        try:
+            module = importlib.import_module(target)
+        except Exception as exc:
+            raise SystemExit(_import_failure(target, target, exc)) from None
     return module, attribute
+
+
+def _import_failure(target, name, exc):
+    """What serve says when TARGET fails to import: the traceback of the user's own code,
+    without the frames of this module and of importlib, or one line if none are left."""
+    import importlib
+    import traceback
+    ours = (os.path.abspath(__file__), os.path.dirname(os.path.abspath(importlib.__file__)))
+    frames = [frame for frame in traceback.extract_tb(exc.__traceback__)
+              if not frame.filename.startswith(('<frozen ',) + ours)]
+    error = ''.join(traceback.format_exception_only(type(exc), exc)).rstrip('\n')
+    if not frames:
+        if isinstance(exc, ModuleNotFoundError) and exc.name and \
+                (name + '.').startswith(exc.name + '.'):
+            return ('mconnector: cannot import %s: no module %r on the path (run serve from '
+                    'the directory that holds it, or name the file: serve path/to/%s.py)'
+                    % (target, exc.name, name.rpartition('.')[2]))
+        return 'mconnector: cannot import %s:%s%s' % (target, '\n' if '\n' in error else ' ',
+                                                     error)
+    return ('mconnector: cannot import %s:\nTraceback (most recent call last):\n%s%s'
+            % (target, ''.join(traceback.format_list(frames)), error))
 
 
 def _find_servers(module, attribute):
@@ -6421,6 +6532,9 @@ def _load_servers(options):
 
 
 def _serve_command(options):
+    for option, port in (('--port', options.port), ('--ws-port', options.ws_port)):
+        if port is not None and not 0 <= port <= 65535:
+            _usage_error('%s takes a port from 0 to 65535, not %d' % (option, port))
     if options.listen_fd is not None or options.reuse_port:
         return _serve_worker(options)
     reload = _serve_reloads(options)
@@ -6439,7 +6553,11 @@ def _serve_command(options):
         kwargs = {} if ws_port is None else {'port': ws_port}
         if options.host is not None:
             kwargs['host'] = options.host
-        server.run(**kwargs)
+        try:
+            server.run(**kwargs)
+        except _CannotListen as exc:
+            _ws_stop_all()
+            _cannot_listen(exc)
     try:
         if services:
             if options.grace is not None:
@@ -6480,12 +6598,12 @@ def _call_command(options):
             kwargs[name] = _argument(value)
         else:
             args.append(_argument(item))
-    friend = Friend('cli', options.url, timeout=options.timeout, secretKey=options.secret_key,
-                    verify=not options.insecure, cafile=options.cafile, retries=0)
+    if options.json and args:
+        _usage_error('--json takes NAME=VALUE arguments only')
+    friend = _cli_friend(options, timeout=options.timeout, secretKey=options.secret_key,
+                         verify=not options.insecure, cafile=options.cafile, retries=0)
     rule = _rule_path(options.rule)
     friend.setRule(rule, method=options.method, token=options.token)
-    if options.json and args:
-        raise SystemExit('mconnector: --json takes NAME=VALUE arguments only')
     deadline = time.monotonic() + options.wait
     try:
         while True:
@@ -6508,10 +6626,25 @@ def _call_command(options):
     return 0
 
 
+def _usage_error(message):
+    """A mistake in the command line: one line, and exit status 2 (as argparse's own)."""
+    sys.stderr.write('mconnector: %s\n' % message)
+    raise SystemExit(2)
+
+
+def _cli_friend(options, **settings):
+    """The Friend of `call` and `rules`, or a usage error for a URL it cannot call."""
+    try:
+        return Friend('cli', options.url, **settings)
+    except ValueError as exc:
+        websocket = options.url.startswith(('ws://', 'wss://'))
+        _usage_error('%s%s' % (exc, ' (websockets: mconnector ws URL)' if websocket else ''))
+
+
 def _rules_command(options):
-    friend = Friend('cli', options.url, timeout=options.timeout, secretKey=options.secret_key,
-                    token=options.token, verify=not options.insecure, cafile=options.cafile,
-                    retries=0)
+    friend = _cli_friend(options, timeout=options.timeout, secretKey=options.secret_key,
+                         token=options.token, verify=not options.insecure,
+                         cafile=options.cafile, retries=0)
     try:
         rules = friend.rules()
     except MConnectorError as exc:
@@ -6536,6 +6669,10 @@ def _rules_command(options):
 
 
 def _ws_cli(options):
+    try:
+        _ws_split_url(options.url)
+    except ValueError as exc:
+        _usage_error(exc)
     return _ws_command(options.url, timeout=options.timeout)
 
 
@@ -6586,37 +6723,61 @@ def _url(host, port, tls):
                            port)
 
 
-def _listening_socket(host, port, listen=True, reuse_port=False):
-    """A TCP socket bound to (host, port), listening unless told otherwise."""
+def _listening_socket(host, port, listen=True, reuse_port=False, name=None):
+    """A TCP socket bound to (host, port), listening unless told otherwise.  With a `name`
+    (of the server), a failure is a _CannotListen that names it and the address."""
     host = host or '0.0.0.0'
-    sock = socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET)
+    try:
+        port = int(port)
+        if not 0 <= port <= 65535:
+            raise OSError(errno.EINVAL, 'a port is a number from 0 to 65535')
+        sock = socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET)
+    except (OSError, ValueError) as exc:
+        if name is None:
+            raise
+        raise _CannotListen(name, host, port, exc) from None
     try:
         if os.name == 'posix':      # a restart must not wait for TIME_WAIT to pass
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, int(port)))
+        sock.bind((host, port))
         if listen:
             sock.listen(_BACKLOG)
-    except BaseException:
+    except BaseException as exc:
         sock.close()
-        raise
+        if name is None or not isinstance(exc, (OSError, OverflowError)):
+            raise
+        raise _CannotListen(name, host, port, exc) from None
     return sock
 
 
-def _cannot_listen(name, host, port, exc):
+class _CannotListen(OSError):
+    """An address that cannot be listened on, in the one message that start(), run() and
+    serve give for it: 'NAME: cannot listen on HOST:PORT: REASON' (the errno kept)."""
+
+    def __init__(self, name, host, port, exc):
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        super().__init__(getattr(exc, 'errno', None) or errno.EINVAL,
+                         '%s: cannot listen on %s:%s: %s' % (name, host, port, reason))
+
+    def __str__(self):
+        return self.strerror
+
+
+def _cannot_listen(exc):
     """The main loop of a script or command: one clear line and exit status 1, not a
     traceback (as Flask's run does)."""
-    log.error('%s: cannot listen on %s:%s: %s', name, host, port, exc.strerror or exc)
+    log.error('%s', exc)
     raise SystemExit(1) from None
 
 
 def _bind_or_exit(name, host, port, **options):
     """_listening_socket(), or _cannot_listen()."""
     try:
-        return _listening_socket(host, port, **options)
-    except OSError as exc:
-        _cannot_listen(name, host, port, exc)
+        return _listening_socket(host, port, name=name, **options)
+    except _CannotListen as exc:
+        _cannot_listen(exc)
 
 
 def _reuse_port_wanted():
@@ -6869,10 +7030,10 @@ def _py_mtimes(directory):
 def _serve_supervised(options, reload):
     """`serve` as the parent of workers (--workers) or of reload children (--debug)."""
     if options.workers is not None and options.workers < 1:
-        raise SystemExit('mconnector: --workers takes a number of processes, 1 or more')
+        _usage_error('--workers takes a number of processes, 1 or more')
     if options.workers and reload:
-        raise SystemExit('mconnector: --workers and reloading (--debug) do not go together: '
-                         'add --no-reload, or drop --workers')
+        _usage_error('--workers and reloading (--debug) do not go together: add --no-reload, '
+                     'or drop --workers')
     if os.name != 'posix':
         raise SystemExit('mconnector: --workers needs a POSIX system')
     host, port, grace = options.host, options.port, options.grace
@@ -6985,10 +7146,17 @@ def _serve_worker(options):
 
 def _parser():
     import argparse
-    parser = argparse.ArgumentParser(
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            # argparse's "PROG COMMAND: error:" would be a second prefix beside ours.
+            self.print_usage(sys.stderr)
+            self.exit(2, 'mconnector: %s\n' % message)
+
+    parser = Parser(
         prog='mconnector',
         description='Services that call each other like local functions (standard library only).')
-    parser.add_argument('--version', action='version', version='mconnector ' + __version__)
+    parser.add_argument('-V', '--version', action='version', version='mconnector ' + __version__)
     commands = parser.add_subparsers(dest='command', metavar='COMMAND')
     commands.required = True
 
@@ -7023,7 +7191,7 @@ def _parser():
     # fd, or on its own socket bound with SO_REUSEPORT.
     serve.add_argument('--listen-fd', type=int, help=argparse.SUPPRESS)
     serve.add_argument('--reuse-port', action='store_true', help=argparse.SUPPRESS)
-    serve.set_defaults(run=_serve_command)
+    serve.set_defaults(run=_serve_command, subparser=serve)
 
     call = commands.add_parser(
         'call', help='call a rule and print the answer as JSON',
@@ -7043,7 +7211,7 @@ def _parser():
     call.add_argument('--cafile', help='CA certificates for https:// listeners')
     call.add_argument('--secret-key', help='sign the call with this shared key (secretKey)')
     call.add_argument('--insecure', action='store_true', help='do not verify https certificates')
-    call.set_defaults(run=_call_command)
+    call.set_defaults(run=_call_command, subparser=call)
 
     rules = commands.add_parser(
         'rules', help="list a running listener's rules",
@@ -7056,7 +7224,7 @@ def _parser():
     rules.add_argument('--cafile', help='CA certificates for https:// listeners')
     rules.add_argument('--secret-key', help='sign the request with this shared key (secretKey)')
     rules.add_argument('--insecure', action='store_true', help='do not verify https certificates')
-    rules.set_defaults(run=_rules_command)
+    rules.set_defaults(run=_rules_command, subparser=rules)
 
     ws = commands.add_parser(
         'ws', help='interactive websocket client',
@@ -7066,7 +7234,7 @@ def _parser():
     ws.add_argument('--timeout', type=float, default=None,
                     help='seconds for the handshake, and of quiet after the end of input '
                          'before closing (default: 10 and 1)')
-    ws.set_defaults(run=_ws_cli)
+    ws.set_defaults(run=_ws_cli, subparser=ws)
     return parser
 
 
@@ -7081,7 +7249,7 @@ def main(argv=None):
         if options.run is _call_command and not any(item.startswith('--') for item in extra):
             options.args.extend(extra)
         else:
-            parser.error('unrecognized arguments: %s' % ' '.join(extra))
+            options.subparser.error('unrecognized arguments: %s' % ' '.join(extra))
     options.argv = argv         # for `serve` to start its children with the same options
     try:
         return options.run(options)

@@ -1060,8 +1060,73 @@ if __name__ == '__main__':
     unittest.main()
 
 
-class SeedTutorialTest(unittest.TestCase):
-    """The seed's chapters 3-6 through the example files, with the outputs the seed shows."""
+# The 0.3.7 tutorial's documented output (chapters 4, 5 and 6, and its json example),
+# verbatim.  Its timing lines came from timers around each chapter that the tutorial's code
+# does not show; the banners that its code prints before chapters 4 and 5 and in the middle
+# of 4 it leaves out (TUTORIAL_BANNERS).  The tutorial shows its lines without their
+# leading spaces.
+TUTORIAL_OUTPUT = """\
+Test: return a simple string
+x= A variable value-A keyword variable value <class 'str'>
+==========================
+Test: return multiple string
+x= A variable value <class 'str'>
+y= A keyword variable value <class 'str'>
+z= A variable value-A keyword variable value <class 'str'>
+'testStr'  23.17 ms
+Test: return a simple Value
+x= 2330 <class 'int'>
+==========================
+Test: return a simple Value
+x= 5.138 <class 'float'>
+==========================
+Test: return multiple Value
+x= 1000000003.1427 <class 'float'>
+y= 1000000000000000000 <class 'int'>
+z= 9.87656329 <class 'float'>
+Test: return a simple Value
+x= [12, 34, 45, 'abc', 'zyz'] <class 'list'>
+==========================
+Test: return a simple Value
+x= {'dict': {'keyword': ['anything']}, 'float': 0.2323, 'int': 20, 'str': 'adfafsa'} <class 'dict'>
+==========================
+Test: return multiple Value
+x= {'keyword': ['anything']} <class 'dict'>
+y= ['abc', 'zyz', 'other value'] <class 'list'>
+z= None <class 'NoneType'>
+'testListDict'  22.19 ms
+##############################
+Test return NoneType, Class, use of Token
+
+Test: return a simple Value
+x= None <class 'NoneType'>
+==========================
+Test: return a simple Value with token
+x= {'Purpose': 'For test only', 'empty': None, 'name': 'test', 'value': {'keyword': ['anything']}} <class 'dict'>
+==========================
+Test: return multiple Value
+x= {'Purpose': 'For test only', 'empty': None, 'name': 'test', 'value': {'float': 0.2323, 'int': 20, 'str': 'adfafsa'}} <class 'dict'>
+y= {'keyword': ['anything']} <class 'dict'>
+z= None <class 'NoneType'>
+
+Test: send class and list of class object
+x= {'Purpose': 'For test only', 'empty': None, 'name': 'test', 'value': {'list': [{'Purpose': 'For test only', 'empty': None, 'name': 'test', 'value': 'value1'}, {'Purpose': 'For test only', 'empty': None, 'name': 'test', 'value': 'value2'}], 't1': {'Purpose': 'For test only', 'empty': None, 'name': 'test', 'value': 'value1'}, 't2': {'Purpose': 'For test only', 'empty': None, 'name': 'test', 'value': 'value2'}}} <class 'dict'>
+y= {'Purpose': 'For test only', 'empty': None, 'name': 'test', 'value': [{'Purpose': 'For test only', 'empty': None, 'name': 'test', 'value': 'value1'}, {'Purpose': 'For test only', 'empty': None, 'name': 'test', 'value': 'value2'}]} <class 'dict'>
+z= [{'Purpose': 'For test only', 'empty': None, 'name': 'test', 'value': [{'Purpose': 'For test only', 'empty': None, 'name': 'test', 'value': 'value1'}, {'Purpose': 'For test only', 'empty': None, 'name': 'test', 'value': 'value2'}]}, {'Purpose': 'For test only', 'empty': None, 'name': 'test', 'value': {'list': [{'Purpose': 'For test only', 'empty': None, 'name': 'test', 'value': 'value1'}, {'Purpose': 'For test only', 'empty': None, 'name': 'test', 'value': 'value2'}], 't1': {'Purpose': 'For test only', 'empty': None, 'name': 'test', 'value': 'value1'}, 't2': {'Purpose': 'For test only', 'empty': None, 'name': 'test', 'value': 'value2'}}}] <class 'list'>
+'testClassType'  19.20 ms
+=================Response json===============
+Synchonous POST: {'1': 12, '2': 'This is a text', '3': {'dict': 'a dict'}}
+Asynchonous GET: {'dict': 'a only dict'}
+Asynchonous POST: {'dict': 'a only dict'}
+"""
+TUTORIAL_BANNERS = [['##############################', 'Test return %s' % what, '']
+                    for what in ('string', 'a int, float', 'a list, dict')]
+TIMING_LINE = r"'\w+'  \d+\.\d\d ms"
+
+
+class Tutorial037Test(unittest.TestCase):
+    """The 0.3.7 tutorial's chapters 3-6, through the example files that hold its code with
+    only the imports changed, and the outputs the tutorial shows."""
 
     @classmethod
     def setUpClass(cls):
@@ -1079,6 +1144,9 @@ class SeedTutorialTest(unittest.TestCase):
         app1 = load_example('app1')
         friend = Service.start(self, app1.Micro)
         self.assertEqual(friend.send('/helloworld', 'Mr. Developer'), 'Welcome Mr. Developer')
+        # chapter 3 is in the tutorial's listener too
+        self.assertEqual(self.friend.send('/helloworld', 'Mr. Close friend'),
+                         'Welcome Mr. Close friend')
 
     def test_strings_and_numbers(self):
         f = self.friend
@@ -1121,30 +1189,43 @@ class SeedTutorialTest(unittest.TestCase):
         self.assertEqual(z, [y, x])
         self.assertEqual(x['value']['list'], [one, two])
 
-    def test_json_and_async_json(self):
-        import contextlib
-        import io
+    def test_json_and_async_json_and_timeit(self):
         f = self.friend
-        printed = io.StringIO()
-        with contextlib.redirect_stdout(printed):      # the example's @timeit prints
+        with self.assertLogs('mconnector', 'INFO') as logs:     # the listener's @timeit
             self.assertEqual(f.json('/json', a=12, b='This is a text', c={'dict': 'a dict'}),
                              {'1': 12, '2': 'This is a text', '3': {'dict': 'a dict'}})
-        self.assertRegex(printed.getvalue(), r"'TestReceiveJson'  \d+\.\d\d ms")
+        self.assertRegex(logs.output[0], "INFO:mconnector:'TestReceiveJson'  \\d+\\.\\d\\d ms$")
         self.assertEqual(f.json('/json1', method='GET', a={'dict': 'a only dict'}),
                          {'dict': 'a only dict'})
         self.assertEqual(f.json('/json1', a={'dict': 'a only dict'}), {'dict': 'a only dict'})
 
-    def test_sender_example_prints_the_seed_results(self):
-        import contextlib
-        import io
-        with contextlib.redirect_stdout(io.StringIO()):     # the listener's @timeit
-                out = subprocess.run([sys.executable, os.path.join(HERE, 'examples', 'tutorial_sender.py'),
-                                  self.service.url], capture_output=True, text=True,
-                                 timeout=30, env=dict(os.environ, PYTHONPATH=HERE))
-        self.assertEqual(out.returncode, 0, out.stderr)
-        self.assertIn("x= 2330 <class 'int'>", out.stdout)
-        self.assertIn("y= 1000000000000000000 <class 'int'>", out.stdout)
-        self.assertIn("Asynchonous GET: {'dict': 'a only dict'}", out.stdout)
+    def test_listener_and_sender_print_what_the_tutorial_shows(self):
+        import re
+        import tempfile
+        folder = tempfile.TemporaryDirectory()
+        self.addCleanup(folder.cleanup)
+        listener = ServeProcess(self, folder.name, 'examples/tutorial_listener.py', '--host',
+                                '127.0.0.1', '--port', '0')
+        url = listener.url()
+        with open(os.path.join(HERE, 'examples', 'tutorial_sender.py')) as f:
+            sender = f.read()
+        # The tutorial's addresses, pointed at the listener on its free port.
+        for address in ('http://localhost:5000', 'http://0.0.0.0:5000'):
+            self.assertIn(address, sender)
+            sender = sender.replace(address, url)
+        out = subprocess.run([sys.executable, '-c', sender], cwd=HERE, capture_output=True,
+                             text=True, timeout=30, env=dict(os.environ, PYTHONPATH=HERE))
+        self.assertEqual((out.returncode, out.stderr), (0, ''))
+        printed = [line.strip() for line in out.stdout.splitlines()]
+        for banner in TUTORIAL_BANNERS:
+            at = next(n for n in range(len(printed)) if printed[n:n + 3] == banner)
+            del printed[at:at + 3]
+        self.assertEqual(printed, [line for line in TUTORIAL_OUTPUT.splitlines()
+                                   if not re.fullmatch(TIMING_LINE, line)])
+        listener.terminate()
+        # What the listener itself prints, and the line of its @timeit
+        self.assertEqual(listener.output(listener.out_path), 'one cat here\n')
+        self.assertRegex(listener.output(), "INFO 'TestReceiveJson'  \\d+\\.\\d\\d ms\n")
 
 
 class ListenerTest(unittest.TestCase):
