@@ -1264,6 +1264,10 @@ class HTTPConnection:
         if not self.client:
             while buf[:2] == b'\r\n' or buf[:1] == b'\n':   # RFC 9112 2.2: ignored
                 del buf[:2 if buf[:1] == b'\r' else 1]
+            if buf and buf[:1] != b'\r' and not _TOKEN_CHARS.match(buf[:1]):
+                # No method starts so; a TLS handshake would wait for its line end forever.
+                self._refuse(400, 'a TLS handshake: this listener takes http://, not https://'
+                             if buf[:2] == b'\x16\x03' else 'malformed request line')
         elif buf and not b'HTTP/'.startswith(bytes(buf[:5])):
             # Said at the first bytes: a peer of another protocol may wait for us forever.
             self.keep_alive = False
@@ -2913,7 +2917,10 @@ class Microservice:
             if mode == 'raw':
                 return _raw_answer(result)
             if mode == 'stream':
-                return Response(200, _stream_json(result), headers)
+                pieces = _stream_json(result, notes)
+                if notes:
+                    headers.append(('X-MConnector-Types', '1'))
+                return Response(200, pieces, headers)
             if mode != 'dict':
                 result = [result] if wrapped else list(result)
             body = dumps(result, notes, sort_keys=True)
@@ -2926,7 +2933,7 @@ class Microservice:
         except CodecError as exc:
             return Response.error(500, 'CodecError', str(exc))
         if notes:
-            body = b'{"result": %s, "types": %s}' % (body, json.dumps(notes).encode('utf-8'))
+            body = _typed_reply(body, notes)
             headers.append(('X-MConnector-Types', '1'))
         return Response(200, body, headers)
 
@@ -3264,16 +3271,24 @@ def _async_items(agen):
             return
 
 
-def _stream_json(result, chunk=64 * 1024):
+def _stream_json(result, notes=None, chunk=64 * 1024):
     """The pieces of a streamed answer.  Any value but a generator is encoded here, before
-    the head goes out, so that one with no wire form is answered 500, not cut short."""
+    the head goes out, so that one with no wire form is answered 500, not cut short, and
+    its type notes (appended to `notes`) can be announced in the head."""
     if hasattr(result, '__aiter__') and hasattr(result, '__anext__'):
         result = _async_items(result)
     if result is not None and not isinstance(result, (str, bytes, dict, list, tuple)) \
             and hasattr(result, '__iter__') and not hasattr(result, '__dict__'):
         return _stream_items(result)
-    body = dumps(result)
+    body = dumps(result, notes)
+    if notes:
+        body = _typed_reply(body, notes)
     return (body[start:start + chunk] for start in range(0, len(body), chunk))
+
+
+def _typed_reply(body, notes):
+    """A reply's JSON `body` with the type notes that restore its values (X-MConnector-Types)."""
+    return b'{"result": %s, "types": %s}' % (body, json.dumps(notes).encode('utf-8'))
 
 
 def _stream_items(items):
