@@ -3654,8 +3654,8 @@ class Friend:
         self.address = address.rstrip('/')
         self._scheme = parts.scheme
         self._host = parts.hostname
-        # The seed's own example sends to http://0.0.0.0:5000, the listener's bind-all
-        # address; Linux connects that to this host, Windows and macOS refuse it.
+        # The 0.3.7 README's own example sends to http://0.0.0.0:5000, the listener's
+        # bind-all address; Linux connects that to this host, Windows and macOS refuse it.
         self._connect_host = {'0.0.0.0': '127.0.0.1', '::': '::1'}.get(self._host, self._host)
         self._port = port or (443 if parts.scheme == 'https' else 80)
         self._prefix = parts.path.rstrip('/')
