@@ -2801,12 +2801,6 @@ class Microservice:
         else:
             if not isinstance(data, dict):
                 raise HTTPError(400, '%s takes a JSON object of keyword arguments' % path)
-            if _SEND_KEYS.issuperset(data) and 'args' in data and 'kwargs' in data and \
-                    not endpoint.takes('args'):
-                raise HTTPError(400, '%s is an @M.%s rule: it takes one JSON object of keyword '
-                                'arguments, as friend.json() and mconnector call --json send '
-                                'them, not the {"args": [...], "kwargs": {...}} of '
-                                'friend.send()' % (path, mode))
             if 'x-mconnector-types' in headers:
                 try:
                     data = from_wire(data, loads(headers['x-mconnector-types']))
@@ -2814,6 +2808,12 @@ class Microservice:
                     raise HTTPError(400, str(exc)) from None
             args, kwargs, given_token = [], data, None
         self._check_token(endpoint.rule, headers, given_token, kwargs, mode)
+        if mode not in ('raw', 'reply') and 'args' in kwargs and 'kwargs' in kwargs and \
+                _SEND_KEYS.issuperset(kwargs) and not endpoint.takes('args'):
+            raise HTTPError(400, '%s is an @M.%s rule: it takes one JSON object of keyword '
+                            'arguments, as friend.json() and mconnector call --json send them, '
+                            'not the {"args": [...], "kwargs": {...}} of friend.send()'
+                            % (path, mode))
         for name, value in query.items():
             kwargs.setdefault(name, _query_value(value) if mode != 'raw' else value)
         kwargs.update(params)
