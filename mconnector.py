@@ -870,7 +870,7 @@ class _NotHTTP(HTTPError):
     def __init__(self, data):
         self.tls = data[:1] in (b'\x15', b'\x16') and data[1:2] == b'\x03'   # a TLS record
         line = data.split(b'\n', 1)[0].strip().decode('latin-1')
-        super().__init__(None, 'a TLS record' if self.tls else 'not HTTP: %r' % line[:80])
+        super().__init__(None, 'it answered in TLS' if self.tls else 'it sent %r' % line[:80])
 
 
 def parse_request_line(line):
@@ -1662,7 +1662,8 @@ class HandshakeError(WebSocketError):
 
     def __str__(self):
         where = ' for %s' % self.path if self.path else ''
-        return 'websocket handshake%s failed: HTTP %s %s' % (where, self.status, self.message)
+        status = 'HTTP %s ' % self.status if self.status else ''   # 0: no HTTP answer came
+        return 'websocket handshake%s failed: %s%s' % (where, status, self.message)
 
 
 class WebSocketProtocolError(WebSocketError):
@@ -3942,8 +3943,8 @@ class Friend:
                 error = NetworkError('%s answered in TLS: call https://%s'
                                      % (self.address, self.address.partition('://')[2]))
             else:
-                error = NetworkError('%s does not answer in HTTP: it sent %s'
-                                     % (self.address, exc.message[len('not HTTP: '):]))
+                error = NetworkError('%s does not answer in HTTP: %s' % (self.address,
+                                                                         exc.message))
             raise _Failed(error, True, retry=False)
         except HTTPError as exc:
             conn.close()

@@ -3144,6 +3144,11 @@ class SenderFramingTest(unittest.TestCase):
                 self.assertNotIsInstance(caught.exception, mconnector.CallTimeout)
                 self.assertEqual(str(caught.exception),
                                  message.replace('%s', 'http://' + address, 1).replace('%s', address))
+        port = self.raw_listener(b'SSH-2.0-OpenSSH_8.9p1 Ubuntu-3\r\n')
+        with self.assertRaises(mconnector.HandshakeError) as caught:
+            mconnector.SocketClient('127.0.0.1:%d' % port, '/x', timeout=30)
+        self.assertEqual(str(caught.exception), "websocket handshake for /x failed: the answer is "
+                         "not HTTP: it sent 'SSH-2.0-OpenSSH_8.9p1 Ubuntu-3'")
 
     def test_a_reply_over_max_reply_is_refused_before_it_is_read(self):
         with self.assertRaises(mconnector.NetworkError) as caught:
