@@ -2863,8 +2863,11 @@ class Microservice:
     def _reply_arguments(data, path):
         if not isinstance(data, dict) or not _SEND_KEYS.issuperset(data):
             # Such a body is meant for an @M.json rule; its keys would be dropped here.
-            got = ('an object with the keys %s' % ', '.join(sorted(repr(k[:40]) for k in data)[:10])
-                   if isinstance(data, dict) else _JSON_KINDS.get(type(data), 'a JSON value'))
+            if isinstance(data, dict):
+                got = 'an object with the keys %s' % ', '.join(
+                    sorted(repr(key[:40]) for key in data)[:10])
+            else:
+                got = _JSON_KINDS.get(type(data), 'a JSON value')
             raise HTTPError(400, '%s takes {"args": [...], "kwargs": {...}}, as friend.send() '
                             'and mconnector call send them (not friend.json(), nor call '
                             '--json), got %s' % (path, got))
@@ -3968,7 +3971,6 @@ class Friend:
         else:
             conn.close()
         return reply
-
 
     def _tls_refusal(self, exc):
         """The error for a TLS alert that says why no call could run on this connection:
