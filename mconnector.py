@@ -4476,7 +4476,10 @@ def _ws_split_url(url):
         raise ValueError('a websocket URL starts with ws:// or wss://, not %r' % url)
     secure = parts.scheme == 'wss'
     host = parts.hostname or 'localhost'
-    port = parts.port or (443 if secure else 80)
+    try:
+        port = parts.port or (443 if secure else 80)
+    except ValueError:
+        raise ValueError('the port of %r is not a number from 0 to 65535' % url) from None
     target = (parts.path or '/') + ('?' + parts.query if parts.query else '')
     return secure, host, port, target, host_header(host, port, secure)
 

@@ -1851,7 +1851,9 @@ class CommandLineTest(unittest.TestCase):
                 (('serve', 'examples/app1.py', '--workers', '0'),
                  '--workers takes a number of processes, 1 or more'),
                 (('ws', 'http://127.0.0.1:1/x'),
-                 "a websocket URL starts with ws:// or wss://, not 'http://127.0.0.1:1/x'")):
+                 "a websocket URL starts with ws:// or wss://, not 'http://127.0.0.1:1/x'"),
+                (('ws', 'ws://127.0.0.1:99999/x'),
+                 "the port of 'ws://127.0.0.1:99999/x' is not a number from 0 to 65535")):
             with self.subTest(args=args):
                 out = self.run_cli(*args)
                 self.assertEqual((out.returncode, out.stderr), (2, 'mconnector: %s\n' % message))
