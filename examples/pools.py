@@ -1,4 +1,4 @@
-"""The seed's chapter 8 example, unchanged but for the import line.
+"""The 0.3.7 tutorial's chapter 8 example, unchanged but for the import line.
 
     python examples/pools.py
 

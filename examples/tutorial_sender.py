@@ -1,14 +1,18 @@
-"""The sender of the seed's tutorial (chapters 4 to 6); start tutorial_listener.py first.
+"""The sender of the 0.3.7 tutorial (chapters 3 to 6), its code as the tutorial shows it with
+only the imports changed; start tutorial_listener.py first.
 
-    python examples/tutorial_sender.py [http://localhost:5000]
+    python examples/tutorial_sender.py
 """
-import sys
-
 from mconnector import Friend
 
-address = sys.argv[1] if len(sys.argv) > 1 else 'http://localhost:5000'
+aFriend= Friend('Corgi', 'http://0.0.0.0:5000') # this is: you're finding friend in your head.
+# You can call him with a cute name like 'Puppy','Teddy' or 'Corgi'.
+# But you must always remember his real-name is 'http://0.0.0.0:5000' to know actually who he is
+
+message = aFriend.send('/helloworld','Mr. Close friend') # then you can send him a message
 
 
+# the class of chapter 6, which its sender uses too
 class testservice(object):
     name = 'test'
     Purpose = 'For test only'
@@ -24,7 +28,7 @@ print(
     """##############################
     Test return string
     """)
-aFriend= Friend('app1', address)
+aFriend= Friend('app1', 'http://localhost:5000')
 print('Test: return a simple string')
 x = aFriend.send('/str', 'A variable value', key='A keyword variable value')
 print('x=', x, type(x))
@@ -40,7 +44,7 @@ print(
     """##############################
     Test return a int, float
     """)
-aFriend= Friend('app1', address)
+aFriend= Friend('app1', 'http://localhost:5000')
 print('Test: return a simple Value')
 x = aFriend.send('/int', 2018, key=312)
 print('x=', x, type(x))
@@ -60,7 +64,7 @@ print(
     """##############################
     Test return a list, dict
     """)
-aFriend= Friend('app1', address)
+aFriend= Friend('app1', 'http://localhost:5000')
 print('Test: return a simple Value')
 x = aFriend.send('/list', [12,34,45], key=['abc','zyz'])
 print('x=', x, type(x))
@@ -80,7 +84,7 @@ print(
 """##############################
 Test return NoneType, Class, use of Token
 """)
-aFriend= Friend('app1', address)
+aFriend= Friend('app1', 'http://localhost:5000')
 print('Test: return a simple Value')
 x = aFriend.send('/None', [12, 34, 45], key=['abc', 'zyz'])
 print('x=', x, type(x))
