@@ -47,7 +47,9 @@ import binascii
 import bisect
 import contextvars
 import enum
+import errno
 import functools
+import itertools
 import json
 import logging
 import os
@@ -95,7 +97,7 @@ __version__ = '1.1.0'
 __all__ = [
     # listener and sender
     'Microservice', 'SanicApp', 'Friend', 'AsyncFriend', 'TestClient', 'Response', 'request',
-    'RequestContext',
+    'RequestContext', 'timeit',
     # values
     'register', 'to_wire', 'from_wire', 'dumps', 'loads',
     # routing and HTTP pieces
@@ -110,7 +112,7 @@ __all__ = [
     'LengthRequired', 'PayloadTooLarge', 'URITooLong', 'UnsupportedMediaType', 'UpgradeRequired',
     'HeadersTooLarge', 'Unimplemented', 'ServiceUnavailable', 'VersionNotSupported',
     'NetworkError', 'Unreachable',
-    'CallTimeout', 'PoolError', 'PoolClosed', 'TaskNotPicklable',
+    'CallTimeout', 'PoolError', 'PoolClosed', 'TaskNotPicklable', 'WorkerLost',
     # websockets
     'SocketServer', 'SocketClient', 'WebSocket', 'WebSocketProtocol', 'WebSocketError',
     'HandshakeError', 'WebSocketProtocolError', 'PayloadTooBig', 'ConnectionClosed',
@@ -156,6 +158,7 @@ class MConnectorError(Exception):
      +-- PoolError                   the ordered pools' errors
           +-- PoolClosed (also RuntimeError)     submit after shutdown
           +-- TaskNotPicklable (also TypeError)  a process pool cannot send the task
+          +-- WorkerLost                         the process running the task died
     """
 
 
@@ -476,9 +479,11 @@ def _encode(value, notes, path, depth):
         out = {_dict_key(k): _encode(v, notes, path + (_dict_key(k),), depth)
                for k, v in value.items()}
     else:
+        name = _registered_names.get(type(value))
+        if name is None and not _own_class(type(value)):
+            raise _NoWireForm(value, path)
         attributes = _public_attributes(value)
         out = {k: _encode(v, notes, path + (k,), depth) for k, v in attributes.items()}
-        name = _registered_names.get(type(value))
         if name is not None and notes is not None:
             state = _instance_state(value)
             notes.append([list(path), ['object', name, sorted(state)]])
@@ -492,6 +497,51 @@ def _encode(value, notes, path, depth):
 
 
 _PLAIN_TYPES = frozenset({str, int, bool, type(None)})     # float: see _encode
+
+
+@functools.lru_cache(maxsize=None)
+def _own_class(cls):
+    """Whether `cls` comes from the program, not with Python.  Instances of the program's
+    classes travel as their attributes (0.3.7); Python's own types that have no form above
+    (locks, functions, complex, generators, sockets...) would arrive as {} or as nonsense."""
+    top = (cls.__module__ or '').partition('.')[0]
+    if top == '__main__':
+        return True
+    names = getattr(sys, 'stdlib_module_names', None)      # 3.10+
+    if names is not None:
+        return top not in names
+    module = sys.modules.get(top)
+    if module is None:
+        return True
+    path = getattr(module, '__file__', None)
+    if path is None:
+        return False            # built into the interpreter
+    import sysconfig
+    path = os.path.abspath(path)
+    inside = lambda directory: path.startswith(os.path.abspath(directory) + os.sep)
+    return not any(inside(sysconfig.get_path(key)) for key in ('stdlib', 'platstdlib')) or \
+        any(inside(sysconfig.get_path(key)) for key in ('purelib', 'platlib'))
+
+
+class _NoWireForm(CodecError):
+    """A value of a type that has no form on the wire, and the path of keys and indexes
+    that led to it, for a message that says where it sat (args[0], result['k'])."""
+
+    def __init__(self, value, path):
+        kind = type(value)
+        self.kind = kind.__qualname__ if kind.__module__ == 'builtins' else \
+            '%s.%s' % (kind.__module__, kind.__qualname__)
+        self.path = tuple(path)
+        self.generator = hasattr(value, '__next__') or hasattr(value, '__anext__')
+        super().__init__(self.at('value'))
+
+    def at(self, root, skip=0, hint=None):
+        where = root + ''.join('[%r]' % (step,) for step in self.path[skip:])
+        if hint is None:
+            hint = ('send a list of its items' if self.generator else
+                    'send None, bool, numbers, str, bytes, dates, Decimal, UUID, lists, '
+                    'tuples, sets, dicts, or instances of your own classes')
+        return '%s (of type %s) has no wire form: %s' % (where, self.kind, hint)
 
 
 def _is_instance(value, module, name):
@@ -598,9 +648,10 @@ _SORTED_ENCODER = json.JSONEncoder(allow_nan=False, sort_keys=True)
 
 def dumps(value: Any, notes: Optional[List[Any]] = None, sort_keys: bool = False) -> bytes:
     """JSON text (as bytes) of `value` converted by to_wire()."""
+    data = to_wire(value, notes)
     try:
         encoder = _SORTED_ENCODER if sort_keys else _ENCODER
-        return encoder.encode(to_wire(value, notes)).encode('utf-8')
+        return encoder.encode(data).encode('utf-8')
     except (TypeError, ValueError) as exc:
         raise CodecError('cannot encode value: %s' % exc) from None
 
@@ -722,6 +773,11 @@ class Rule:
             kind = 'string'
         if kind in _PARAM_TYPES:
             regex, convert = _PARAM_TYPES[kind]
+        elif _IDENTIFIER.match(kind):
+            # As a regex, a word would match only itself: surely a misspelt type.
+            raise RouteError('rule %r: unknown parameter type %r (the types are %s; a regex '
+                             'must be more than a word)'
+                             % (self.rule, kind, ', '.join(_PARAM_TYPES)))
         else:
             # Anything else is a regex; its own groups must not shift ours.
             try:
@@ -842,6 +898,15 @@ class HTTPError(MConnectorError):
 
 
 _REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) (/[\x21-\x7e]*) HTTP/1\.([0-9])\r?\n")
+
+
+class _NotHTTP(HTTPError):
+    """What a peer that does not speak HTTP sent instead of a reply."""
+
+    def __init__(self, data):
+        self.tls = data[:1] in (b'\x15', b'\x16') and data[1:2] == b'\x03'   # a TLS record
+        line = data.split(b'\n', 1)[0].strip().decode('latin-1')
+        super().__init__(None, 'it answered in TLS' if self.tls else 'it sent %r' % line[:80])
 
 
 def parse_request_line(line: bytes) -> Tuple[str, str, Tuple[int, int]]:
@@ -1194,9 +1259,9 @@ class HTTPConnection:
         101, the first bytes of the new protocol."""
         return bytes(self._buf), self._eof
 
-    def buffered(self) -> bool:
-        """Whether unprocessed bytes are waiting (a pipelined request, say)."""
-        return bool(self._buf)
+    def buffered(self) -> int:
+        """How many unprocessed bytes are waiting (of a pipelined request, say)."""
+        return len(self._buf)
 
     def receive_data(self, data: bytes) -> None:
         """Take bytes from the peer; b'' means that its input has ended."""
@@ -1238,6 +1303,15 @@ class HTTPConnection:
         if not self.client:
             while buf[:2] == b'\r\n' or buf[:1] == b'\n':   # RFC 9112 2.2: ignored
                 del buf[:2 if buf[:1] == b'\r' else 1]
+            if buf and buf[:1] != b'\r' and not _TOKEN_CHARS.match(buf[:1]):
+                # No method starts so; a TLS handshake would wait for its line end forever.
+                self._refuse(400, 'a TLS handshake: this listener takes http://, not https://'
+                             if buf[:2] == b'\x16\x03' else 'malformed request line')
+        elif buf and not b'HTTP/'.startswith(bytes(buf[:5])):
+            # Said at the first bytes: a peer of another protocol may wait for us forever.
+            self.keep_alive = False
+            self._state = _GONE
+            raise _NotHTTP(bytes(buf[:200]))
         match = _BLANK_LINE.search(buf)
         line_end = buf.find(b'\n', 0, MAX_LINE + 1)
         if line_end < 0 and len(buf) > MAX_LINE or line_end >= MAX_LINE:
@@ -1636,7 +1710,8 @@ class HandshakeError(WebSocketError):
 
     def __str__(self):
         where = ' for %s' % self.path if self.path else ''
-        return 'websocket handshake%s failed: HTTP %s %s' % (where, self.status, self.message)
+        status = 'HTTP %s ' % self.status if self.status else ''   # 0: no HTTP answer came
+        return 'websocket handshake%s failed: %s%s' % (where, status, self.message)
 
 
 class WebSocketProtocolError(WebSocketError):
@@ -2226,6 +2301,9 @@ def _ws_check_response(head, key, target, subprotocols=None):
 
 _MODES = ('reply', 'json', 'dict', 'stream', 'raw')
 _ALL_RULES = '*'          # the token key that guards every rule
+_SEND_KEYS = frozenset(['args', 'kwargs', 'token', 'types'])     # of a friend.send() body
+_JSON_KINDS = {list: 'an array', str: 'a string', int: 'a number', float: 'a number',
+               bool: 'a boolean', type(None): 'null'}
 _ADMIN_PREFIX = '/_mc/'   # health, rules and metrics of the listener itself
 _ADMIN_PAGES = ('health', 'rules', 'metrics')
 _PROMETHEUS_TYPE = 'text/plain; version=0.0.4; charset=utf-8'
@@ -2263,7 +2341,49 @@ class _Endpoint:
             try:
                 self.signature.bind(*args, **kwargs)
             except TypeError as exc:
-                raise HTTPError(400, '%s%s: %s' % (self.name, self.signature, exc)) from None
+                # bind() names the first problem only: a misspelt keyword is then reported
+                # as the missing argument it was meant to be.
+                problems = _binding_problems(self.signature, args, kwargs) or [str(exc)]
+                raise HTTPError(400, '%s%s: %s' % (self.name, self.signature,
+                                                   '; '.join(problems))) from None
+
+    def takes(self, name):
+        """Whether the function has a parameter `name` that a keyword can give."""
+        parameter = self.signature and self.signature.parameters.get(name)
+        return bool(parameter) and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD,
+                                                      parameter.KEYWORD_ONLY)
+
+
+def _binding_problems(signature, args, kwargs):
+    """Every reason why f(*args, **kwargs) does not bind to `signature`, as text."""
+    import difflib
+    import inspect
+    P = inspect.Parameter
+    params = list(signature.parameters.values())
+    kinds = {p.kind for p in params}
+    positional = [p for p in params if p.kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD)]
+    by_keyword = {p.name for p in params if p.kind in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY)}
+    filled = {p.name for p in positional[:len(args)]}
+    problems = []
+    if len(args) > len(positional) and P.VAR_POSITIONAL not in kinds:
+        problems.append('takes %d positional argument%s but %d were given'
+                        % (len(positional), '' if len(positional) == 1 else 's', len(args)))
+    twice = [name for name in kwargs if name in filled and name in by_keyword]
+    if twice:
+        problems.append('got several values for %s' % ', '.join(map(repr, twice)))
+    missing = [p.name for p in params if p.default is P.empty and p.name not in filled and
+               p.kind not in (P.VAR_POSITIONAL, P.VAR_KEYWORD) and
+               not (p.name in kwargs and p.name in by_keyword)]
+    if missing:
+        problems.append('missing argument%s %s' % ('' if len(missing) == 1 else 's',
+                                                   ', '.join(map(repr, missing))))
+    if P.VAR_KEYWORD not in kinds:
+        for name in kwargs:
+            if name not in by_keyword:
+                close = difflib.get_close_matches(name, sorted(by_keyword - set(kwargs)), 1)
+                problems.append('unexpected keyword argument %r%s'
+                                % (name, ' (did you mean %r?)' % close[0] if close else ''))
+    return problems
 
 
 # -- the call being answered, for the code that answers it: mconnector.request --------------
@@ -2450,12 +2570,23 @@ def _is_coroutine_function(func):
     return code is not None and bool(code.co_flags & 0x80)   # CO_COROUTINE
 
 
-def _normalise_token(token):
+def _normalise_token(token, rule):
     if token is None:
         return None
     if not isinstance(token, str):
-        raise TypeError('a token is a string, got %r' % (token,))
+        raise TypeError('the token of %s must be a string, got %r' % (
+            'every rule' if rule == _ALL_RULES else rule, token))
     return token.encode('utf-8')
+
+
+def _token_table(owner, token):
+    """{rule: token} from a `token` argument: one string for every rule, or a dict."""
+    if isinstance(token, str):
+        return {_ALL_RULES: token}
+    if token is not None and not isinstance(token, dict):
+        raise TypeError('%s: token must be a string (one token for every rule) or a '
+                        '{rule: token} dict, got %r' % (owner, token))
+    return token or {}
 
 
 def _token_matches(expected, given):
@@ -2676,9 +2807,7 @@ class Microservice:
         self.stats = {'connections': 0}   # connections accepted since creation
         self.max_body = max_body
         self._tokens = {}
-        if isinstance(token, str):
-            token = {_ALL_RULES: token}
-        for rule, value in (token or {}).items():
+        for rule, value in _token_table('Microservice(%r)' % (name,), token).items():
             self.setToken(rule, value)
         self._router = Router()
         self._rules = {}            # rule text -> {METHOD: _Endpoint}
@@ -2726,6 +2855,12 @@ class Microservice:
         if table is None:
             table = self._rules[compiled.rule] = {}
             self._router.add(compiled, table)
+        for method in methods:
+            taken = table.get(method)
+            if taken is not None and taken.func is not func:
+                raise RouteError('%s %s is already served by %s(): a second function would '
+                                 'replace it (give it another rule, or other methods)'
+                                 % (method, compiled.rule, taken.name))
         endpoint = _Endpoint(compiled.rule, func, mode, methods)
         for method in methods:
             table[method] = endpoint
@@ -2759,7 +2894,7 @@ class Microservice:
         """Require `token` for calls to `rule` ('*' for every rule)."""
         if rule != _ALL_RULES:
             Rule(rule)
-        self._tokens[rule] = _normalise_token(token)
+        self._tokens[rule] = _normalise_token(token, rule)
 
     def removeToken(self, rule: str) -> bool:
         """Stop requiring a token for `rule`; returns whether one was set."""
@@ -2899,7 +3034,7 @@ class Microservice:
         if mode == 'raw':
             args, kwargs, given_token = [], {}, None
         elif mode == 'reply':
-            args, kwargs, given_token = self._reply_arguments(data)
+            args, kwargs, given_token = self._reply_arguments(data, path)
         else:
             if not isinstance(data, dict):
                 raise HTTPError(400, '%s takes a JSON object of keyword arguments' % path)
@@ -2910,6 +3045,12 @@ class Microservice:
                     raise HTTPError(400, str(exc)) from None
             args, kwargs, given_token = [], data, None
         self._check_token(endpoint.rule, headers, given_token, kwargs, mode)
+        if mode not in ('raw', 'reply') and 'args' in kwargs and 'kwargs' in kwargs and \
+                _SEND_KEYS.issuperset(kwargs) and not endpoint.takes('args'):
+            raise HTTPError(400, '%s is an @M.%s rule: it takes one JSON object of keyword '
+                            'arguments, as friend.json() and mconnector call --json send them, '
+                            'not the {"args": [...], "kwargs": {...}} of friend.send()'
+                            % (path, mode))
         # A page's address carries what browsers and campaigns add (?utm_source=...): the
         # Flask-like view passes only what the function takes.  A rule's query is its
         # arguments, so one it cannot take is the caller's mistake (400).
@@ -2961,9 +3102,17 @@ class Microservice:
             raise HTTPError(400, str(exc)) from None
 
     @staticmethod
-    def _reply_arguments(data):
-        if not isinstance(data, dict):
-            raise HTTPError(400, 'body must be {"args": [...], "kwargs": {...}}')
+    def _reply_arguments(data, path):
+        if not isinstance(data, dict) or not _SEND_KEYS.issuperset(data):
+            # Such a body is meant for an @M.json rule; its keys would be dropped here.
+            if isinstance(data, dict):
+                got = 'an object with the keys %s' % ', '.join(
+                    sorted(repr(key[:40]) for key in data)[:10])
+            else:
+                got = _JSON_KINDS.get(type(data), 'a JSON value')
+            raise HTTPError(400, '%s takes {"args": [...], "kwargs": {...}}, as friend.send() '
+                            'and mconnector call send them (not friend.json(), nor call '
+                            '--json), got %s' % (path, got))
         args = data.get('args') or []
         kwargs = data.get('kwargs') or {}
         if not isinstance(args, list) or not isinstance(kwargs, dict):
@@ -3004,24 +3153,39 @@ class Microservice:
 
     @staticmethod
     def _answer(mode, result, typed, call=None):
-        if mode == 'raw':
-            return _raw_answer(result)
+        # The answer of @M.dict and @M.stream is the returned value itself, where that of
+        # the other modes is the list of the returned values, which senders unwrap (0.3.7's
+        # did, for every mode): an mconnector sender is told not to unwrap this one.
+        headers = [('X-MConnector-Mode', mode)] if typed and mode in ('dict', 'stream') else []
+        wrapped = mode in ('reply', 'json') and type(result) is not tuple
         notes = [] if typed else None
-        if mode == 'stream':
-            pieces = _stream_json(result)
-            # A generator's body runs as its pieces are asked for, on a worker or in the
-            # WSGI server: it sees its request all the same.
-            return Response(200, pieces if call is None else _pieces_in_request(call, pieces))
-        if mode != 'dict':
-            result = list(result) if type(result) is tuple else [result]
         try:
+            if mode == 'raw':
+                return _raw_answer(result)
+            if mode == 'stream':
+                pieces = _stream_json(result, notes)
+                if notes:
+                    headers.append(('X-MConnector-Types', '1'))
+                if call is not None:
+                    # A generator's body runs as its pieces are asked for, on a worker or
+                    # in the WSGI server: it sees its request all the same.
+                    pieces = _pieces_in_request(call, pieces)
+                return Response(200, pieces, headers)
+            if mode != 'dict':
+                result = [result] if wrapped else list(result)
             body = dumps(result, notes, sort_keys=True)
+        except _NoWireForm as exc:
+            hint = None
+            if exc.generator and len(exc.path) == wrapped:      # the returned value itself
+                hint = ('return a list, or serve the rule with @M.stream, which sends the '
+                        'items of a generator as they are produced')
+            return Response.error(500, 'CodecError', exc.at('result', wrapped, hint))
         except CodecError as exc:
             return Response.error(500, 'CodecError', str(exc))
         if notes:
-            body = b'{"result": %s, "types": %s}' % (body, json.dumps(notes).encode('utf-8'))
-            return Response(200, body, [('X-MConnector-Types', '1')])
-        return Response(200, body)
+            body = _typed_reply(body, notes)
+            headers.append(('X-MConnector-Types', '1'))
+        return Response(200, body, headers)
 
     # -- serving -----------------------------------------------------------------------
 
@@ -3091,8 +3255,9 @@ class Microservice:
     def _serve_until_stopped(self, port, host, debug, sock, tls, on_serving=None):
         try:
             self._bind(port, host, debug, sock=sock, **tls)
-        except OSError as exc:
-            _cannot_listen(self.name, self.host, self.port, exc)
+        except OSError as exc:      # (or the TLS files: not found, not PEM...)
+            _cannot_listen(exc if isinstance(exc, _CannotListen) else
+                           _CannotListen(self.name, self.host, self.port, exc))
         server = self._server
         signals = []
         restore = _on_stop_signals(functools.partial(self._stop_signal, server, signals))
@@ -3171,7 +3336,7 @@ class Microservice:
             ssl_context = server_ssl_context(certfile, keyfile, cafile)
         self._tls = ssl_context is not None
         if sock is None:
-            sock = _listening_socket(self.host, self.port)
+            sock = _listening_socket(self.host, self.port, name=self.name)
         else:
             self.host = sock.getsockname()[0]
         self._server = _Server(self.name, sock, lambda conn: _HTTPSession(conn, self),
@@ -3283,6 +3448,36 @@ class Microservice:
 SanicApp = Microservice
 
 
+def timeit(func: F) -> F:
+    """Decorator, as 0.3.7's: each call of `func` logs how long it took, in the line 0.3.7
+    printed ("'name'  1.23 ms"), at INFO through the mconnector logger; with no logging
+    configured at all, the line is printed, as 0.3.7 did.  Async functions too."""
+    def report(started):
+        line = '%r  %2.2f ms' % (func.__name__, (time.perf_counter() - started) * 1000)
+        if log.hasHandlers():
+            log.info('%s', line)
+        else:
+            print(line)
+
+    if _is_coroutine_function(func):
+        @functools.wraps(func)
+        async def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return await func(*args, **kwargs)
+            finally:
+                report(started)
+    else:
+        @functools.wraps(func)
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return func(*args, **kwargs)
+            finally:
+                report(started)
+    return timed
+
+
 def _wsgi_targets(environ):
     """(target to route: the path below the mount point, target as the sender wrote it,
     which signatures cover byte for byte)."""
@@ -3341,22 +3536,36 @@ def _async_items(agen):
             return
 
 
-def _stream_json(result, chunk=64 * 1024):
+def _stream_json(result, notes=None, chunk=64 * 1024):
+    """The pieces of a streamed answer.  Any value but a generator is encoded here, before
+    the head goes out, so that one with no wire form is answered 500, not cut short, and
+    its type notes (appended to `notes`) can be announced in the head."""
     if hasattr(result, '__aiter__') and hasattr(result, '__anext__'):
         result = _async_items(result)
     if result is not None and not isinstance(result, (str, bytes, dict, list, tuple)) \
             and hasattr(result, '__iter__') and not hasattr(result, '__dict__'):
-        # A generator: the items become a JSON list, sent as they are produced.
-        yield b'['
-        first = True
-        for item in result:
-            yield (b'' if first else b', ') + dumps(item)
-            first = False
-        yield b']'
-        return
-    body = dumps(result)
-    for start in range(0, len(body), chunk):
-        yield body[start:start + chunk]
+        return _stream_items(result)
+    body = dumps(result, notes)
+    if notes:
+        body = _typed_reply(body, notes)
+    return (body[start:start + chunk] for start in range(0, len(body), chunk))
+
+
+def _typed_reply(body, notes):
+    """A reply's JSON `body` with the type notes that restore its values (X-MConnector-Types)."""
+    return b'{"result": %s, "types": %s}' % (body, json.dumps(notes).encode('utf-8'))
+
+
+def _stream_items(items):
+    """A generator's items as a JSON list, sent as they are produced."""
+    yield b'['
+    for n, item in enumerate(items):
+        try:
+            data = dumps(item)
+        except _NoWireForm as exc:
+            raise CodecError(exc.at('result[%d]' % n)) from None
+        yield b', ' + data if n else data
+    yield b']'
 
 
 _SIGINT = 2
@@ -3497,8 +3706,13 @@ class SocketServer:
 
     def add_route(self, rule: str, handler: Callable[..., Any], render: bool = False) -> None:
         """Route `rule` to `handler` (a router handler, or a render one).  Raises RouteError
-        for a malformed rule."""
-        self.routes.add(rule, (handler, render, rule))
+        for a malformed rule, or one that another handler already serves."""
+        compiled = Rule(rule)
+        for existing, (other, *_) in self.routes:
+            if existing.rule == compiled.rule and other is not handler:
+                raise RouteError('%s is already served by %s(): a second handler would '
+                                 'replace it' % (compiled.rule, getattr(other, '__name__', other)))
+        self.routes.add(compiled, (handler, render, compiled.rule))
 
     # -- serving ------------------------------------------------------------------------------
 
@@ -3514,7 +3728,8 @@ class SocketServer:
         with self._lock:
             if self._server is not None:
                 raise RuntimeError('this SocketServer is already running')
-            sock = _listening_socket(host, port)
+            sock = _listening_socket(host, port, name='websocket server %s' % self.name
+                                     if self.name else 'websocket server')
             self._server = _Server(self.name or 'ws', sock, lambda conn: _WsHandshake(conn, self),
                                    self.max_workers, self.ssl_context, self.handshake_timeout,
                                    _WS_WRITE_TIMEOUT)
@@ -3641,6 +3856,13 @@ def _unwrap(value):
     return value
 
 
+def _rule_path(rule):
+    """The rule a sender calls: its leading "/" may be left out, as on the command line."""
+    if not isinstance(rule, str):
+        raise TypeError('a rule is a path such as "/helloworld", got %r' % (rule,))
+    return rule if rule[:1] == '/' or rule == _ALL_RULES else '/' + rule
+
+
 def _connection_is_stale(sock):
     # A keep-alive connection the listener closed (idle timeout, restart) reads as EOF.
     # Finding that out before writing means no request is ever re-sent after it may have
@@ -3702,18 +3924,24 @@ class Friend:
                  headers: Optional[Mapping[str, str]] = None) -> None:
         from urllib.parse import urlsplit
         self.name = name
+        given = address
         if '://' not in address:
             address = 'http://' + address
         parts = urlsplit(address)
         if parts.scheme not in ('http', 'https') or not parts.hostname:
-            raise ValueError('address must look like http://host:port, got %r' % address)
+            raise ValueError('a listener address is http://HOST:PORT or https://HOST:PORT, '
+                             'got %r' % (given,))
+        try:
+            port = parts.port
+        except ValueError:
+            raise ValueError('the port of %r is not a number from 0 to 65535' % (given,)) from None
         self.address = address.rstrip('/')
         self._scheme = parts.scheme
         self._host = parts.hostname
-        # The seed's own example sends to http://0.0.0.0:5000, the listener's bind-all
-        # address; Linux connects that to this host, Windows and macOS refuse it.
+        # The 0.3.7 README's own example sends to http://0.0.0.0:5000, the listener's
+        # bind-all address; Linux connects that to this host, Windows and macOS refuse it.
         self._connect_host = {'0.0.0.0': '127.0.0.1', '::': '::1'}.get(self._host, self._host)
-        self._port = parts.port or (443 if parts.scheme == 'https' else 80)
+        self._port = port or (443 if parts.scheme == 'https' else 80)
         self._prefix = parts.path.rstrip('/')
         self._host_header = host_header(self._host, self._port, parts.scheme == 'https')
         self.timeout = timeout
@@ -3726,11 +3954,9 @@ class Friend:
         self._verify = verify
         self._client_cert = (certfile, keyfile) if certfile else None
         self._rules = {}
-        if isinstance(token, str):
-            self._default_token = token
-        else:
-            self._default_token = None
-            for rule, value in (token or {}).items():
+        self._default_token = token if isinstance(token, str) else None
+        if self._default_token is None:
+            for rule, value in _token_table('Friend(%r)' % (name,), token).items():
                 self.setRule(rule, token=value)
         for rule, method in (ruleMethods or {}).items():
             self.setRule(rule, method=method)
@@ -3751,7 +3977,10 @@ class Friend:
                 idempotent: Optional[bool] = None) -> None:
         """Remember the HTTP method, the token, and whether calls to `rule` may be repeated
         (`idempotent=True`: a call whose connection broke after it was sent is retried)."""
-        settings = self._rules.setdefault(rule, {})
+        if token is not None and not isinstance(token, str):
+            raise TypeError('Friend(%r): the token of %s must be a string, got %r'
+                            % (self.name, rule, token))
+        settings = self._rules.setdefault(_rule_path(rule), {})
         if method is not None:
             settings['method'] = method.upper()
         if token is not None:
@@ -3761,7 +3990,7 @@ class Friend:
 
     def removeToken(self, rule: str) -> bool:
         """Stop sending a token with calls to `rule`; returns whether one was set."""
-        return self._rules.get(rule, {}).pop('token', None) is not None
+        return self._rules.get(_rule_path(rule), {}).pop('token', None) is not None
 
     set_rule = setRule
     remove_token = removeToken
@@ -3784,8 +4013,12 @@ class Friend:
 
     def _send_request(self, rule, args, kwargs):
         """What _call() takes for send(rule, *args, **kwargs)."""
+        rule = _rule_path(rule)
         notes = []
-        wire_args, wire_kwargs = to_wire([list(args), kwargs], notes)
+        try:
+            wire_args, wire_kwargs = to_wire([list(args), kwargs], notes)
+        except _NoWireForm as exc:
+            raise CodecError(exc.at('kwargs' if exc.path[0] else 'args', 1)) from None
         token = self._token(rule)
         payload = {'args': wire_args, 'kwargs': wire_kwargs, 'token': token}
         if notes:
@@ -3798,13 +4031,18 @@ class Friend:
 
     def json(self, rule: str, method: Optional[str] = None, **kwargs: Any) -> Any:
         """Send `kwargs` as one JSON object (for @M.json, @M.dict, @M.async_json rules) and
-        return the answer, unwrapped as send() does.  `method` defaults to the rule's."""
+        return the answer: the returned value of @M.dict and @M.stream rules as it was
+        returned, that of others unwrapped as send() does.  `method` defaults to the rule's."""
         return self._call(*self._json_request(rule, method, kwargs))
 
     def _json_request(self, rule, method, kwargs):
         """What _call() takes for json(rule, method, **kwargs)."""
+        rule = _rule_path(rule)
         notes = []
-        body = dumps(kwargs, notes)
+        try:
+            body = dumps(kwargs, notes)
+        except _NoWireForm as exc:
+            raise CodecError(exc.at('kwargs')) from None
         # The body is the arguments themselves, so type notes go in a header; past a few
         # KiB they are left out and the values arrive in their plain JSON form.
         extra = (('X-MConnector-Types', json.dumps(notes)),) if notes else ()
@@ -3903,6 +4141,8 @@ class Friend:
                 data = from_wire(data['result'], data['types'])
             except (KeyError, TypeError):
                 raise CodecError('malformed typed reply from %s%s' % (self.address, rule)) from None
+        if reply.headers.get('x-mconnector-mode') in ('dict', 'stream'):
+            return data         # the returned value itself, not the list of values
         return _unwrap(data)
 
     def _error(self, rule, status, data):
@@ -3982,21 +4222,13 @@ class Friend:
     def _attempt(self, method, target, headers, body, where, deadline):
         """One try: the reply, or _Failed saying whether the request may have arrived."""
         conn = self._acquire()
-        for attempt in (1, 2):
-            reused = conn.sock is not None
-            try:
-                conn.send(method, target, headers, body, deadline)
-            except OSError as exc:
-                conn.close()
-                if reused and attempt == 1 and not isinstance(exc, socket.timeout):
-                    continue        # a reused connection that failed the write: not sent
-                raise self._not_sent(exc, where)
-            break
+        reused = conn.sock is not None
         try:
+            conn.send(method, target, headers, body, deadline)
             reply, keep_alive = conn.receive(deadline)
         except (OSError, HTTPError) as exc:
             conn.close()
-            raise self._lost(exc, where)
+            raise self._failed(exc, where, conn.sent, reused)
         if keep_alive:
             self._release(conn)
         else:
@@ -4010,14 +4242,14 @@ class Friend:
         if pool.closer is None:
             await pool.watch()
         conn = pool.acquire(self)
+        reused = conn.writer is not None
         try:
-            # One timer for the whole try (cheaper than one per step): whether the
-            # request had gone out says which timeout it was.
-            reply, keep_alive = await _in_time(self._try_on(conn, method, target, headers,
-                                                            body, where), deadline)
-        except socket.timeout as exc:
+            # One timer for the whole try (cheaper than one per step).
+            reply, keep_alive = await _in_time(conn.exchange(method, target, headers, body),
+                                               deadline)
+        except (OSError, HTTPError) as exc:
             conn.abort()
-            raise (self._lost if conn.sent else self._not_sent)(exc, where)
+            raise self._failed(exc, where, conn.sent, reused)
         except asyncio.CancelledError:
             # Whatever was written or is on its way back, the connection is not reused:
             # closing it is how the listener learns that the caller is gone.
@@ -4029,38 +4261,50 @@ class Friend:
             conn.close()
         return reply
 
-    async def _try_on(self, conn, method, target, headers, body, where):
-        for attempt in (1, 2):
-            reused = conn.writer is not None
-            try:
-                await conn.send(method, target, headers, body)
-            except OSError as exc:
-                conn.abort()
-                if reused and attempt == 1:
-                    continue        # a reused connection that failed the write: not sent
-                raise self._not_sent(exc, where)
-            break
-        try:
-            return await conn.receive()
-        except (OSError, HTTPError) as exc:
-            conn.abort()
-            raise self._lost(exc, where)
+    def _failed(self, exc, where, sent, reused):
+        """The _Failed of a try that met `exc`, after the request was written whole
+        (`sent`) or before, on a kept-alive connection (`reused`) or a new one."""
+        return self._lost(exc, where) if sent else self._not_sent(exc, where, reused)
 
-    def _not_sent(self, exc, where):
+    def _not_sent(self, exc, where, reused=False):
         """The _Failed of a try whose request cannot have arrived (`exc`: an OSError)."""
         if isinstance(exc, socket.timeout):
             return _Failed(CallTimeout('no connection to %s within %ss' % (where, self.timeout)))
-        return _Failed(Unreachable('cannot reach %s: %s' % (where, exc)))
+        if isinstance(exc, (ConnectionRefusedError, socket.gaierror)):
+            return _Failed(Unreachable('cannot reach %s: %s' % (where, exc)))
+        refused = self._tls_refusal(exc)
+        if refused is not None:
+            return _Failed(refused, retry=False)
+        # A kept-alive connection that fails the write was closed by the listener: the
+        # request never reached it, and goes again at once, on another connection.
+        return _Failed(Unreachable('cannot reach %s: %s' % (where, exc)), again=reused)
 
     def _lost(self, exc, where):
         """The _Failed of a try whose request was sent (`exc`: OSError or HTTPError)."""
         if isinstance(exc, socket.timeout):
             return _Failed(CallTimeout('%s did not answer within %ss' % (where, self.timeout)), True)
+        if isinstance(exc, _NotHTTP):
+            if exc.tls:
+                error = NetworkError('%s answered in TLS: call https://%s'
+                                     % (self.address, self.address.partition('://')[2]))
+            else:
+                error = NetworkError('%s does not answer in HTTP: %s' % (self.address,
+                                                                         exc.message))
+            return _Failed(error, True, retry=False)
         if isinstance(exc, HTTPError):
             return _Failed(NetworkError('%s sent a reply that cannot be read (the call may have '
                                         'run): %s' % (where, exc.message)), True, retry=False)
-        return _Failed(NetworkError('connection to %s lost after the call was sent (it may '
-                                    'have run): %s' % (where, exc or type(exc).__name__)), True)
+        refused = self._tls_refusal(exc)
+        if refused is not None:
+            return _Failed(refused, retry=False)
+        if isinstance(exc, _ClosedEarly):
+            what = 'closed the connection'
+        elif isinstance(exc, ConnectionResetError):
+            what = 'reset the connection'
+        else:
+            what = 'lost the connection (%s)' % (exc or type(exc).__name__)
+        return _Failed(NetworkError('%s %s without answering (the call may have run)'
+                                    % (where, what)), True)
 
     def _loop_pool(self):
         """The idle connections of this Friend on the running event loop."""
@@ -4079,6 +4323,22 @@ class Friend:
         context = self._ssl_context() if self._scheme == 'https' else None
         return _AsyncConnection(self._connect_host, self._port, context, self._host,
                                 self.max_reply)
+
+
+    def _tls_refusal(self, exc):
+        """The error for a TLS alert that says why no call could run on this connection:
+        this client's certificate refused by mutual TLS, or a listener without TLS."""
+        reason = getattr(exc, 'reason', None) or ''
+        if 'ALERT' in reason and ('CERTIFICATE' in reason or 'UNKNOWN_CA' in reason
+                                  or 'ACCESS_DENIED' in reason):
+            why = reason.partition('ALERT_')[2].replace('_', ' ').lower()
+            return NetworkError('%s refused the client certificate (%s), so the call did not '
+                                'run: give Friend a certfile= (and keyfile=) that the listener '
+                                'trusts' % (self.address, why))
+        if reason == 'WRONG_VERSION_NUMBER':
+            return NetworkError('%s does not answer in TLS: call http://%s'
+                                % (self.address, self.address.partition('://')[2]))
+        return None
 
 
 class AsyncFriend(Friend):
@@ -4250,6 +4510,8 @@ class _Tries:
         when there is to be none."""
         # A call that cannot have reached the function is tried again; one that may have
         # run only when the rule is idempotent; a silent listener never.
+        if failed.again:
+            return 0.0
         error = failed.error
         retry = self.count < self.friend.retries and failed.retry and (not failed.sent or (
             self.idempotent and not isinstance(error, CallTimeout)))
@@ -4263,16 +4525,20 @@ class _Tries:
         log.debug('%s: attempt %d failed, again in %.3fs', self.where, self.count, delay)
         return delay
 
+class _ClosedEarly(ConnectionError):
+    """The listener ended the connection before the first byte of its reply."""
+
 
 class _Failed(Exception):
     """An attempt's error, whether the request may have reached the listener, and whether
     another attempt could fare better (not after a reply that broke the protocol)."""
 
-    def __init__(self, error, sent=False, retry=True):
+    def __init__(self, error, sent=False, retry=True, again=False):
         super().__init__(error)
         self.error = error
         self.sent = sent
         self.retry = retry
+        self.again = again          # at once, without counting as a try (see _not_sent)
 
 
 @functools.lru_cache(maxsize=16)
@@ -4298,7 +4564,7 @@ class _ClientConnection:
     """
 
     __slots__ = ('host', 'port', 'context', 'sock', 'http', 'server_hostname', 'reuse_until',
-                 'max_reply', 'head', 'parts')
+                 'max_reply', 'head', 'parts', 'sent')
 
     def __init__(self, host, port, context=None, server_hostname=None, max_reply=MAX_BODY):
         self.host = host
@@ -4311,12 +4577,14 @@ class _ClientConnection:
         self.reuse_until = None     # from the listener's Keep-Alive: timeout=N
         self.head = None            # of the reply being read, and its body so far
         self.parts = []
+        self.sent = False           # the request being sent is all written
 
     def reusable(self):
         """False once the listener may be closing this connection as idle."""
         return self.reuse_until is None or time.monotonic() < self.reuse_until
 
     def send(self, method, target, headers, body, deadline):
+        self.sent = False
         if self.sock is None:
             sock = socket.create_connection((self.host, self.port), _remaining(deadline))
             try:
@@ -4331,6 +4599,7 @@ class _ClientConnection:
             self.http = HTTPConnection(client=True, max_body=self.max_reply)
         self.sock.settimeout(_remaining(deadline))
         self.sock.sendall(self.http.send_request(method, target, headers, body))
+        self.sent = True
 
     def receive(self, deadline):
         """Read one reply before `deadline`: (_Reply, keep_alive).  Raises HTTPError for a
@@ -4355,7 +4624,7 @@ class _ClientConnection:
             if type(event) is bytes:
                 self.parts.append(event)
             elif event is CLOSED:
-                raise ConnectionResetError('connection closed before the reply')
+                raise _ClosedEarly('connection closed before the reply')
             else:
                 self.head = event
         head, parts = self.head, self.parts
@@ -4400,12 +4669,11 @@ class _AsyncConnection(_ClientConnection):
     """A _ClientConnection on asyncio streams: the same core, the same replies, awaited
     on the event loop that opened it."""
 
-    __slots__ = ('reader', 'writer', 'sent')
+    __slots__ = ('reader', 'writer')
 
     def __init__(self, host, port, context=None, server_hostname=None, max_reply=MAX_BODY):
         super().__init__(host, port, context, server_hostname, max_reply)
         self.reader = self.writer = None
-        self.sent = False           # the request being sent is all written
 
     def reusable(self):
         """False once the listener closed this idle connection, or may be closing it."""
@@ -4429,6 +4697,11 @@ class _AsyncConnection(_ClientConnection):
         self.writer.write(self.http.send_request(method, target, headers, body))
         await self.writer.drain()
         self.sent = True
+
+    async def exchange(self, method, target, headers, body):
+        """send(), then receive(): one awaitable for one timer."""
+        await self.send(method, target, headers, body)
+        return await self.receive()
 
     async def receive(self):
         """receive() of _ClientConnection, awaited; the caller bounds it in time."""
@@ -4897,7 +5170,10 @@ def _ws_split_url(url):
         raise ValueError('a websocket URL starts with ws:// or wss://, not %r' % url)
     secure = parts.scheme == 'wss'
     host = parts.hostname or 'localhost'
-    port = parts.port or (443 if secure else 80)
+    try:
+        port = parts.port or (443 if secure else 80)
+    except ValueError:
+        raise ValueError('the port of %r is not a number from 0 to 65535' % url) from None
     target = (parts.path or '/') + ('?' + parts.query if parts.query else '')
     return secure, host, port, target, host_header(host, port, secure)
 
@@ -4982,7 +5258,7 @@ def _ws_command(url, timeout=None):
     try:
         conn = _ws_connect(url, **({} if timeout is None else {'timeout': max(timeout, 1.0)}))
     except (WebSocketError, NetworkError, ValueError) as exc:
-        print('mconnector ws: %s' % exc, file=sys.stderr)
+        print('mconnector: %s' % exc, file=sys.stderr)
         return 1
     done = threading.Event()
     activity = [time.monotonic()]
@@ -5011,7 +5287,7 @@ def _ws_command(url, timeout=None):
             print(message if isinstance(message, str) else repr(message), flush=True)
     except ConnectionClosed as exc:
         if not exc.ok:
-            print('mconnector ws: %s' % exc, file=sys.stderr)
+            print('mconnector: %s' % exc, file=sys.stderr)
             return 1
         return 0
     except KeyboardInterrupt:
@@ -5036,6 +5312,7 @@ _TICK = 0.5                 # how often deadlines are checked
 _RECV = 65536
 _BACKLOG = 1024             # the listen backlog: bursts wait in the kernel
 _HIGH_WATER = 262144        # bytes queued for a slow reader before its producer waits
+_HOLD = 0.002               # a worker that has answered waits this long for the next request
 _LINGER = 2.0               # after our last byte, what the peer still sends is read (and
                             # dropped) this long, so that closing does not reset the answer
 # CPython 3.12.0 and 3.12.1 refuse to start threads once the main thread has ended
@@ -5063,6 +5340,10 @@ class _Workers:
                 missing, self._threads = self.size - self._threads, self.size
             for _ in range(missing):
                 self._start()
+
+    def waiting(self):
+        """How many tasks wait for a thread."""
+        return max(0, self._waiting - self._idle)
 
     def submit(self, fn, *args):
         self._tasks.put((fn, args))
@@ -5145,11 +5426,14 @@ class _Server:
         self._selector.register(sock, selectors.EVENT_READ, self)
         self._listening = True
         self._next_tick = 0.0
+        self._sleeping = False
+        self._recv_view = memoryview(bytearray(_RECV))
 
     def call_soon(self, fn, *args):
         """Run fn(*args) in the loop's thread, soon; from any thread."""
         self._calls.append((fn, args))
-        self.wake()
+        if self._sleeping:              # (a busy loop looks at its calls anyway)
+            self.wake()
 
     def defer(self, fn, *args):
         """call_soon() from the loop's own thread: no need to wake it."""
@@ -5202,8 +5486,13 @@ class _Server:
         return cut
 
     def _run_once(self, until):
+        # _sleeping is set before _calls is looked at: a call added after that look
+        # finds it set, and wakes the select.
+        self._sleeping = True
         timeout = 0 if self._calls else max(0.0, until - time.monotonic())
-        for key, mask in self._selector.select(timeout):
+        ready = self._selector.select(timeout)
+        self._sleeping = False
+        for key, mask in ready:
             conn = key.data
             if conn is None:
                 try:
@@ -5348,9 +5637,12 @@ class _Conn:
     def on_readable(self):
         if self.want:
             return self._handshake()
+        # Into the loop's one buffer, then copied at its size: recv(n) would allocate n bytes
+        # and shrink them for every read, which leaves the heap fragmented by idle peers.
+        view = self.server._recv_view
         while not self.closed and (self.reading or self.lingering is not None):
             try:
-                data = self.sock.recv(_RECV)
+                data = bytes(view[:self.sock.recv_into(view)])
             except self._blocked:
                 return
             except OSError:             # reset by the peer: as good as closed
@@ -5382,6 +5674,8 @@ class _Conn:
         except (OSError, ValueError) as exc:
             log.debug('%s: TLS handshake with %s failed: %s', self.server.name,
                       self.address[0], exc)
+            if isinstance(exc, ssl.SSLError):
+                self._refuse_plain_http()
             self.close()
             return
         else:
@@ -5392,6 +5686,25 @@ class _Conn:
             self.on_readable()          # what came with the handshake's last records
             return
         self._update()
+
+    def _refuse_plain_http(self):
+        """Answer, in plain HTTP, a plain HTTP request that came instead of a TLS
+        handshake (as nginx does): its sender learns why, not just that it was reset."""
+        sock = self.sock
+        try:        # below the TLS layer; OpenSSL has read the first bytes, not the rest
+            rest = socket.socket.recv(sock, _RECV)
+        except OSError:
+            return
+        if not re.match(rb'[^\r\n]* HTTP/1\.[01]\r?\n', rest):
+            return
+        response = Response.error(400, 'BadRequest', 'this listener takes https://, not '
+                                                     'http://')
+        try:
+            socket.socket.send(sock, _closing_response(response.status, response.headers,
+                                                       response.body))
+            socket.socket.shutdown(sock, socket.SHUT_WR)
+        except OSError:
+            pass
 
     def tick(self, now):
         if self.lingering is not None:
@@ -5474,6 +5787,12 @@ class _Conn:
             except (KeyError, ValueError):
                 pass
         try:
+            # At once, even while a worker waits on the socket (which would delay the
+            # close until it lets go): the peer must not send on a connection we left.
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
             self.sock.close()
         except OSError:
             pass
@@ -5498,6 +5817,7 @@ class _HTTPSession:
         self.started = None             # when the request being read began
         self.stream = None              # the iterator of a streamed answer
         self.producing = False          # a worker is taking the stream's next batch
+        self.holding = False            # a worker waits for the next request (_hold)
         self.status = None
         self.begun = 0.0
         service.stats['connections'] += 1
@@ -5506,7 +5826,7 @@ class _HTTPSession:
         self.conn.deadline = time.monotonic() + self.service.timeout
 
     def busy(self):
-        return self.working or self.started is not None
+        return self.working or self.holding or self.started is not None
 
     def received(self, data):
         self.http.receive_data(data)
@@ -5519,10 +5839,8 @@ class _HTTPSession:
             try:
                 event = http.next_event()
             except HTTPError as exc:
-                self.service._metrics.refused(self.head.method if self.head else None,
-                                              exc.status)
                 self.working = True
-                self._answer(Response.refusal(exc))
+                self._refuse(exc)
                 return
             if event is NEED_DATA:
                 if http.expects_continue:       # curl waits a second for it over 1 KiB
@@ -5538,7 +5856,7 @@ class _HTTPSession:
                 del parts
                 self.working = True
                 conn.deadline = None            # the function may take its time
-                conn.pause()
+                conn.pause()                    # the worker may read the next request
                 conn.server.workers.submit(self._handle, self.head, body)
                 return
             elif event is CLOSED:
@@ -5552,23 +5870,123 @@ class _HTTPSession:
                 if self.started is None:
                     self._begin()
 
+    def _refuse(self, exc):
+        self.service._metrics.refused(self.head.method if self.head else None, exc.status)
+        self._answer(Response.refusal(exc))
+
     def _begin(self):
         self.started = time.monotonic()
         self.conn.deadline = self.started + self.service.request_timeout
 
     def _handle(self, head, body):
-        """On a worker: the answer, handed to the loop."""
+        """On a worker: the answer.  A whole one, on a plain socket, is written from here
+        at once rather than after waking the loop (which neither reads nor writes this
+        connection meanwhile: it is paused); then the caller's next request, when it
+        comes at once, is served here too (see _hold)."""
+        while True:
+            try:
+                answer = self.service._handle(head.method, head.target, head.headers, body,
+                                              defer=True, client=self.conn.address)
+            except Exception:           # handle() answers everything a peer can send
+                log.exception('%s: error while answering %s', self.service.name, head.target)
+                answer = Response.error(500, 'InternalError', 'the listener failed: see its log')
+            call_soon = self.conn.server.call_soon
+            if isinstance(answer, _Deferred):
+                answer.run(lambda response: call_soon(self._answer, response))
+                return
+            if type(answer.body) is not bytes or self.conn.tls or self.conn.out:
+                call_soon(self._answer, answer)
+                return
+            if not self._write_now(answer):
+                return
+            request = self._hold()
+            if request is None:
+                call_soon(self._reopen)
+                return
+            if not request:                 # refused: the loop answers
+                return
+            head, body = request
+
+    def _write_now(self, response):
+        """Write a whole answer from the worker; True when the exchange is over and the
+        connection stays open (else the loop has been told what to do)."""
+        conn, http, server = self.conn, self.http, self.conn.server
+        if server.stopping:
+            http.close_after_response()
+        data = http.send_response(response.status, response.headers, response.body)
+        self.status = response.status
         try:
-            answer = self.service._handle(head.method, head.target, head.headers, body,
-                                          defer=True, client=self.conn.address)
-        except Exception:           # handle() answers everything a peer can send
-            log.exception('%s: error while answering %s', self.service.name, head.target)
-            answer = Response.error(500, 'InternalError', 'the listener failed: see its log')
-        call_soon = self.conn.server.call_soon
-        if isinstance(answer, _Deferred):
-            answer.run(lambda response: call_soon(self._answer, response))
-        else:
-            call_soon(self._answer, answer)
+            sent = conn.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            server.call_soon(conn.close)
+            return False
+        conn.sent += sent
+        if sent < len(data):            # the rest when the peer takes it; then _done
+            server.call_soon(conn.write, data[sent:])
+            return False
+        if not http.keep_alive or server.stopping:
+            server.call_soon(self._done)
+            return False
+        self._count()
+        http.start_next_cycle()
+        return True
+
+    def _hold(self):
+        """On the worker that has just answered: the next request, when the caller sends
+        it within _HOLD seconds and it arrives whole, as (head, body); else None, and
+        the loop takes the connection back (with what arrived); () when the loop has
+        been told to refuse what arrived.  No worker is held while others wait for one."""
+        conn, http, server = self.conn, self.http, self.conn.server
+        if server.stopping or server.workers.waiting():
+            return None
+        self.holding = True             # busy: a stop waits for the hold to end
+        try:
+            if not _readable(conn.sock, _HOLD):
+                return None
+            data = conn.sock.recv(_RECV)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except (OSError, ValueError):
+            data = b''
+        finally:
+            self.holding = False
+        conn.received += len(data)
+        http.receive_data(data)
+        parts = []
+        self.working = True             # (busy still, while what came is looked at)
+        while data:
+            try:
+                event = http.next_event()
+            except HTTPError as exc:    # answered from the loop
+                self.parts = parts
+                self.working = True
+                server.call_soon(self._refuse, exc)
+                return ()
+            if type(event) is RequestHead:
+                self.head = event
+                self.begun = time.perf_counter()
+            elif type(event) is bytes:
+                parts.append(event)
+            elif event is END_OF_MESSAGE:
+                return self.head, parts[0] if len(parts) == 1 else b''.join(parts)
+            else:
+                break
+        self.parts = parts
+        self.working = False
+        return None
+
+    def _reopen(self):
+        """In the loop: a connection back from a worker, its next request to be read."""
+        conn = self.conn
+        if conn.closed:
+            return
+        conn.deadline = time.monotonic() + self.service.timeout
+        conn.resume()
+        self._advance()
+        if conn.server.stopping and not conn.closed:
+            self.stop()
 
     def _answer(self, response):
         conn, http = self.conn, self.http
@@ -5634,8 +6052,9 @@ class _HTTPSession:
         elif self.working and self.status is not None:
             self._done()
 
-    def _done(self):
-        conn, http, service = self.conn, self.http, self.service
+    def _count(self):
+        """An exchange is over: counted, logged, forgotten."""
+        conn, service = self.conn, self.service
         sent = conn.sent
         service._metrics.transferred(conn.received, sent)
         conn.received = conn.sent = 0
@@ -5645,13 +6064,14 @@ class _HTTPSession:
                             (time.perf_counter() - self.begun) * 1000)
         self.working = False
         self.status = self.head = self.started = None
-        if not http.keep_alive or conn.server.stopping:
-            conn.finish()
+
+    def _done(self):
+        self._count()
+        if not self.http.keep_alive or self.conn.server.stopping:
+            self.conn.finish()
             return
-        http.start_next_cycle()
-        conn.deadline = time.monotonic() + service.timeout
-        conn.resume()
-        self._advance()
+        self.http.start_next_cycle()
+        self._reopen()
 
     def tick(self, now):
         deadline = self.conn.deadline
@@ -5671,7 +6091,8 @@ class _HTTPSession:
 
     def stop(self):
         # Idle when the stop begins: closed, unless its next request is already here.
-        if not self.busy() and not self.http.buffered() and not _readable(self.conn.sock):
+        if not self.conn.closed and not self.busy() and not self.http.buffered() \
+                and not _readable(self.conn.sock):
             self.conn.close()
 
     def lost(self):
@@ -6240,11 +6661,16 @@ def _on_stop_signals(callback, foreground=True):
     entry = [callback, foreground]
     if threading.current_thread() is threading.main_thread():
         import signal
+        if not _saved_handlers:
+            import atexit
+            atexit.unregister(_ignore_echo_at_exit)     # (registered once)
+            atexit.register(_ignore_echo_at_exit)
         for signum, default in ((signal.SIGTERM, signal.SIG_DFL),
                                 (signal.SIGINT, signal.default_int_handler)):
             try:
-                if signal.getsignal(signum) is default:
-                    _saved_handlers[signum] = signal.signal(signum, _stop_signal)
+                if signal.getsignal(signum) in (default, _echo_signal):
+                    signal.signal(signum, _stop_signal)
+                    _saved_handlers[signum] = default
             except (ValueError, OSError):
                 pass
     _stop_callbacks.append(entry)
@@ -6254,14 +6680,48 @@ def _on_stop_signals(callback, foreground=True):
             _stop_callbacks.remove(entry)
         if not _stop_callbacks and threading.current_thread() is threading.main_thread():
             import signal
+            # Right after a stop by signal, its echo may still be on its way (timeout(1)
+            # signals the process, then its whole group): it must not kill what stopped.
+            echo = time.monotonic() - _last_stop_signal[0] < _SIGNAL_ECHO
             for signum, old in list(_saved_handlers.items()):
                 try:
                     if signal.getsignal(signum) is _stop_signal:
-                        signal.signal(signum, old)
+                        signal.signal(signum, _echo_signal if echo else old)
                 except (ValueError, OSError):
                     pass
-                _saved_handlers.pop(signum, None)
+                if not echo:
+                    _saved_handlers.pop(signum, None)
     return restore
+
+
+_SIGNAL_ECHO = 1.0              # seconds after a stop signal in which another is its echo
+_last_stop_signal = [-_SIGNAL_ECHO]     # time.monotonic() of the last one
+
+
+def _ignore_echo_at_exit():
+    # The interpreter's last steps put SIG_DFL back where Python handlers were: an echo
+    # arriving then would still kill the process, unless it is ignored outright.
+    import signal
+    if time.monotonic() - _last_stop_signal[0] < _SIGNAL_ECHO:
+        for signum in _saved_handlers:
+            try:
+                signal.signal(signum, signal.SIG_IGN)
+            except (ValueError, OSError):
+                pass
+
+
+def _echo_signal(signum, frame):
+    """A stop signal after the stop that one before it asked for: dropped while it may be
+    that one's echo; later, what the handler that ours replaced would have done."""
+    import signal
+    if time.monotonic() - _last_stop_signal[0] < _SIGNAL_ECHO:
+        return
+    old = _saved_handlers.pop(signum, signal.SIG_DFL)
+    signal.signal(signum, old)
+    if callable(old):
+        return old(signum, frame)
+    if old == signal.SIG_DFL:
+        os.kill(os.getpid(), signum)
 
 
 def _stop_signal(signum, frame):
@@ -6269,6 +6729,7 @@ def _stop_signal(signum, frame):
     # then, and may even run inside another handler: the callbacks take none (they set
     # flags and write to sockets), and the stops are logged by the serving loops.
     import signal
+    _last_stop_signal[0] = time.monotonic()
     entries = list(_stop_callbacks)
     for callback, _ in entries:
         callback(signum)
@@ -6327,6 +6788,10 @@ class PoolClosed(PoolError, RuntimeError):
     """`submit` or `submit_id` was called after `shutdown` (a RuntimeError, as Executor's)."""
 
 
+class WorkerLost(PoolError):
+    """The worker process running a task died before the task finished."""
+
+
 class TaskNotPicklable(PoolError, TypeError):
     """A task for a process pool cannot be pickled; its Future holds this at submit time."""
 
@@ -6379,6 +6844,68 @@ def _settler(pool_ref, done):
 # Up to this many completions are settled under one lock; a few dozen already make the
 # lock's cost per task negligible, and a bound keeps the first of a batch from waiting.
 _SETTLE_BATCH = 64
+
+_running = threading.local()        # .pool: the token of the pool whose task runs here
+
+
+def _run_task(token, fn, args, kwargs, number):
+    """What the executor runs for a task (`number` only makes each call unique)."""
+    outer = getattr(_running, 'pool', None)
+    _running.pool = token
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _running.pool = outer
+
+
+_task_numbers = itertools.count()
+
+
+def _pools_at_exit():
+    # As ThreadPoolExecutor does at the end of a script: tasks submitted (also after a
+    # shutdown(wait=False)) run before the interpreter goes, none is silently dropped.
+    # Registered after the executors' own exit hooks, it runs before them.
+    for pool in list(_live_pools):
+        if pool._pending:
+            log.info('pool: %d task(s) still to run at exit', pool._pending)
+            with pool._lock:
+                pool._idle_waiters += 1
+                try:
+                    while pool._pending:
+                        pool._idle.wait()
+                finally:
+                    pool._idle_waiters -= 1
+
+
+def _register_pools_at_exit():
+    register = getattr(threading, '_register_atexit', None)
+    if register is None:        # CPython 3.8: its executors use atexit
+        import atexit
+        register = atexit.register
+    try:
+        register(_pools_at_exit)
+    except RuntimeError:        # already shutting down
+        pass
+
+
+class _LivePools:
+    """The pools alive, for the exit hook (registered with the first pool)."""
+
+    def __init__(self):
+        self._pools = None
+
+    def add(self, pool):
+        if self._pools is None:
+            import weakref
+            self._pools = weakref.WeakSet()
+            _register_pools_at_exit()
+        self._pools.add(pool)
+
+    def __iter__(self):
+        return iter(self._pools or ())
+
+
+_live_pools = _LivePools()
 
 
 class KeyedExecutor:
@@ -6443,6 +6970,9 @@ class KeyedExecutor:
         self._closed = False
         self._executor_closed = False
         self._done = queue.SimpleQueue()
+        self._token = id(self)      # tells _run_task which pool a task belongs to
+        self._own_futures = False   # a Future of ours for every task (see DistributedProcess)
+        _live_pools.add(self)
         # Woken with None when the pool is collected, so that the thread ends with it.
         pool_ref = weakref.ref(self, lambda _, put=self._done.put: put(None))
         self._settler_thread = threading.Thread(
@@ -6489,15 +7019,19 @@ class KeyedExecutor:
         """
         # Only a task that waits behind its key needs a Future of its own; peeking saves
         # creating one for the others, and the lock below settles any race.
-        future = self._future_class() if key is not None and key in self._queues else None
+        future = self._future_class() if self._own_futures or \
+            key is not None and key in self._queues else None
         task = _Task(self, key, fn, args, kwargs, future)
         if self._check_pickle and not self._picklable(task):
             return task.future
         with self._lock:
             if self._closed:
                 raise PoolClosed('cannot schedule new futures after shutdown')
+            # (never in the settler, nor in a task of this pool: either would wait for
+            # itself, with every slot held by tasks waiting for a slot)
             if self.max_watching and self._pending >= self.max_watching \
-                    and threading.current_thread() is not self._settler_thread:
+                    and threading.current_thread() is not self._settler_thread \
+                    and getattr(_running, 'pool', None) != self._token:
                 self._space_waiters += 1
                 try:
                     while not self._closed and self._pending >= self.max_watching:
@@ -6519,7 +7053,7 @@ class KeyedExecutor:
             self._dispatch(task)
             return task.future
         try:
-            inner = self._executor.submit(fn, *args, **kwargs)
+            inner = self._submit(task)
         except BaseException as exc:        # broken or shut down executor
             task.future = self._future_class()
             task.future.set_running_or_notify_cancel()
@@ -6529,6 +7063,29 @@ class KeyedExecutor:
             return task.future
         inner.add_done_callback(task)
         return inner
+
+    def _submit(self, task):
+        # The task travels as the arguments of _run_task, never as the executor's own
+        # keyword arguments (dask's submit takes key=, pure=, workers=...), with a number
+        # of its own, so that an executor that merges identical calls (dask, pure=True)
+        # never merges two tasks.
+        call = (_run_task, self._token, task.fn, task.args, task.kwargs, next(_task_numbers))
+        try:
+            return self._executor.submit(*call)
+        except BaseException as exc:
+            if not self._renew(exc):
+                raise
+        return self._executor.submit(*call)
+
+    @staticmethod
+    def _broken(exc):
+        import concurrent.futures
+        return isinstance(exc, concurrent.futures.BrokenExecutor)
+
+    def _renew(self, exc):
+        """After the executor broke (a worker process died): a fresh one, if this pool can
+        make one (DistributedProcess can); True when it did."""
+        return False
 
     def _picklable(self, task):
         """Return True if `task` pickles; else fail its Future (and report it) at once."""
@@ -6559,7 +7116,7 @@ class KeyedExecutor:
                 task = self._advance(task.key)      # cancelled while waiting: skip it
                 continue
             try:
-                inner = self._executor.submit(task.fn, *task.args, **task.kwargs)
+                inner = self._submit(task)
             except BaseException as exc:            # broken or shut down executor
                 task = self._settle(task, None, exc)
                 continue
@@ -6579,6 +7136,11 @@ class KeyedExecutor:
                     future.set_exception(self._cancelled_error())
             elif future is not None or self.out_queue is not None:
                 exc = inner.exception()
+                if exc is not None and self._broken(exc):
+                    exc = WorkerLost('the worker process running task %s (key %r) died: '
+                                     '%s' % (getattr(task.fn, '__qualname__', task.fn),
+                                             task.key, exc))
+                    self._renew(exc)
                 self._resolve(task, inner.result() if exc is None else None, exc)
             task.args = task.kwargs = task.fn = task.inner = task.pool = None
         for following in self._advance_many([task.key for task in tasks]):
@@ -6697,13 +7259,27 @@ class KeyedExecutor:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
     def _close_executor(self):
-        # In the settler thread, once closed and idle.
+        # In the settler thread, once closed and idle.  An executor whose shutdown() takes
+        # no `wait` is not a concurrent.futures one: a dask Client's shutdown() would stop
+        # the whole cluster, where close() lets this client go.
         if self._shutdown_executor and not self._executor_closed:
             self._executor_closed = True
+            import inspect
+            executor = self._executor
             try:
-                self._executor.shutdown(wait=True)
+                shutdown = getattr(executor, 'shutdown', None)
+                try:
+                    waits = 'wait' in inspect.signature(shutdown).parameters
+                except (TypeError, ValueError):
+                    waits = False
+                if waits:
+                    shutdown(wait=True)
+                elif callable(getattr(executor, 'close', None)):
+                    executor.close()
+                elif shutdown is not None:
+                    shutdown()
             except Exception:
-                log.exception('pool: shutting down %r failed', self._executor)
+                log.exception('pool: shutting down %r failed', executor)
 
     def __enter__(self) -> Self:
         return self
@@ -6774,9 +7350,27 @@ class DistributedProcess(KeyedExecutor):
             if multiprocessing.get_context().get_start_method() == 'fork' and \
                     'forkserver' in multiprocessing.get_all_start_methods():
                 mp_context = multiprocessing.get_context('forkserver')
-        super().__init__(ProcessPoolExecutor(max_workers, mp_context=mp_context),
-                         out_queue=out_queue, max_watching=max_watching, check_pickle=True)
+        self._make_executor = functools.partial(ProcessPoolExecutor, max_workers,
+                                                mp_context=mp_context)
+        super().__init__(self._make_executor(), out_queue=out_queue,
+                         max_watching=max_watching, check_pickle=True)
         self.max_workers = max_workers
+        self._own_futures = True    # so that a task lost with its process fails as WorkerLost
+
+    def _renew(self, exc):
+        # A worker that died (os._exit, a crash, the OOM killer) breaks a
+        # ProcessPoolExecutor for good: the tasks it was running fail with WorkerLost,
+        # and the later ones run on a fresh executor.
+        if not self._broken(exc) or self._closed:
+            return False
+        with self._lock:
+            broken = self._executor
+            if not getattr(broken, '_broken', True):
+                return True             # renewed already, by another task's failure
+            self._executor = self._make_executor()
+        log.warning('pool: a worker process died (%s): later tasks run on a fresh pool', exc)
+        broken.shutdown(wait=False)
+        return True
 
 
 class _StopWorker:
@@ -6841,12 +7435,39 @@ def _load_target(target):
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            raise SystemExit(_import_failure(target, name, exc)) from None
     else:
         if '' not in sys.path and os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())
-        module = importlib.import_module(target)
+        try:
+            module = importlib.import_module(target)
+        except Exception as exc:
+            raise SystemExit(_import_failure(target, target, exc)) from None
     return module, attribute
+
+
+def _import_failure(target, name, exc):
+    """What serve says when TARGET fails to import: the traceback of the user's own code,
+    without the frames of this module and of importlib, or one line if none are left."""
+    import importlib
+    import traceback
+    ours = (os.path.abspath(__file__), os.path.dirname(os.path.abspath(importlib.__file__)))
+    frames = [frame for frame in traceback.extract_tb(exc.__traceback__)
+              if not frame.filename.startswith(('<frozen ',) + ours)]
+    error = ''.join(traceback.format_exception_only(type(exc), exc)).rstrip('\n')
+    if not frames:
+        if isinstance(exc, ModuleNotFoundError) and exc.name and \
+                (name + '.').startswith(exc.name + '.'):
+            return ('mconnector: cannot import %s: no module %r on the path (run serve from '
+                    'the directory that holds it, or name the file: serve path/to/%s.py)'
+                    % (target, exc.name, name.rpartition('.')[2]))
+        return 'mconnector: cannot import %s:%s%s' % (target, '\n' if '\n' in error else ' ',
+                                                     error)
+    return ('mconnector: cannot import %s:\nTraceback (most recent call last):\n%s%s'
+            % (target, ''.join(traceback.format_list(frames)), error))
 
 
 def _find_servers(module, attribute):
@@ -6893,6 +7514,9 @@ def _load_servers(options):
 
 
 def _serve_command(options):
+    for option, port in (('--port', options.port), ('--ws-port', options.ws_port)):
+        if port is not None and not 0 <= port <= 65535:
+            _usage_error('%s takes a port from 0 to 65535, not %d' % (option, port))
     if options.listen_fd is not None or options.reuse_port:
         return _serve_worker(options)
     reload = _serve_reloads(options)
@@ -6911,7 +7535,11 @@ def _serve_command(options):
         kwargs = {} if ws_port is None else {'port': ws_port}
         if options.host is not None:
             kwargs['host'] = options.host
-        server.run(**kwargs)
+        try:
+            server.run(**kwargs)
+        except _CannotListen as exc:
+            _ws_stop_all()
+            _cannot_listen(exc)
     try:
         if services:
             if options.grace is not None:
@@ -6952,12 +7580,12 @@ def _call_command(options):
             kwargs[name] = _argument(value)
         else:
             args.append(_argument(item))
-    friend = Friend('cli', options.url, timeout=options.timeout, secretKey=options.secret_key,
-                    verify=not options.insecure, cafile=options.cafile, retries=0)
-    rule = options.rule if options.rule.startswith('/') else '/' + options.rule
-    friend.setRule(rule, method=options.method, token=options.token)
     if options.json and args:
-        raise SystemExit('mconnector: --json takes NAME=VALUE arguments only')
+        _usage_error('--json takes NAME=VALUE arguments only')
+    friend = _cli_friend(options, timeout=options.timeout, secretKey=options.secret_key,
+                         verify=not options.insecure, cafile=options.cafile, retries=0)
+    rule = _rule_path(options.rule)
+    friend.setRule(rule, method=options.method, token=options.token)
     deadline = time.monotonic() + options.wait
     try:
         while True:
@@ -6980,10 +7608,25 @@ def _call_command(options):
     return 0
 
 
+def _usage_error(message):
+    """A mistake in the command line: one line, and exit status 2 (as argparse's own)."""
+    sys.stderr.write('mconnector: %s\n' % message)
+    raise SystemExit(2)
+
+
+def _cli_friend(options, **settings):
+    """The Friend of `call` and `rules`, or a usage error for a URL it cannot call."""
+    try:
+        return Friend('cli', options.url, **settings)
+    except ValueError as exc:
+        websocket = options.url.startswith(('ws://', 'wss://'))
+        _usage_error('%s%s' % (exc, ' (websockets: mconnector ws URL)' if websocket else ''))
+
+
 def _rules_command(options):
-    friend = Friend('cli', options.url, timeout=options.timeout, secretKey=options.secret_key,
-                    token=options.token, verify=not options.insecure, cafile=options.cafile,
-                    retries=0)
+    friend = _cli_friend(options, timeout=options.timeout, secretKey=options.secret_key,
+                         token=options.token, verify=not options.insecure,
+                         cafile=options.cafile, retries=0)
     try:
         rules = friend.rules()
     except MConnectorError as exc:
@@ -7008,6 +7651,10 @@ def _rules_command(options):
 
 
 def _ws_cli(options):
+    try:
+        _ws_split_url(options.url)
+    except ValueError as exc:
+        _usage_error(exc)
     return _ws_command(options.url, timeout=options.timeout)
 
 
@@ -7058,37 +7705,61 @@ def _url(host, port, tls):
                            port)
 
 
-def _listening_socket(host, port, listen=True, reuse_port=False):
-    """A TCP socket bound to (host, port), listening unless told otherwise."""
+def _listening_socket(host, port, listen=True, reuse_port=False, name=None):
+    """A TCP socket bound to (host, port), listening unless told otherwise.  With a `name`
+    (of the server), a failure is a _CannotListen that names it and the address."""
     host = host or '0.0.0.0'
-    sock = socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET)
+    try:
+        port = int(port)
+        if not 0 <= port <= 65535:
+            raise OSError(errno.EINVAL, 'a port is a number from 0 to 65535')
+        sock = socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET)
+    except (OSError, ValueError) as exc:
+        if name is None:
+            raise
+        raise _CannotListen(name, host, port, exc) from None
     try:
         if os.name == 'posix':      # a restart must not wait for TIME_WAIT to pass
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, int(port)))
+        sock.bind((host, port))
         if listen:
             sock.listen(_BACKLOG)
-    except BaseException:
+    except BaseException as exc:
         sock.close()
-        raise
+        if name is None or not isinstance(exc, (OSError, OverflowError)):
+            raise
+        raise _CannotListen(name, host, port, exc) from None
     return sock
 
 
-def _cannot_listen(name, host, port, exc):
+class _CannotListen(OSError):
+    """An address that cannot be listened on, in the one message that start(), run() and
+    serve give for it: 'NAME: cannot listen on HOST:PORT: REASON' (the errno kept)."""
+
+    def __init__(self, name, host, port, exc):
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        super().__init__(getattr(exc, 'errno', None) or errno.EINVAL,
+                         '%s: cannot listen on %s:%s: %s' % (name, host, port, reason))
+
+    def __str__(self):
+        return self.strerror
+
+
+def _cannot_listen(exc):
     """The main loop of a script or command: one clear line and exit status 1, not a
     traceback (as Flask's run does)."""
-    log.error('%s: cannot listen on %s:%s: %s', name, host, port, exc.strerror or exc)
+    log.error('%s', exc)
     raise SystemExit(1) from None
 
 
 def _bind_or_exit(name, host, port, **options):
     """_listening_socket(), or _cannot_listen()."""
     try:
-        return _listening_socket(host, port, **options)
-    except OSError as exc:
-        _cannot_listen(name, host, port, exc)
+        return _listening_socket(host, port, name=name, **options)
+    except _CannotListen as exc:
+        _cannot_listen(exc)
 
 
 def _reuse_port_wanted():
@@ -7341,10 +8012,10 @@ def _py_mtimes(directory):
 def _serve_supervised(options, reload):
     """`serve` as the parent of workers (--workers) or of reload children (--debug)."""
     if options.workers is not None and options.workers < 1:
-        raise SystemExit('mconnector: --workers takes a number of processes, 1 or more')
+        _usage_error('--workers takes a number of processes, 1 or more')
     if options.workers and reload:
-        raise SystemExit('mconnector: --workers and reloading (--debug) do not go together: '
-                         'add --no-reload, or drop --workers')
+        _usage_error('--workers and reloading (--debug) do not go together: add --no-reload, '
+                     'or drop --workers')
     if os.name != 'posix':
         raise SystemExit('mconnector: --workers needs a POSIX system')
     host, port, grace = options.host, options.port, options.grace
@@ -7457,10 +8128,17 @@ def _serve_worker(options):
 
 def _parser():
     import argparse
-    parser = argparse.ArgumentParser(
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            # argparse's "PROG COMMAND: error:" would be a second prefix beside ours.
+            self.print_usage(sys.stderr)
+            self.exit(2, 'mconnector: %s\n' % message)
+
+    parser = Parser(
         prog='mconnector',
         description='Services that call each other like local functions (standard library only).')
-    parser.add_argument('--version', action='version', version='mconnector ' + __version__)
+    parser.add_argument('-V', '--version', action='version', version='mconnector ' + __version__)
     commands = parser.add_subparsers(dest='command', metavar='COMMAND')
     commands.required = True
 
@@ -7495,7 +8173,7 @@ def _parser():
     # fd, or on its own socket bound with SO_REUSEPORT.
     serve.add_argument('--listen-fd', type=int, help=argparse.SUPPRESS)
     serve.add_argument('--reuse-port', action='store_true', help=argparse.SUPPRESS)
-    serve.set_defaults(run=_serve_command)
+    serve.set_defaults(run=_serve_command, subparser=serve)
 
     call = commands.add_parser(
         'call', help='call a rule and print the answer as JSON',
@@ -7515,7 +8193,7 @@ def _parser():
     call.add_argument('--cafile', help='CA certificates for https:// listeners')
     call.add_argument('--secret-key', help='sign the call with this shared key (secretKey)')
     call.add_argument('--insecure', action='store_true', help='do not verify https certificates')
-    call.set_defaults(run=_call_command)
+    call.set_defaults(run=_call_command, subparser=call)
 
     rules = commands.add_parser(
         'rules', help="list a running listener's rules",
@@ -7528,7 +8206,7 @@ def _parser():
     rules.add_argument('--cafile', help='CA certificates for https:// listeners')
     rules.add_argument('--secret-key', help='sign the request with this shared key (secretKey)')
     rules.add_argument('--insecure', action='store_true', help='do not verify https certificates')
-    rules.set_defaults(run=_rules_command)
+    rules.set_defaults(run=_rules_command, subparser=rules)
 
     ws = commands.add_parser(
         'ws', help='interactive websocket client',
@@ -7538,7 +8216,7 @@ def _parser():
     ws.add_argument('--timeout', type=float, default=None,
                     help='seconds for the handshake, and of quiet after the end of input '
                          'before closing (default: 10 and 1)')
-    ws.set_defaults(run=_ws_cli)
+    ws.set_defaults(run=_ws_cli, subparser=ws)
     return parser
 
 
@@ -7553,7 +8231,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Any:
         if options.run is _call_command and not any(item.startswith('--') for item in extra):
             options.args.extend(extra)
         else:
-            parser.error('unrecognized arguments: %s' % ' '.join(extra))
+            options.subparser.error('unrecognized arguments: %s' % ' '.join(extra))
     options.argv = argv         # for `serve` to start its children with the same options
     try:
         return options.run(options)

@@ -10,6 +10,7 @@ import json
 import os
 import queue
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -1060,8 +1061,73 @@ if __name__ == '__main__':
     unittest.main()
 
 
-class SeedTutorialTest(unittest.TestCase):
-    """The seed's chapters 3-6 through the example files, with the outputs the seed shows."""
+# The 0.3.7 tutorial's documented output (chapters 4, 5 and 6, and its json example),
+# verbatim.  Its timing lines came from timers around each chapter that the tutorial's code
+# does not show; the banners that its code prints before chapters 4 and 5 and in the middle
+# of 4 it leaves out (TUTORIAL_BANNERS).  The tutorial shows its lines without their
+# leading spaces.
+TUTORIAL_OUTPUT = """\
+Test: return a simple string
+x= A variable value-A keyword variable value <class 'str'>
+==========================
+Test: return multiple string
+x= A variable value <class 'str'>
+y= A keyword variable value <class 'str'>
+z= A variable value-A keyword variable value <class 'str'>
+'testStr'  23.17 ms
+Test: return a simple Value
+x= 2330 <class 'int'>
+==========================
+Test: return a simple Value
+x= 5.138 <class 'float'>
+==========================
+Test: return multiple Value
+x= 1000000003.1427 <class 'float'>
+y= 1000000000000000000 <class 'int'>
+z= 9.87656329 <class 'float'>
+Test: return a simple Value
+x= [12, 34, 45, 'abc', 'zyz'] <class 'list'>
+==========================
+Test: return a simple Value
+x= {'dict': {'keyword': ['anything']}, 'float': 0.2323, 'int': 20, 'str': 'adfafsa'} <class 'dict'>
+==========================
+Test: return multiple Value
+x= {'keyword': ['anything']} <class 'dict'>
+y= ['abc', 'zyz', 'other value'] <class 'list'>
+z= None <class 'NoneType'>
+'testListDict'  22.19 ms
+##############################
+Test return NoneType, Class, use of Token
+
+Test: return a simple Value
+x= None <class 'NoneType'>
+==========================
+Test: return a simple Value with token
+x= {'Purpose': 'For test only', 'empty': None, 'name': 'test', 'value': {'keyword': ['anything']}} <class 'dict'>
+==========================
+Test: return multiple Value
+x= {'Purpose': 'For test only', 'empty': None, 'name': 'test', 'value': {'float': 0.2323, 'int': 20, 'str': 'adfafsa'}} <class 'dict'>
+y= {'keyword': ['anything']} <class 'dict'>
+z= None <class 'NoneType'>
+
+Test: send class and list of class object
+x= {'Purpose': 'For test only', 'empty': None, 'name': 'test', 'value': {'list': [{'Purpose': 'For test only', 'empty': None, 'name': 'test', 'value': 'value1'}, {'Purpose': 'For test only', 'empty': None, 'name': 'test', 'value': 'value2'}], 't1': {'Purpose': 'For test only', 'empty': None, 'name': 'test', 'value': 'value1'}, 't2': {'Purpose': 'For test only', 'empty': None, 'name': 'test', 'value': 'value2'}}} <class 'dict'>
+y= {'Purpose': 'For test only', 'empty': None, 'name': 'test', 'value': [{'Purpose': 'For test only', 'empty': None, 'name': 'test', 'value': 'value1'}, {'Purpose': 'For test only', 'empty': None, 'name': 'test', 'value': 'value2'}]} <class 'dict'>
+z= [{'Purpose': 'For test only', 'empty': None, 'name': 'test', 'value': [{'Purpose': 'For test only', 'empty': None, 'name': 'test', 'value': 'value1'}, {'Purpose': 'For test only', 'empty': None, 'name': 'test', 'value': 'value2'}]}, {'Purpose': 'For test only', 'empty': None, 'name': 'test', 'value': {'list': [{'Purpose': 'For test only', 'empty': None, 'name': 'test', 'value': 'value1'}, {'Purpose': 'For test only', 'empty': None, 'name': 'test', 'value': 'value2'}], 't1': {'Purpose': 'For test only', 'empty': None, 'name': 'test', 'value': 'value1'}, 't2': {'Purpose': 'For test only', 'empty': None, 'name': 'test', 'value': 'value2'}}}] <class 'list'>
+'testClassType'  19.20 ms
+=================Response json===============
+Synchonous POST: {'1': 12, '2': 'This is a text', '3': {'dict': 'a dict'}}
+Asynchonous GET: {'dict': 'a only dict'}
+Asynchonous POST: {'dict': 'a only dict'}
+"""
+TUTORIAL_BANNERS = [['##############################', 'Test return %s' % what, '']
+                    for what in ('string', 'a int, float', 'a list, dict')]
+TIMING_LINE = r"'\w+'  \d+\.\d\d ms"
+
+
+class Tutorial037Test(unittest.TestCase):
+    """The 0.3.7 tutorial's chapters 3-6, through the example files that hold its code with
+    only the imports changed, and the outputs the tutorial shows."""
 
     @classmethod
     def setUpClass(cls):
@@ -1079,6 +1145,9 @@ class SeedTutorialTest(unittest.TestCase):
         app1 = load_example('app1')
         friend = Service.start(self, app1.Micro)
         self.assertEqual(friend.send('/helloworld', 'Mr. Developer'), 'Welcome Mr. Developer')
+        # chapter 3 is in the tutorial's listener too
+        self.assertEqual(self.friend.send('/helloworld', 'Mr. Close friend'),
+                         'Welcome Mr. Close friend')
 
     def test_strings_and_numbers(self):
         f = self.friend
@@ -1121,30 +1190,45 @@ class SeedTutorialTest(unittest.TestCase):
         self.assertEqual(z, [y, x])
         self.assertEqual(x['value']['list'], [one, two])
 
-    def test_json_and_async_json(self):
-        import contextlib
-        import io
+    def test_json_and_async_json_and_timeit(self):
         f = self.friend
-        printed = io.StringIO()
-        with contextlib.redirect_stdout(printed):      # the example's @timeit prints
+        with self.assertLogs('mconnector', 'INFO') as logs:     # the listener's @timeit
             self.assertEqual(f.json('/json', a=12, b='This is a text', c={'dict': 'a dict'}),
                              {'1': 12, '2': 'This is a text', '3': {'dict': 'a dict'}})
-        self.assertRegex(printed.getvalue(), r"'TestReceiveJson'  \d+\.\d\d ms")
+        self.assertRegex(logs.output[0], "INFO:mconnector:'TestReceiveJson'  \\d+\\.\\d\\d ms$")
         self.assertEqual(f.json('/json1', method='GET', a={'dict': 'a only dict'}),
                          {'dict': 'a only dict'})
         self.assertEqual(f.json('/json1', a={'dict': 'a only dict'}), {'dict': 'a only dict'})
 
-    def test_sender_example_prints_the_seed_results(self):
-        import contextlib
-        import io
-        with contextlib.redirect_stdout(io.StringIO()):     # the listener's @timeit
-                out = subprocess.run([sys.executable, os.path.join(HERE, 'examples', 'tutorial_sender.py'),
-                                  self.service.url], capture_output=True, text=True,
-                                 timeout=30, env=dict(os.environ, PYTHONPATH=HERE))
-        self.assertEqual(out.returncode, 0, out.stderr)
-        self.assertIn("x= 2330 <class 'int'>", out.stdout)
-        self.assertIn("y= 1000000000000000000 <class 'int'>", out.stdout)
-        self.assertIn("Asynchonous GET: {'dict': 'a only dict'}", out.stdout)
+    def test_listener_and_sender_print_what_the_tutorial_shows(self):
+        import re
+        import tempfile
+        folder = tempfile.TemporaryDirectory()
+        self.addCleanup(folder.cleanup)
+        listener = ServeProcess(self, folder.name, 'examples/tutorial_listener.py', '--host',
+                                '127.0.0.1', '--port', '0')
+        url = listener.url()
+        path = os.path.join(HERE, 'examples', 'tutorial_sender.py')
+        with open(path) as f:
+            sender = f.read()
+        # The tutorial's addresses, pointed at the listener on its free port.
+        for address in ('http://localhost:5000', 'http://0.0.0.0:5000'):
+            self.assertIn(address, sender)
+            sender = sender.replace(address, url)
+        sender = '__file__ = %r\n' % path + sender     # (it finds mconnector from there)
+        out = subprocess.run([sys.executable, '-c', sender], cwd=HERE, capture_output=True,
+                             text=True, timeout=30, env=dict(os.environ, PYTHONPATH=HERE))
+        self.assertEqual((out.returncode, out.stderr), (0, ''))
+        printed = [line.strip() for line in out.stdout.splitlines()]
+        for banner in TUTORIAL_BANNERS:
+            at = next(n for n in range(len(printed)) if printed[n:n + 3] == banner)
+            del printed[at:at + 3]
+        self.assertEqual(printed, [line for line in TUTORIAL_OUTPUT.splitlines()
+                                   if not re.fullmatch(TIMING_LINE, line)])
+        listener.terminate()
+        # What the listener itself prints, and the line of its @timeit
+        self.assertEqual(listener.output(listener.out_path), 'one cat here\n')
+        self.assertRegex(listener.output(), "INFO 'TestReceiveJson'  \\d+\\.\\d\\d ms\n")
 
 
 class ListenerTest(unittest.TestCase):
@@ -1333,8 +1417,8 @@ class ListenerTest(unittest.TestCase):
         self.assertEqual(self.friend.json('/stream', n=3), {'items': [0, 1, 2]})
         if self.shell == 'builtin':         # (wsgiref, an HTTP/1.0 server, cannot chunk)
             self.assertEqual(self.friend.lastreply.headers['transfer-encoding'], 'chunked')
-        self.assertEqual(self.friend.json('/gen', n=3), ({'i': 0}, {'i': 1}, {'i': 2}))
-        self.assertEqual(self.friend.json('/agen', n=4), (0, 1, 4, 9))
+        self.assertEqual(self.friend.json('/gen', n=3), [{'i': 0}, {'i': 1}, {'i': 2}])
+        self.assertEqual(self.friend.json('/agen', n=4), [0, 1, 4, 9])
 
     def test_async_functions_share_one_loop(self):
         (x, loop1), (_, loop2) = self.friend.send('/async', 2), self.friend.send('/async', 3)
@@ -1877,8 +1961,8 @@ class RequestContextTest(unittest.TestCase):
         self.assertIsNone(got['who'])
 
     def test_streams_see_their_request_as_they_are_produced(self):
-        self.assertEqual(self.friend.json('/gen', n=3), ('ann', 'ann', 'ann'))
-        self.assertEqual(self.friend.json('/agen', n=2), ('ann', 'ann'))
+        self.assertEqual(self.friend.json('/gen', n=3), ['ann', 'ann', 'ann'])
+        self.assertEqual(self.friend.json('/agen', n=2), ['ann', 'ann'])
 
     def test_calls_at_once_each_see_their_own(self):
         for rule in ('/pair', '/pair-async'):
@@ -2094,12 +2178,228 @@ class TestClientTest(unittest.TestCase):
                              text=True, timeout=60, env=dict(os.environ, PYTHONPATH=HERE))
         self.assertEqual(out.returncode, 0, out.stderr)
         self.assertIn('Ran 1 test', out.stderr)
+class MistakesTest(unittest.TestCase):
+    """Mistakes in calls and in definitions: each gets one clear message that says what came
+    and what was expected, never a silent wrong value."""
+
+    @classmethod
+    def setUpClass(cls):
+        M = cls.M = Microservice('mistakes')
+
+        @M.typing('/pair')
+        @M.reply
+        def pair(a, b=None):
+            return {'a': a, 'b': b}
+
+        @M.typing('/hello')
+        @M.reply
+        def hello(name):
+            return 'hello ' + name
+
+        @M.typing('/j')
+        @M.json
+        def j(a=1):
+            return a
+
+        @M.typing('/takes_args')
+        @M.json
+        def takes_args(args, kwargs=None, token=None):
+            return args
+
+        @M.typing('/d')
+        @M.dict
+        def d(x):
+            return x
+
+        @M.typing('/s')
+        @M.stream
+        def s(x):
+            return x
+
+        @M.typing('/returns')
+        @M.reply
+        def returns(what):
+            return {'lock': threading.Lock(), 'complex': 1j, 'pair': (1, 1j),
+                    'generator': (i for i in range(3)),
+                    'nested': {'k': [1, threading.Lock()]}}[what]
+
+        @M.typing('/streams')
+        @M.stream
+        def streams():
+            return {'k': threading.Lock()}
+
+        M.start(port=0, host='127.0.0.1')
+        cls.friend = Friend('mistakes', M.url)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.friend.close()
+        cls.M.stop()
+
+    def raise_message(self, error, call, *args, **kwargs):
+        with self.assertRaises(error) as caught:
+            call(*args, **kwargs)
+        return str(caught.exception)
+
+    def test_a_reply_rule_refuses_a_json_object_and_names_its_keys(self):
+        expected = ('/pair takes {"args": [...], "kwargs": {...}}, as friend.send() and mconnector '
+                    'call send them (not friend.json(), nor call --json), got an object with the '
+                    "keys 'a'")
+        self.assertEqual(self.raise_message(mconnector.BadRequest, self.friend.json, '/pair', a=1),
+                         'HTTP 400: %s (%s/pair)' % (expected, self.M.url))
+        reply = raw_request(self.M.port, b'POST /pair HTTP/1.1\r\nHost: x\r\nContent-Length: 8'
+                                         b'\r\nConnection: close\r\n\r\n{"a": 1}')
+        self.assertEqual(status_of(reply), 400)
+        self.assertEqual(json.loads(reply.partition(b'\r\n\r\n')[2])['error']['message'], expected)
+        out = mconnector_command('call', self.M.url, '/pair', '--json', 'a=1')
+        self.assertEqual((out.returncode, out.stderr),
+                         (1, 'mconnector: BadRequest: HTTP 400: %s (%s/pair)\n' % (expected, self.M.url)))
+        self.assertEqual(self.friend.send('/pair', a=1), {'a': 1, 'b': None})
+
+    def test_send_to_a_json_rule_says_it_takes_friend_json(self):
+        for rule, mode in (('/j', 'json'), ('/d', 'dict'), ('/s', 'stream')):
+            self.assertEqual(
+                self.raise_message(mconnector.BadRequest, self.friend.send, rule, x=1),
+                'HTTP 400: %s is an @M.%s rule: it takes one JSON object of keyword arguments, '
+                'as friend.json() and mconnector call --json send them, not the {"args": [...], '
+                '"kwargs": {...}} of friend.send() (%s%s)' % (rule, mode, self.M.url, rule))
+        self.assertEqual(self.friend.send('/takes_args', 1), [1])     # a function that asks
+
+    def test_values_without_a_wire_form_name_their_type_and_place(self):
+        kinds = ('send None, bool, numbers, str, bytes, dates, Decimal, UUID, lists, tuples, '
+                 'sets, dicts, or instances of your own classes')
+        f = self.friend
+        for call, where, kind in (
+                (lambda: f.send('/hello', threading.Lock()), 'args[0]', '_thread.lock'),
+                (lambda: f.send('/hello', name=len), "kwargs['name']", 'builtin_function_or_method'),
+                (lambda: f.send('/hello', [1, 1j]), 'args[0][1]', 'complex'),
+                (lambda: f.send('/hello', lambda: 1), 'args[0]', 'function'),
+                (lambda: f.json('/d', x={'k': object()}), "kwargs['x']['k']", 'object')):
+            with self.subTest(where=where):
+                self.assertEqual(self.raise_message(mconnector.CodecError, call),
+                                 '%s (of type %s) has no wire form: %s' % (where, kind, kinds))
+        self.assertEqual(self.raise_message(mconnector.CodecError, f.json, '/d', x=iter([])),
+                         "kwargs['x'] (of type list_iterator) has no wire form: send a list of "
+                         "its items")
+        for what, where, kind in (('lock', 'result', '_thread.lock'), ('complex', 'result', 'complex'),
+                                  ('pair', 'result[1]', 'complex'),
+                                  ('nested', "result['k'][1]", '_thread.lock')):
+            with self.subTest(what=what):
+                self.assertEqual(self.raise_message(mconnector.RemoteError, f.send, '/returns', what),
+                                 'CodecError: %s (of type %s) has no wire form: %s (%s/returns)'
+                                 % (where, kind, kinds, self.M.url))
+        self.assertEqual(self.raise_message(mconnector.RemoteError, f.send, '/returns', 'generator'),
+                         'CodecError: result (of type generator) has no wire form: return a list, '
+                         'or serve the rule with @M.stream, which sends the items of a generator '
+                         'as they are produced (%s/returns)' % self.M.url)
+        # Answered 500 before its head goes out, not cut short halfway:
+        self.assertEqual(self.raise_message(mconnector.RemoteError, f.json, '/streams'),
+                         "CodecError: result['k'] (of type _thread.lock) has no wire form: %s "
+                         "(%s/streams)" % (kinds, self.M.url))
+
+    def test_dict_and_stream_lists_arrive_as_returned(self):
+        for rule in ('/d', '/s'):
+            for value in ([5], [1, 2], [], {'k': [1]}, 5, (1, 2)):
+                with self.subTest(rule=rule, value=value):
+                    got = self.friend.json(rule, x=value)
+                    self.assertEqual((got, type(got)), (value, type(value)))
+        # A 0.3.7 sender, which sends no X-MConnector, gets the body 0.3.7 listeners sent
+        # (and unwraps it as it did); an mconnector sender is told not to.
+        for header, mode in ((b'', None), (b'X-MConnector: 1.1.0\r\n', b'dict')):
+            reply = raw_request(self.M.port, b'POST /d HTTP/1.1\r\nHost: x\r\nContent-Length: '
+                                             b'10\r\n%sConnection: close\r\n\r\n{"x": [5]}' % header)
+            head, _, body = reply.partition(b'\r\n\r\n')
+            self.assertEqual(body, b'[5]')
+            self.assertEqual(parse_head(head).get('x-mconnector-mode'), mode and mode.decode())
+
+    def test_a_rule_without_its_leading_slash_is_called_as_on_the_command_line(self):
+        self.assertEqual(self.friend.send('hello', 'x'), 'hello x')
+        out = mconnector_command('call', self.M.url, 'hello', 'x')
+        self.assertEqual((out.returncode, out.stdout), (0, '"hello x"\n'), out.stderr)
+
+    def test_every_problem_of_the_arguments_is_named(self):
+        self.assertEqual(self.raise_message(mconnector.BadRequest, self.friend.send, '/hello', nam='x'),
+                         "HTTP 400: hello(name): missing argument 'name'; unexpected keyword "
+                         "argument 'nam' (did you mean 'name'?) (%s/hello)" % self.M.url)
+        self.assertEqual(self.raise_message(mconnector.BadRequest, self.friend.send, '/pair', 1, 2, 3),
+                         'HTTP 400: pair(a, b=None): takes 2 positional arguments but 3 were given '
+                         '(%s/pair)' % self.M.url)
+
+    def test_definitions_fail_at_once_naming_the_rule_or_the_argument(self):
+        M = Microservice('defs')
+
+        def one():
+            pass
+
+        def two():
+            pass
+        M.typing('/x')(one)
+        with self.assertRaises(mconnector.RouteError) as caught:
+            M.typing('/x')(two)
+        self.assertEqual(str(caught.exception), 'POST /x is already served by one(): a second '
+                         'function would replace it (give it another rule, or other methods)')
+        M.typing('/x', methods=['GET'])(two)        # another method of the same rule
+        self.assertEqual(M.rules, {'/x': ['GET', 'POST']})
+        types = 'string, str, int, number, float, alpha, path, uuid'
+        for rule, kind in (('/item/<id:integer>', 'integer'), ('/item/<integer:id>', 'id')):
+            with self.assertRaises(mconnector.RouteError) as caught:
+                M.typing(rule)
+            self.assertEqual(str(caught.exception), "rule %r: unknown parameter type %r (the "
+                             "types are %s; a regex must be more than a word)" % (rule, kind, types))
+        for make, message in (
+                (lambda: Microservice('d', token=123), "Microservice('d'): token must be a string "
+                 "(one token for every rule) or a {rule: token} dict, got 123"),
+                (lambda: Microservice('d', token={'/x': 1}), 'the token of /x must be a string, '
+                 'got 1'),
+                (lambda: M.typing('/y', token=5)(one), 'the token of /y must be a string, got 5'),
+                (lambda: Friend('f', 'http://127.0.0.1:1', token=123), "Friend('f'): token must "
+                 "be a string (one token for every rule) or a {rule: token} dict, got 123"),
+                (lambda: Friend('f', 'http://127.0.0.1:1').setRule('/x', token=5),
+                 "Friend('f'): the token of /x must be a string, got 5")):
+            with self.subTest(message=message), self.assertRaises(TypeError) as caught:
+                make()
+            self.assertEqual(str(caught.exception), message)
+        sk = mconnector.SocketServer('defs')
+        sk.router('/echo')(one)
+        with self.assertRaises(mconnector.RouteError) as caught:
+            sk.router('/echo')(two)
+        self.assertEqual(str(caught.exception),
+                         '/echo is already served by one(): a second handler would replace it')
+
+    def test_a_taken_port_is_named_by_start_and_by_the_websocket_server(self):
+        import errno
+        with socket.socket() as taken:
+            taken.bind(('127.0.0.1', 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            for start, name in ((lambda: Microservice('late').start(port=port, host='127.0.0.1'), 'late'),
+                                (lambda: mconnector.SocketServer('sk').run('127.0.0.1', port),
+                                 'websocket server sk')):
+                with self.subTest(name=name), self.assertRaises(OSError) as caught:
+                    start()
+                self.assertEqual(caught.exception.errno, errno.EADDRINUSE)
+                self.assertEqual(str(caught.exception), '%s: cannot listen on 127.0.0.1:%d: '
+                                 'Address already in use' % (name, port))
+            with self.assertRaises(OSError) as caught:
+                Microservice('far').start(port=99999, host='127.0.0.1')
+            self.assertEqual(str(caught.exception), 'far: cannot listen on 127.0.0.1:99999: a '
+                             'port is a number from 0 to 65535')
+
+
+def parse_head(head):
+    """The header fields of a raw reply's head, by lower-case name."""
+    return mconnector.parse_header_block(head.partition(b'\r\n')[2] + b'\r\n\r\n')
+
+
+def mconnector_command(*args, cwd=HERE, **options):
+    """`python -m mconnector ARGS` run to its end."""
+    return subprocess.run([sys.executable, '-m', 'mconnector'] + list(args), cwd=cwd,
+                          capture_output=True, text=True, timeout=30, **options)
 
 
 class CommandLineTest(unittest.TestCase):
     def run_cli(self, *args, **options):
-        return subprocess.run([sys.executable, '-m', 'mconnector'] + list(args), cwd=HERE,
-                              capture_output=True, text=True, timeout=30, **options)
+        return mconnector_command(*args, **options)
 
     def test_help_and_version(self):
         out = self.run_cli('--help')
@@ -2108,6 +2408,116 @@ class CommandLineTest(unittest.TestCase):
             self.assertIn(command, out.stdout)
             self.assertEqual(self.run_cli(command, '--help').returncode, 0)
         self.assertIn(mconnector.__version__, self.run_cli('--version').stdout)
+        self.assertEqual(self.run_cli('-V').stdout, 'mconnector %s\n' % mconnector.__version__)
+
+    def test_usage_errors_are_one_line_and_exit_2(self):
+        with socket.socket() as s:
+            s.bind(('127.0.0.1', 0))
+            closed = 'http://127.0.0.1:%d' % s.getsockname()[1]
+        listener = 'a listener address is http://HOST:PORT or https://HOST:PORT, got '
+        for args, message in (
+                (('call', 'ws://127.0.0.1:1', '/a'),
+                 listener + "'ws://127.0.0.1:1' (websockets: mconnector ws URL)"),
+                (('call', 'ftp://127.0.0.1:1', '/a'), listener + "'ftp://127.0.0.1:1'"),
+                (('rules', 'wss://127.0.0.1:1'),
+                 listener + "'wss://127.0.0.1:1' (websockets: mconnector ws URL)"),
+                (('call', 'http://127.0.0.1:notaport', '/a'),
+                 "the port of 'http://127.0.0.1:notaport' is not a number from 0 to 65535"),
+                (('call', closed, '/a', '1', '--json'), '--json takes NAME=VALUE arguments only'),
+                (('serve', 'examples/app1.py', '--port', '99999'),
+                 '--port takes a port from 0 to 65535, not 99999'),
+                (('serve', 'examples/app1.py', '--ws-port', '-1'),
+                 '--ws-port takes a port from 0 to 65535, not -1'),
+                (('serve', 'examples/app1.py', '--workers', '0'),
+                 '--workers takes a number of processes, 1 or more'),
+                (('ws', 'http://127.0.0.1:1/x'),
+                 "a websocket URL starts with ws:// or wss://, not 'http://127.0.0.1:1/x'"),
+                (('ws', 'ws://127.0.0.1:99999/x'),
+                 "the port of 'ws://127.0.0.1:99999/x' is not a number from 0 to 65535")):
+            with self.subTest(args=args):
+                out = self.run_cli(*args)
+                self.assertEqual((out.returncode, out.stderr), (2, 'mconnector: %s\n' % message))
+
+    def test_a_bad_option_shows_its_commands_usage_and_every_error_one_prefix(self):
+        for command, args in (('call', ('http://127.0.0.1:1', '/echo', '--x')),
+                              ('serve', ('examples/app1.py', '--x')), ('ws', ('--x', 'ws://h'))):
+            with self.subTest(command=command):
+                out = self.run_cli(command, *args)
+                self.assertEqual(out.returncode, 2)
+                self.assertTrue(out.stderr.startswith('usage: mconnector %s ' % command), out.stderr)
+                self.assertTrue(out.stderr.endswith('\nmconnector: unrecognized arguments: --x\n'),
+                                out.stderr)
+        with socket.socket() as s:
+            s.bind(('127.0.0.1', 0))
+            port = s.getsockname()[1]
+        out = self.run_cli('ws', 'ws://127.0.0.1:%d/x' % port)
+        self.assertEqual(out.returncode, 1)
+        self.assertRegex(out.stderr, r'\Amconnector: cannot connect to 127\.0\.0\.1:%d: .*\n\Z' % port)
+        out = self.run_cli('call', 'http://127.0.0.1:%d' % port, '/a')
+        self.assertEqual(out.returncode, 1)
+        self.assertRegex(out.stderr, r'\Amconnector: Unreachable: cannot reach .*\n\Z')
+
+    def test_serve_of_an_app_that_cannot_be_imported_shows_the_users_own_traceback(self):
+        import tempfile
+        folder = tempfile.TemporaryDirectory()
+        self.addCleanup(folder.cleanup)
+        broken = os.path.join(folder.name, 'broken.py')
+        with open(broken, 'w') as f:
+            f.write('from mconnector import Microservice\nM = Microservice("broken")\n'
+                    'raise RuntimeError("no settings")\n')
+        traceback = ('mconnector: cannot import broken:\nTraceback (most recent call last):\n'
+                     '  File "%s", line 3, in <module>\n    raise RuntimeError("no settings")\n'
+                     % broken)
+        env = dict(os.environ, PYTHONPATH=HERE)
+        out = self.run_cli('serve', 'nosuchapp', cwd=folder.name, env=env)
+        self.assertEqual((out.returncode, out.stderr), (1, (
+            "mconnector: cannot import nosuchapp: no module 'nosuchapp' on the path (run serve "
+            "from the directory that holds it, or name the file: serve path/to/nosuchapp.py)\n")))
+        for args in (('broken',), ('broken.py',), ('broken', '--debug'), ('broken', '--workers', '2')):
+            with self.subTest(args=args):
+                out = self.run_cli('serve', *args, cwd=folder.name, env=env)
+                self.assertEqual(out.returncode, 1)
+                self.assertTrue(out.stderr.startswith(traceback.replace('broken:', args[0] + ':')),
+                                out.stderr)
+                self.assertTrue(out.stderr.endswith('RuntimeError: no settings\n'), out.stderr)
+        # Where the children import the app (the address is given), they say the same.
+        for option in ('--debug', '--workers'):
+            with self.subTest(option=option):
+                serve = ServeProcess(self, folder.name, 'broken', '--host', '127.0.0.1', '--port',
+                                     '0', *([option, '2'] if option == '--workers' else [option]),
+                                     cwd=folder.name, env={'PYTHONPATH': HERE})
+                self.assertTrue(wait_for(lambda: 'RuntimeError: no settings' in serve.output(), 10),
+                                serve.output())
+                self.assertIn(traceback, serve.output())
+                self.assertNotIn('mconnector.py', serve.output())
+                self.assertNotIn('importlib', serve.output())
+
+    def test_two_sigterms_at_once_are_one_clean_stop(self):
+        # As timeout(1) sends them: to the process, then to its whole group.
+        import signal
+        import tempfile
+        folder = tempfile.TemporaryDirectory()
+        self.addCleanup(folder.cleanup)
+        script = os.path.join(folder.name, 'script.py')
+        with open(script, 'w') as f:        # run() with no logging configured
+            f.write('from mconnector import Microservice\n'
+                    'Microservice("script", port=0, host="127.0.0.1").run()\n')
+        for gap in (0, 0.001, 0.003):
+            for command in ([sys.executable, script],
+                            [sys.executable, '-m', 'mconnector', 'serve', 'examples/app1.py',
+                             '--host', '127.0.0.1', '--port', '0']):
+                with self.subTest(gap=gap, command=command[1]):
+                    serve = ServeProcess(self, folder.name, command=command,
+                                         env={'PYTHONPATH': HERE})
+                    serve.url()         # the start line reached the terminal
+                    os.kill(serve.proc.pid, signal.SIGTERM)
+                    time.sleep(gap)
+                    try:
+                        os.killpg(serve.proc.pid, signal.SIGTERM)
+                    except ProcessLookupError:
+                        pass
+                    self.assertEqual(serve.proc.wait(10), 0, serve.output())
+                    self.assertTrue(serve.output().endswith(': stopped\n'), serve.output())
 
     def test_call(self):
         M = Microservice('cli')
@@ -2215,7 +2625,8 @@ class CommandLineTest(unittest.TestCase):
             with self.assertLogs('mconnector', 'ERROR') as logs, self.assertRaises(SystemExit) as caught:
                 M.run()
         self.assertEqual(caught.exception.code, 1)
-        self.assertIn('Address already in use', logs.output[0])
+        self.assertEqual(logs.output, ['ERROR:mconnector:late: cannot listen on 127.0.0.1:%d: '
+                                       'Address already in use' % M.port])
 
     def test_serve_of_websocket_servers_alone_stops_on_a_signal(self):
         import signal
@@ -2290,7 +2701,7 @@ class ModuleTest(unittest.TestCase):
         for name in mconnector.__all__:
             self.assertTrue(hasattr(mconnector, name), name)
 
-    def test_seed_names_and_aliases(self):
+    def test_0_3_7_names_and_aliases(self):
         self.assertIs(mconnector.SanicApp, Microservice)
         self.assertIs(Microservice.route, Microservice.typing)
         self.assertIs(Friend.set_rule, Friend.setRule)
@@ -2301,6 +2712,27 @@ class ModuleTest(unittest.TestCase):
         friend.lastMessage = 'm'
         self.assertEqual((friend.last_message, friend.last_reply), ('m', None))
         self.assertEqual(Microservice('m', secretKey='s').secret_key, 's')
+
+    def test_timeit_logs_each_call_as_0_3_7_printed_it(self):
+        @mconnector.timeit
+        def work(x):
+            return x * 2
+
+        @mconnector.timeit
+        async def later(x):
+            return x + 1
+        import asyncio
+        with self.assertLogs('mconnector', 'INFO') as logs:
+            self.assertEqual(work(2), 4)
+            self.assertEqual(asyncio.run(later(2)), 3)
+        self.assertEqual(len(logs.output), 2)
+        for line, name in zip(logs.output, ('work', 'later')):
+            self.assertRegex(line, r"\AINFO:mconnector:'%s'  \d+\.\d\d ms\Z" % name)
+        self.assertEqual(work.__name__, 'work')
+        # With no logging configured at all, the line is printed, as 0.3.7 did.
+        code = ('import mconnector\n@mconnector.timeit\ndef work():\n    pass\nwork()\n')
+        out = subprocess.run([sys.executable, '-c', code], cwd=HERE, capture_output=True, text=True)
+        self.assertRegex(out.stdout, r"\A'work'  \d+\.\d\d ms\n\Z")
 
     def test_import_stays_light(self):
         code = ('import sys, mconnector; heavy = {"asyncio", "ssl", "multiprocessing", '
@@ -2747,15 +3179,41 @@ class TLSTest(unittest.TestCase):
         with Friend('insecure', M.url, verify=False) as friend:
             self.assertEqual(friend.send('/count'), 4)
 
+    def test_a_scheme_that_does_not_fit_the_listener_is_named(self):
+        M = counting_service()
+        M.start(port=0, host='127.0.0.1', certfile=os.path.join(CERTS, 'server.pem'),
+                keyfile=os.path.join(CERTS, 'server.key'))
+        self.addCleanup(M.stop)
+        plain = 'http://127.0.0.1:%d' % M.port
+        with Friend('plain', plain) as friend:
+            with self.assertRaises(mconnector.BadRequest) as caught:
+                friend.send('/count')
+        self.assertEqual(str(caught.exception), 'HTTP 400: this listener takes https://, not '
+                         'http:// (%s/count)' % plain)
+        reply = raw_request(M.port, b'GET /count HTTP/1.1\r\nHost: x\r\n\r\n')     # as curl
+        self.assertEqual(status_of(reply), 400)
+        self.assertEqual(M.runs, [])
+        N = counting_service()
+        Service.start(self, N)
+        address = '127.0.0.1:%d' % N.port
+        with Friend('tls', 'https://' + address, retries=0) as friend:
+            with self.assertRaises(mconnector.NetworkError) as caught:
+                friend.send('/count')
+        self.assertEqual(str(caught.exception), 'https://%s does not answer in TLS: call '
+                         'http://%s' % (address, address))
+
     def test_mutual_tls_asks_for_a_client_certificate(self):
         M = counting_service()
         M.start(port=0, host='127.0.0.1', certfile=os.path.join(CERTS, 'server.pem'),
                 keyfile=os.path.join(CERTS, 'server.key'), cafile=os.path.join(CERTS, 'ca.pem'))
         self.addCleanup(M.stop)
         ca = os.path.join(CERTS, 'ca.pem')
-        with Friend('anonymous', M.url, cafile=ca, retries=0) as friend:
-            with self.assertRaises(mconnector.NetworkError):
+        with Friend('anonymous', M.url, cafile=ca) as friend:
+            with self.assertRaises(mconnector.NetworkError) as caught:
                 friend.send('/count')
+        self.assertRegex(str(caught.exception), r'\A%s refused the client certificate \(certificate '
+                         r'required\), so the call did not run: give Friend a certfile= \(and '
+                         r'keyfile=\) that the listener trusts\Z' % re.escape(M.url))
         with Friend('known', M.url, cafile=ca, certfile=os.path.join(CERTS, 'client.pem'),
                     keyfile=os.path.join(CERTS, 'client.key')) as friend:
             self.assertEqual(friend.send('/count'), 1)
@@ -3278,6 +3736,25 @@ class SenderFramingTest(unittest.TestCase):
             self.assertIn('127.0.0.1', message)
             self.assertIn(line.decode()[:12], message)
 
+    def test_a_peer_that_does_not_speak_http_is_named_at_its_first_bytes(self):
+        # The peer then waits for more, as an SSH server would: the call must not wait too.
+        for sent, message in ((b'SSH-2.0-OpenSSH_8.9p1 Ubuntu-3\r\n',
+                               "%s does not answer in HTTP: it sent 'SSH-2.0-OpenSSH_8.9p1 Ubuntu-3'"),
+                              (b'\x15\x03\x03\x00\x02\x02\x46', '%s answered in TLS: call https://%s')):
+            port = self.raw_listener(sent)
+            address = '127.0.0.1:%d' % port
+            with self.subTest(sent=sent), Friend('peer', address, timeout=30) as friend:
+                with self.assertRaises(mconnector.NetworkError) as caught:
+                    friend.send('/x')
+                self.assertNotIsInstance(caught.exception, mconnector.CallTimeout)
+                self.assertEqual(str(caught.exception),
+                                 message.replace('%s', 'http://' + address, 1).replace('%s', address))
+        port = self.raw_listener(b'SSH-2.0-OpenSSH_8.9p1 Ubuntu-3\r\n')
+        with self.assertRaises(mconnector.HandshakeError) as caught:
+            mconnector.SocketClient('127.0.0.1:%d' % port, '/x', timeout=30)
+        self.assertEqual(str(caught.exception), "websocket handshake for /x failed: the answer is "
+                         "not HTTP: it sent 'SSH-2.0-OpenSSH_8.9p1 Ubuntu-3'")
+
     def test_a_reply_over_max_reply_is_refused_before_it_is_read(self):
         with self.assertRaises(mconnector.NetworkError) as caught:
             self.call(b'HTTP/1.1 200 OK\r\nContent-Length: 10000000000000\r\n\r\n[1')
@@ -3372,7 +3849,8 @@ class FaultsTest(unittest.TestCase):
         with Friend('careful', '127.0.0.1:%d' % port, retries=3) as friend:
             with self.assertRaises(mconnector.NetworkError) as caught:
                 friend.send('/pay', 10)
-        self.assertIn('may have run', str(caught.exception))
+        self.assertEqual(str(caught.exception), 'http://127.0.0.1:%d/pay closed the connection '
+                         'without answering (the call may have run)' % port)
         self.assertEqual(len(seen), 1)
 
     def test_an_idempotent_call_is_repeated(self):
@@ -4171,7 +4649,8 @@ class WebSocketSignedHandshakeTest(unittest.TestCase):
 
 
 class WebSocketProcessTest(unittest.TestCase):
-    """The seed's ways of running a server, in a real process, ended with a real SIGINT."""
+    """The 0.3.7 tutorial's ways of running a server, in a real process, ended with a real
+    SIGINT."""
 
     SCRIPT = '''
 import sys, time
@@ -4219,6 +4698,9 @@ if sys.argv[1] == 'blocking':           # as a script that runs an HTTP server a
                 proc.communicate()
         self.assertNotIn('Traceback', err)
         self.assertEqual(proc.returncode, 0, err)
+        # No logging configured: still the start line, on the terminal.
+        self.assertRegex(err, r'\A\S+ \S+ INFO websocket server __main__ on ws://127\.0\.0\.1:%d\n'
+                         % port)
         return out
 
     def test_only_run_serves_until_ctrl_c(self):
@@ -4569,6 +5051,117 @@ def _seed_wait_on_b(b):
 def _seed_wait_on_a(a):
     time.sleep(random.random() * 0.002)
     return 'working on a=%s' % a
+
+
+def _exit_task(code):
+    os._exit(code)
+
+
+def _square(x):
+    return x * x
+
+
+class _DaskLikeExecutor:
+    """Stands in for dask.distributed's Client, with its submit() signature: `key`,
+    `pure` (identical calls share one result) and `workers` are its own options, and its
+    shutdown() takes no argument."""
+
+    def __init__(self):
+        self.results = {}
+        self.runs = 0
+        self.closed = False
+
+    def submit(self, fn, *args, key=None, pure=True, workers=None, **kwargs):
+        future = concurrent.futures.Future()
+        key = key or repr((fn, args, sorted(kwargs.items()))) if pure else object()
+        if key not in self.results:
+            self.runs += 1
+            self.results[key] = fn(*args, **kwargs)
+        future.set_result(self.results[key])
+        return future
+
+    def shutdown(self):
+        raise AssertionError('this would stop the whole cluster')
+
+    def close(self):
+        self.closed = True
+
+
+class PoolSurvivalTest(unittest.TestCase):
+    """Pools over any executor keep their promises: arguments stay the task's, no task
+    is merged or dropped, a dead worker process fails only its own task."""
+
+    def test_task_arguments_never_become_the_executors_options(self):
+        executor = _DaskLikeExecutor()
+        pool = mconnector.KeyedExecutor(executor)
+        with self.assertLogs('mconnector', 'DEBUG') as logs:
+            runs = [pool.submit_id('row1', _kwargs_task, 'v') for _ in range(3)]
+            keyed = [pool.submit_id('k', _kwargs_task, n, key='k') for n in range(2)]
+            pool.shutdown()
+            mconnector.log.debug('done')        # (assertLogs needs one line at least)
+        self.assertEqual([f.result(5) for f in runs], [('v', 0, None, None, None)] * 3)
+        self.assertEqual([f.result(5) for f in keyed], [(0, 0, 'k', None, None),
+                                                        (1, 0, 'k', None, None)])
+        self.assertEqual(executor.runs, 5)          # identical tasks are never merged
+        self.assertTrue(executor.closed)
+        self.assertFalse([line for line in logs.output if 'ERROR' in line], logs.output)
+
+    def test_tasks_that_submit_to_their_own_full_pool_do_not_deadlock(self):
+        pool = mconnector.DistributedThreads(max_workers=2, max_watching=2)
+        children = []
+
+        def parent(n):          # with both slots held by parents, a child finds none
+            children.extend(pool.submit_id('child%d' % n, _square, n + i) for i in range(3))
+            return n
+        parents = [pool.submit_id('p%d' % n, parent, n) for n in range(2)]
+        self.assertEqual([f.result(10) for f in parents], [0, 1])
+        pool.shutdown()
+        self.assertEqual(sorted(f.result(0) for f in children), [0, 1, 1, 4, 4, 9])
+
+    SCRIPT = '''
+import sys, time
+sys.path.insert(0, %r)
+import mconnector
+pool = mconnector.DistributedThreads(max_workers=2)
+
+def work(key, n):
+    time.sleep(0.001)
+    sys.stdout.write('%%d %%d\\n' %% (key, n))
+for n in range(200):
+    pool.submit_id(n %% 20, work, n %% 20, n)
+pool.shutdown(wait=False)
+'''
+
+    def test_the_end_of_a_script_runs_every_task_after_shutdown_without_wait(self):
+        out = subprocess.run([sys.executable, '-c', self.SCRIPT % HERE], capture_output=True,
+                             text=True, timeout=60)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        lines = [tuple(map(int, line.split())) for line in out.stdout.splitlines()]
+        self.assertEqual(len(lines), 200, out.stderr)
+        for key in range(20):
+            self.assertEqual([n for k, n in lines if k == key], list(range(key, 200, 20)))
+
+    def test_the_cluster_example_keeps_order_or_says_what_it_skipped(self):
+        out = subprocess.run([sys.executable, os.path.join(HERE, 'examples', 'cluster_pools.py')],
+                             capture_output=True, text=True, timeout=300)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        lines = out.stdout.splitlines()
+        self.assertEqual(len(lines), 2, out.stdout)
+        for engine, line in zip(('dask.distributed', 'ray'), lines):
+            self.assertTrue(line.startswith(engine + ': '), line)
+            self.assertTrue(line.endswith('each key in order') or 'not installed' in line, line)
+
+    def test_a_dead_worker_process_fails_its_task_and_later_ones_run(self):
+        with mconnector.DistributedProcess(max_workers=2) as pool:
+            self.assertEqual(pool.submit_id('a', _square, 3).result(30), 9)
+            with self.assertLogs('mconnector', 'WARNING') as logs:
+                dead = pool.submit_id('a', _exit_task, 1)
+                with self.assertRaises(mconnector.WorkerLost) as caught:
+                    dead.result(30)
+                later = [pool.submit_id('a', _square, n) for n in range(4)]
+                self.assertEqual([f.result(30) for f in later], [0, 1, 4, 9])
+        self.assertIn('_exit_task', str(caught.exception))
+        self.assertIn('fresh pool', '\n'.join(logs.output))
 
 
 class ProcessPoolTest(unittest.TestCase):

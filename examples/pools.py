@@ -1,4 +1,4 @@
-"""The seed's chapter 8 example, unchanged but for where it finds mconnector.
+"""The 0.3.7 tutorial's chapter 8 example, unchanged but for the lines that find mconnector.
 
     python examples/pools.py
 

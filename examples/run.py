@@ -1,4 +1,4 @@
-"""The seed's "Option 2": run app1's listener from a separate file."""
+"""The 0.3.7 tutorial's "Option 2": run app1's listener from a separate file."""
 from app1 import Micro
 
 if __name__ == '__main__':

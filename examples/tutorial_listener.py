@@ -1,26 +1,19 @@
-"""The listener of the seed's tutorial (chapters 4 to 6): run it, then tutorial_sender.py.
+"""The listener of the 0.3.7 tutorial (chapters 3 to 6), its code as the tutorial shows it
+with only the imports changed: run it, then tutorial_sender.py.
 
     python examples/tutorial_listener.py
 """
-import time
-
 import os, sys  # the checkout's mconnector.py, one folder up: a project holds its own
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mconnector import Microservice
+from mconnector import Microservice, timeit
 
 Micro = Microservice(__name__)
 
 
-def timeit(method):
-    # the decorator the seed's json example uses: prints how long the call took
-    def timed(*args, **kw):
-        ts = time.time()
-        result = method(*args, **kw)
-        te = time.time()
-        print('%r  %2.2f ms' % (method.__name__, (te - ts) * 1000))
-        return result
-    return timed
-
+@Micro.typing('/helloworld') # this is the rule/topic he knows. If he don't know, he cannot reply
+@Micro.reply # he is replying
+def helloworld(name): # this is the process in side his head
+    return 'Welcome %s' % (name) # the answer
 
 # run a normal function in python
 print('one cat here')

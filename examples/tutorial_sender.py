@@ -1,16 +1,20 @@
-"""The sender of the seed's tutorial (chapters 4 to 6); start tutorial_listener.py first.
+"""The sender of the 0.3.7 tutorial (chapters 3 to 6), its code as the tutorial shows it with
+only the imports changed; start tutorial_listener.py first.
 
-    python examples/tutorial_sender.py [http://localhost:5000]
+    python examples/tutorial_sender.py
 """
-import sys
-
 import os, sys  # the checkout's mconnector.py, one folder up: a project holds its own
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mconnector import Friend
 
-address = sys.argv[1] if len(sys.argv) > 1 else 'http://localhost:5000'
+aFriend= Friend('Corgi', 'http://0.0.0.0:5000') # this is: you're finding friend in your head.
+# You can call him with a cute name like 'Puppy','Teddy' or 'Corgi'.
+# But you must always remember his real-name is 'http://0.0.0.0:5000' to know actually who he is
+
+message = aFriend.send('/helloworld','Mr. Close friend') # then you can send him a message
 
 
+# the class of chapter 6, which its sender uses too
 class testservice(object):
     name = 'test'
     Purpose = 'For test only'
@@ -26,7 +30,7 @@ print(
     """##############################
     Test return string
     """)
-aFriend= Friend('app1', address)
+aFriend= Friend('app1', 'http://localhost:5000')
 print('Test: return a simple string')
 x = aFriend.send('/str', 'A variable value', key='A keyword variable value')
 print('x=', x, type(x))
@@ -42,7 +46,7 @@ print(
     """##############################
     Test return a int, float
     """)
-aFriend= Friend('app1', address)
+aFriend= Friend('app1', 'http://localhost:5000')
 print('Test: return a simple Value')
 x = aFriend.send('/int', 2018, key=312)
 print('x=', x, type(x))
@@ -62,7 +66,7 @@ print(
     """##############################
     Test return a list, dict
     """)
-aFriend= Friend('app1', address)
+aFriend= Friend('app1', 'http://localhost:5000')
 print('Test: return a simple Value')
 x = aFriend.send('/list', [12,34,45], key=['abc','zyz'])
 print('x=', x, type(x))
@@ -82,7 +86,7 @@ print(
 """##############################
 Test return NoneType, Class, use of Token
 """)
-aFriend= Friend('app1', address)
+aFriend= Friend('app1', 'http://localhost:5000')
 print('Test: return a simple Value')
 x = aFriend.send('/None', [12, 34, 45], key=['abc', 'zyz'])
 print('x=', x, type(x))

@@ -1,5 +1,5 @@
-"""The seed's websocket client example (chapter 7), with mconnector's SocketClient in place
-of the websockets package: no asyncio needed, the connection is a plain object.
+"""The 0.3.7 tutorial's websocket client example (chapter 7), with mconnector's SocketClient
+in place of the websockets package: no asyncio needed, the connection is a plain object.
 
     python examples/ws_server.py &      # or any server with a /hello route
     python examples/ws_client.py

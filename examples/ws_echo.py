@@ -3,9 +3,11 @@
     python examples/ws_echo.py [PORT]          # default 9001, on 127.0.0.1
 
 It is the server the Autobahn|Testsuite runs against (the suite sends messages of up to
-16 MiB, so the message size limit is raised from its 1 MiB default):
+16 MiB, so the message size limit is raised from its 1 MiB default).  tools/autobahn.sh
+installs the suite, starts this server on a free port and runs the suite against it:
 
-    ../shared/tools/autobahn.sh ws://127.0.0.1:9001
+    tools/autobahn.sh                       # or, against this server already running:
+    tools/autobahn.sh ws://127.0.0.1:9001
 """
 
 import logging

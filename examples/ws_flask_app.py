@@ -1,4 +1,5 @@
-"""The seed's second websocket example (chapter 7): a websocket server beside an HTTP app.
+"""The 0.3.7 tutorial's second websocket example (chapter 7): a websocket server beside an
+HTTP app.
 
     python examples/ws_flask_app.py     # ws://127.0.0.1:8765/hello and http://127.0.0.1:5000/
 

@@ -1,4 +1,4 @@
-"""The seed's first websocket example (chapter 7): a websocket server alone.
+"""The 0.3.7 tutorial's first websocket example (chapter 7): a websocket server alone.
 
     python examples/ws_server.py        # ws://127.0.0.1:8765/hello, Ctrl+C stops it
 
