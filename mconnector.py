@@ -2729,7 +2729,7 @@ def _label(value):
 
 def _alias(name):
     """A read-write property that is another name for attribute `name` (PEP 8 spellings
-    beside the seed's own: secret_key for secretKey, last_message for lastMessage)."""
+    beside 0.3.7's own: secret_key for secretKey, last_message for lastMessage)."""
     return property(lambda self: getattr(self, name),
                     lambda self, value: setattr(self, name, value),
                     doc='Another name for %s.' % name)
@@ -7385,7 +7385,7 @@ class Worker(threading.Thread):
 
     Works with `queue.Queue` and `multiprocessing.Queue`; calls `task_done()` after each
     item where the queue has it, so `out_queue.join()` works.  An exception from `f` is
-    logged and the loop goes on.  Daemon by default (the seed sets it anyway).
+    logged and the loop goes on.  Daemon by default (the 0.3.7 README sets it anyway).
     """
 
     def __init__(self, out_queue: Any, f: Callable[[Any], Any], name: Optional[str] = None,

@@ -4330,7 +4330,7 @@ class WebSocketServerTest(unittest.TestCase):
                                                max_size=100000, close_timeout=2)
         cls.seen = queue.Queue()
 
-        @sk.router('/hello')                            # the seed's example
+        @sk.router('/hello')                            # the 0.3.7 README's example
         def test(message):
             return 'ok:' + message
 
@@ -4360,7 +4360,7 @@ class WebSocketServerTest(unittest.TestCase):
         def boom(message):
             raise RuntimeError('secret detail')
 
-        @sk.render('/render')                           # the seed's render style, unchanged
+        @sk.render('/render')                           # the 0.3.7 render style, unchanged
         async def render(websocket, message, *args):
             await websocket.send('first:' + message)
             while message != 'exit':
@@ -4386,7 +4386,7 @@ class WebSocketServerTest(unittest.TestCase):
         self.addCleanup(conn.close)
         return conn
 
-    def test_seed_router_and_exit(self):
+    def test_0_3_7_router_and_exit(self):
         c = self.client('/hello')
         for name in ('Alice', 'Bob'):
             c.send(name)
@@ -4434,7 +4434,7 @@ class WebSocketServerTest(unittest.TestCase):
         c.send('two')           # still usable after a receive timeout
         self.assertEqual(self.seen.get(timeout=5), 'two')
 
-    def test_async_render_as_in_the_seed(self):
+    def test_async_render_as_in_0_3_7(self):
         c = self.client('/render')
         c.send('a')
         self.assertEqual(c.recv(timeout=5), 'first:a')
@@ -5036,19 +5036,19 @@ class WorkerTest(unittest.TestCase):
         self.assertEqual(seen, [1, 2])
 
 
-# The seed's chapter-8 data, and its flow with tiny durations.
-SEED_POLL = (
+# The 0.3.7 README's chapter-8 data, and its flow with tiny durations.
+CHAPTER8_POLL = (
     [(1, 'Nguyen'), (1, 'Minh'), (1, 'Tuan'), (2, 'Vu'), (3, 'Ai do khac'), (2, 'Kim'),
      (2, 'Oanh')] + [(4, str(i)) for i in range(1, 9)] + [(5, str(i)) for i in range(101, 106)]
     + [(6, 'Test watching')] + [(i, 'Test watching') for i in range(6, 23)])
 
 
-def _seed_wait_on_b(b):
+def _chapter8_wait_on_b(b):
     time.sleep(random.random() * 0.002)
     return 'working on b=%s' % b
 
 
-def _seed_wait_on_a(a):
+def _chapter8_wait_on_a(a):
     time.sleep(random.random() * 0.002)
     return 'working on a=%s' % a
 
@@ -5220,11 +5220,11 @@ class ProcessPoolTest(unittest.TestCase):
         self.assertEqual(rest[3], ('k', 2))
 
 
-class SeedExampleTest(unittest.TestCase):
-    """The seed's chapter-8 flow: every id's items come out in submission order."""
+class Chapter8ExampleTest(unittest.TestCase):
+    """The 0.3.7 README's chapter-8 flow: every id's items come out in submission order."""
 
     def expected(self, prefix):
-        return _per_key((i, '%s=%r' % (prefix, {'id': i, 'x': x})) for i, x in SEED_POLL)
+        return _per_key((i, '%s=%r' % (prefix, {'id': i, 'x': x})) for i, x in CHAPTER8_POLL)
 
     def by_id(self, lines):
         out = {}
@@ -5234,13 +5234,13 @@ class SeedExampleTest(unittest.TestCase):
         return out
 
     def test_threads_with_worker(self):
-        poll = [{'id': i, 'x': x} for i, x in SEED_POLL]
+        poll = [{'id': i, 'x': x} for i, x in CHAPTER8_POLL]
         thread_out_queue = queue.Queue()
         printed = []
         pool = mconnector.DistributedThreads(max_workers=4, max_watching=100,
                                              out_queue=thread_out_queue)
         for item in poll:
-            pool.submit_id(item['id'], _seed_wait_on_a, item)
+            pool.submit_id(item['id'], _chapter8_wait_on_a, item)
         t = mconnector.Worker(thread_out_queue, printed.append)
         t.daemon = True
         t.start()
@@ -5252,12 +5252,12 @@ class SeedExampleTest(unittest.TestCase):
 
     def test_processes_with_multiprocessing_queue(self):
         import multiprocessing
-        poll = [{'id': i, 'x': x} for i, x in SEED_POLL]
+        poll = [{'id': i, 'x': x} for i, x in CHAPTER8_POLL]
         process_out_queue = multiprocessing.Queue()
         pool2 = mconnector.DistributedProcess(max_workers=4, max_watching=100,
                                               out_queue=process_out_queue)
         for item in poll:
-            pool2.submit_id(item['id'], _seed_wait_on_b, item)
+            pool2.submit_id(item['id'], _chapter8_wait_on_b, item)
         pool2.shutdown()
         lines = _drain(process_out_queue, len(poll))
         process_out_queue.close()
