@@ -25,11 +25,12 @@ Map of this file, each section using only those before it:
   4. HTTP core       sans-I/O HTTP/1.1 in both roles (HTTPConnection: framing, keep-alive,
                      every limit), request signing (secretKey), Response
   5. WebSocket core  sans-I/O RFC 6455: handshake, frames, the connection state machine
-  6. Listener        Microservice: decorators, dispatch (no I/O), /_mc/ health, rules and
-                     metrics, the WSGI entry
+  6. Listener        Microservice: decorators, dispatch (no I/O), mconnector.request (the
+                     call a rule answers), /_mc/ health, rules and metrics, the WSGI entry
   7. WebSocket app   SocketServer: routes and handlers
-  8. Clients         Friend (keep-alive connections, retries, errors as exceptions) and
-                     SocketClient
+  8. Clients         Friend (keep-alive connections, retries, errors as exceptions),
+                     AsyncFriend (the same on asyncio streams), TestClient (in process)
+                     and SocketClient
   9. Serving shell   one selector loop for both apps: workers, deadlines, TLS, graceful
                      stop, one signal router
  10. Pools           ordered execution per key over any concurrent.futures.Executor
