@@ -3062,7 +3062,11 @@ class Microservice:
         kwargs.update(params)
         typed = mode != 'raw' and 'x-mconnector' in headers
         try:
-            result = _call_in_request(call, endpoint.func, *args, **kwargs)
+            token = _current_request.set(call)      # (inline: this is every call's path)
+            try:
+                result = endpoint.func(*args, **kwargs)
+            finally:
+                _current_request.reset(token)
             if hasattr(result, '__await__'):
                 result = _in_request(call, result)
                 if defer:
