@@ -6740,11 +6740,21 @@ def _stop_signal(signum, frame):
         callback(signum)
     if any(foreground for _, foreground in entries) or _starting:
         return      # the main thread is in our code, which returns once stopped
-    if not threading.main_thread().is_alive():
+    if not threading.main_thread().is_alive() or _in_interpreter_shutdown(frame):
         return      # the interpreter waits for the serving threads: they are stopping
     if signum == signal.SIGINT:
         raise KeyboardInterrupt
     raise SystemExit(0)         # SIGTERM: a clean stop is the expected answer
+
+
+def _in_interpreter_shutdown(frame):
+    # (some CPython versions still call the main thread alive inside threading._shutdown)
+    shutdown = getattr(getattr(threading, '_shutdown', None), '__code__', None)
+    while frame is not None:
+        if frame.f_code is shutdown:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _signal_name(signum):
