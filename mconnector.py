@@ -329,20 +329,32 @@ _PLAIN = (str, int, float, bool, type(None))
 MAX_DEPTH = 200         # nesting of values, both ways (JSON bodies included)
 _registry = {}           # name -> class, for classes restored by type notes
 _registered_names = {}   # class -> name
+_rebuilders = {}         # class -> function(state) -> instance, made at its first use
 
 
 def register(cls, name=None):
     """Let instances of `cls` travel as themselves between mconnector peers.
 
     Both sides register the class under the same name (default: its ``__qualname__``).
-    Unregistered objects still travel, as the dict of their public attributes (0.3.7).
-    Can be used as a class decorator.  Returns `cls`.
+    The receiving side rebuilds an instance only through what the class declares, with
+    the state that travelled (the instance's attributes, dunder names never): a
+    ``from_wire(state)`` classmethod, else ``__setstate__(state)``, else its own
+    ``__init__``, called with the parameters that name travelled attributes, else its
+    ``__slots__``.  Nothing else is set.  Raises TypeError for a class that declares none
+    of these.  Unregistered objects still travel, as the dict of their public attributes
+    (0.3.7).  Can be used as a class decorator.  Returns `cls`.
     """
     if not isinstance(cls, type):
         raise TypeError('register() takes a class, got %r' % (cls,))
+    if not (callable(getattr(cls, 'from_wire', None)) or hasattr(cls, '__setstate__')
+            or cls.__init__ is not object.__init__ or _slot_names(cls)):
+        raise TypeError('register(%s): the class declares no way to be rebuilt: give it '
+                        '__init__ parameters, __slots__, __setstate__ or a from_wire '
+                        'classmethod' % cls.__qualname__)
     name = name or cls.__qualname__
     _registry[name] = cls
     _registered_names[cls] = name
+    _rebuilders.pop(cls, None)
     return cls
 
 
@@ -507,23 +519,64 @@ def _restore_scalar(tag, value):
 
 
 def _restore_object(spec, value):
-    if not (isinstance(spec, list) and len(spec) == 3 and isinstance(value, dict)):
+    if not (isinstance(spec, list) and len(spec) == 3 and isinstance(value, dict)
+            and isinstance(spec[2], list)):
         raise CodecError('malformed object note')
     _, name, keys = spec
     cls = _registry.get(name)
     if cls is None:
         return value            # not registered here: keep the 0.3.7 dict form
-    obj = cls.__new__(cls)
-    # Set state directly, as pickle does, so that __init__ and __setattr__ hooks of the
-    # class are not run with wire data.
-    state = getattr(obj, '__dict__', None)
-    for key in keys:
-        if key in value:
-            if state is not None:
-                state[key] = value[key]
-            else:
-                object.__setattr__(obj, key, value[key])
-    return obj
+    state = {key: value[key] for key in keys
+             if type(key) is str and key in value and not key.startswith('__')}
+    rebuild = _rebuilders.get(cls)
+    if rebuild is None:
+        rebuild = _rebuilders[cls] = _rebuilder(cls)
+    try:
+        return rebuild(state)
+    except CodecError:
+        raise
+    except Exception as exc:    # the class's own code refused the state
+        raise CodecError('cannot rebuild %s: %s: %s' % (name, type(exc).__name__, exc)) from None
+
+
+def _rebuilder(cls):
+    """How instances of a registered class are made from travelled state, from what the
+    class declares (see register)."""
+    hook = getattr(cls, 'from_wire', None)
+    if callable(hook):
+        return hook
+    if hasattr(cls, '__setstate__'):
+        def rebuild(state):
+            obj = cls.__new__(cls)
+            obj.__setstate__(state)
+            return obj
+        return rebuild
+    if cls.__init__ is not object.__init__:
+        import inspect
+        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        try:
+            parameters = inspect.signature(cls.__init__).parameters.values()
+        except (TypeError, ValueError):
+            parameters = ()
+        names = [p.name for p in list(parameters)[1:] if p.kind in kinds]
+        return lambda state: cls(**{n: state[n] for n in names if n in state})
+    # Through each slot's own descriptor: a property of the same name is never run.
+    slots = {}
+    for klass in reversed(cls.__mro__):
+        declared = klass.__dict__.get('__slots__', ())
+        for slot in [declared] if isinstance(declared, str) else declared:
+            descriptor = klass.__dict__.get(slot)
+            if not slot.startswith('__') and hasattr(descriptor, '__set__'):
+                slots[slot] = descriptor
+
+    def rebuild(state):
+        obj = cls.__new__(cls)
+        for key, value in state.items():
+            descriptor = slots.get(key)
+            if descriptor is not None:
+                descriptor.__set__(obj, value)
+        return obj
+    return rebuild
 
 
 def from_wire(data, notes=None):
@@ -552,8 +605,12 @@ def from_wire(data, notes=None):
             parent[key] = restored
         except CodecError:
             raise
-        except (TypeError, ValueError, KeyError, IndexError, AttributeError, binascii.Error) as exc:
-            raise CodecError('type note %r does not fit the value: %s' % (note, exc)) from None
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, ArithmeticError,
+                binascii.Error) as exc:
+            # (ArithmeticError: a timedelta of 1e300 seconds overflows, Decimal('x') is
+            # decimal.InvalidOperation)
+            raise CodecError('type note %s does not fit the value: %s: %s'
+                             % (str(note)[:200], type(exc).__name__, exc)) from None
     return root[0]
 
 
@@ -585,42 +642,110 @@ def _unique_keys(pairs):
     return obj
 
 
-_decoder = json.JSONDecoder(parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
+# Strict parsing at the speed of json's own C parser: one plain parse (which already refuses
+# NaN and Infinity through parse_constant, a hook called for nothing else), then checks
+# that run in C over the body's bytes or the parsed value, never a walk of it in Python.
+_NOT_STRUCTURE = bytes(sorted(set(range(256)) - set(b'[]{}"')))
+_CURLY_AS_SQUARE = bytes.maketrans(b'{}', b'[]')
+_ESCAPE = re.compile(rb'\\.', re.S)
+_STRING = re.compile(rb'"[^"]*"')
+_BRACKET_RUN = re.compile(rb'\[+|\]+')
+_EASY_LEVELS = 8
+_CHECK_ENCODER = json.JSONEncoder(allow_nan=False, check_circular=False)   # no cycles: parsed
 
 
-def loads(body):
-    """Parse a JSON body (bytes or str) strictly: UTF-8, no NaN or Infinity, no
-    duplicate keys, nesting within the interpreter's recursion limit.  Raises CodecError
-    with a clear message."""
+def _int_digits_limit(text):
+    # Interpreters before the int digit limit (CPython < 3.8.14, 3.9.14, 3.10.7) would
+    # convert a 16 MB integer in quadratic time.
+    if len(text) > 4300:
+        raise CodecError('integer of over 4300 digits')
+    return int(text)
+
+
+_PARSE_OPTIONS = {'parse_constant': _refuse_constant}
+if not hasattr(sys, 'get_int_max_str_digits'):
+    _PARSE_OPTIONS['parse_int'] = _int_digits_limit
+_decoder = json.JSONDecoder(**_PARSE_OPTIONS)
+_pairs_decoder = json.JSONDecoder(object_pairs_hook=_unique_keys, **_PARSE_OPTIONS)
+
+
+def _parse_json(body):
+    """(bytes of the body, value) parsed by json's C parser alone: no NaN or Infinity,
+    UTF-8 only.  What an unauthenticated request may cost.  Raises CodecError."""
     try:
-        if isinstance(body, (bytes, bytearray)):
-            body = body.decode('utf-8')
-        value = _decoder.decode(body)
+        if isinstance(body, str):
+            data = body.encode('utf-8', 'surrogatepass')
+            text = body
+        else:
+            data = bytes(body)
+            text = data.decode('utf-8')
+        return data, _decoder.decode(text)
     except CodecError:
         raise
     except UnicodeDecodeError:
         raise CodecError('body is not UTF-8') from None
     except RecursionError:
-        raise CodecError('JSON nested too deeply') from None
+        raise CodecError('JSON nested deeper than %d levels' % MAX_DEPTH) from None
     except ValueError as exc:
         raise CodecError('body is not valid JSON: %s' % exc) from None
-    # How deep the decoder may go depends on the interpreter (3.13 goes far deeper), so
-    # the limit is checked here, where a body has enough brackets to break it at all.
-    if body.count('[') + body.count('{') > MAX_DEPTH:
-        _check_depth(value)
+
+
+def _check_json(data, value):
+    """Refuse what json.loads lets through: nesting over MAX_DEPTH, numbers out of range
+    (1e999 is parsed as infinity), duplicate keys.  `data` is the JSON text as bytes,
+    `value` what it parsed to."""
+    if data.count(b'[') + data.count(b'{') > MAX_DEPTH and _too_deep(data):
+        raise CodecError('JSON nested deeper than %d levels' % MAX_DEPTH)
+    try:
+        # Written again by the C encoder, which refuses infinities, the value has one
+        # ':' per key it kept: fewer than the body's means a key came twice.
+        again = _CHECK_ENCODER.encode(value)
+    except ValueError:
+        raise CodecError('a number in the body is out of range (it would be infinite)') from None
+    except RecursionError:
+        raise CodecError('JSON nested deeper than %d levels' % MAX_DEPTH) from None
+    if b'{' in data:
+        # A ':' in the body's strings may be written \u003a; a '\\u003a' is counted too,
+        # and sends the body to the exact check below for nothing.
+        colons = data.count(b':') + data.count(b'\\u003a') + data.count(b'\\u003A')
+        if again.count(':') != colons:
+            _pairs_decoder.decode(data.decode('utf-8'))     # raises naming the key
+
+
+def _too_deep(data):
+    """Whether the brackets outside the strings of valid JSON `data` nest deeper than
+    MAX_DEPTH, in passes of C over bytes."""
+    if b'\\' in data:
+        data = _ESCAPE.sub(b'', data)
+    data = data.translate(_CURLY_AS_SQUARE, _NOT_STRUCTURE)
+    if b'"' in data:
+        data = data.replace(b'""', b'')        # the strings without brackets: most of them
+        if b'"' in data:
+            data = _STRING.sub(b'', data)
+    # Each pass takes the innermost level away everywhere: most bodies are gone in a few,
+    # and what is left (the deep parts) has few runs of brackets to count.
+    for _ in range(_EASY_LEVELS):
+        if not data:
+            return False
+        data = data.replace(b'[]', b'')
+    depth = peak = 0
+    for run in _BRACKET_RUN.findall(data):
+        if run[0] == 91:      # '['
+            depth += len(run)
+            if depth > peak:
+                peak = depth
+        else:
+            depth -= len(run)
+    return peak + _EASY_LEVELS > MAX_DEPTH
+
+
+def loads(body):
+    """Parse a JSON body (bytes or str) strictly: UTF-8, no NaN or Infinity, no number out
+    of range, no duplicate keys, nesting within MAX_DEPTH.  Raises CodecError with a
+    clear message."""
+    data, value = _parse_json(body)
+    _check_json(data, value)
     return value
-
-
-def _check_depth(value):
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if depth > MAX_DEPTH:
-            raise CodecError('JSON nested deeper than %d levels' % MAX_DEPTH)
-        if type(item) is list:
-            stack.extend((v, depth + 1) for v in item if type(v) in (list, dict))
-        elif type(item) is dict:
-            stack.extend((v, depth + 1) for v in item.values() if type(v) in (list, dict))
 
 
 # ###########################################################################################
@@ -2245,8 +2370,8 @@ def _token_matches(expected, given):
 def _query_value(text):
     """Query and command-line values are JSON where they parse, else the text itself."""
     try:
-        return json.loads(text)
-    except ValueError:
+        return loads(text)
+    except CodecError:
         return text
 
 
