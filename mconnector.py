@@ -1570,41 +1570,84 @@ def split_target(target):
 #
 #   X-MC-Timestamp: 1700000000                      (integer Unix seconds)
 #   X-MC-Nonce:     32 hex digits, random per request
-#   X-MC-Signature: hex HMAC-SHA256(key, METHOD "\n" TARGET "\n" TIMESTAMP "\n" NONCE "\n"
-#                                        hex SHA-256 of the body)
+#   X-MC-Signature: hex HMAC-SHA256(key, the UTF-8 of the text below)
+#
+#   METHOD "\n" TARGET "\n" TIMESTAMP "\n" NONCE "\n" hex SHA-256 of the body
+#   and for each signed header the request carries, in the order of their names:
+#   "\n" name ":" value                             (name in lower case, value trimmed)
 #
 # TARGET is the request target as sent (path and query); the key is the secret's UTF-8.
+# The signed headers are those that change how a listener or a websocket server reads
+# the request: Authorization (tokens), Sec-WebSocket-Protocol, and every header whose
+# name starts with X-MConnector (type notes, and any such header added later).  A header
+# added, removed or changed on the way changes the text, and the signature fails.
 SIGNATURE_WINDOW = 300      # seconds either side of the listener's clock
+_SIGNED_HEADERS = frozenset({'authorization', 'sec-websocket-protocol'})
+_SIGNED_PREFIX = 'x-mconnector'
+_TIMESTAMP_OK = re.compile(r'[0-9]{1,12}\Z')
+_NONCE_OK = re.compile(r'[\x21-\x7e]{1,64}\Z')
+_SIGNATURE_OK = re.compile(r'[0-9a-fA-F]{64}\Z')
 
 
-def _signature(key, method, target, timestamp, nonce, body):
+def _signed_headers(headers):
+    """The signed header lines of `headers` (a mapping of lower-case names to values)."""
+    return ''.join(['\n%s:%s' % (name, headers[name].strip()) for name in sorted(headers)
+                    if name in _SIGNED_HEADERS or name.startswith(_SIGNED_PREFIX)])
+
+
+def _signature(key, method, target, timestamp, nonce, body, headers=None):
     """hex HMAC-SHA256 of one request, as the scheme above says."""
     import hashlib
     import hmac
-    message = '%s\n%s\n%s\n%s\n%s' % (method, target, timestamp, nonce,
-                                       hashlib.sha256(body).hexdigest())
+    message = '%s\n%s\n%s\n%s\n%s%s' % (method, target, timestamp, nonce,
+                                         hashlib.sha256(body).hexdigest(),
+                                         _signed_headers(headers) if headers else '')
     return hmac.new(key.encode('utf-8'), message.encode('utf-8'), hashlib.sha256).hexdigest()
 
 
-def sign_request(key, method, target, body, timestamp=None, nonce=None):
-    """The headers that sign one request with `key` (str), as a list of (name, value)."""
+def sign_request(key, method, target, body, timestamp=None, nonce=None, headers=()):
+    """The headers that sign one request with `key` (str), as a list of (name, value).
+
+    `headers` are the (name, value) pairs the request will carry: those the listener
+    reads (see the scheme above) are signed with it, so sign once they are all there."""
     timestamp = str(int(time.time() if timestamp is None else timestamp))
     nonce = nonce or os.urandom(16).hex()
-    signature = _signature(key, method, target, timestamp, nonce, body)
+    fields = {}
+    for name, value in headers.items() if hasattr(headers, 'items') else headers:
+        name = name.lower()
+        fields[name] = fields[name] + ', ' + value.strip() if name in fields else value.strip()
+    signature = _signature(key, method, target, timestamp, nonce, body, fields)
     return [('X-MC-Timestamp', timestamp), ('X-MC-Nonce', nonce), ('X-MC-Signature', signature)]
 
 
 class NonceCache:
-    """Nonces seen within the signature window, forgotten once they are older than it."""
+    """The nonces of signed requests seen within the signature window, so that each
+    signed request is accepted once.
 
-    def __init__(self, window=SIGNATURE_WINDOW):
+    NonceCache(window=300, path=None)
+
+    Without `path`, in this process's memory.  With `path`, also in a SQLite file that
+    every process opening it shares (the workers of `serve --workers` or gunicorn, a
+    listener started again): a nonce one of them accepted, the others refuse, until it
+    is older than twice the window.  The memory stays in front of the file and refuses
+    this process's own replays without a query; the file is opened at the first nonce
+    (and again in a forked child).  The file must be on a local disk: SQLite's locks do
+    not hold on network file systems.
+    """
+
+    def __init__(self, window=SIGNATURE_WINDOW, path=None):
         self.window = window
+        self.path = None if path is None else os.fspath(path)
         self._seen = {}
         self._lock = threading.Lock()
         self._next_prune = 0.0
+        self._db = None
+        self._db_pid = None
+        self._next_db_prune = 0.0
 
     def add(self, nonce, now):
-        """Record `nonce`; return False if it was already seen inside the window."""
+        """Record `nonce`; return False if it was already seen inside the window.  Raises
+        HTTPError(503) when the file cannot be used (the error is logged)."""
         with self._lock:
             if now >= self._next_prune:
                 cutoff = now - 2 * self.window
@@ -1612,26 +1655,118 @@ class NonceCache:
                 self._next_prune = now + self.window / 10
             if nonce in self._seen:
                 return False
+            if self.path is not None and not self._add_to_file(nonce, now):
+                return False
             self._seen[nonce] = now
             return True
+
+    def _add_to_file(self, nonce, now):
+        import sqlite3
+        try:
+            db = self._connect()
+            if now >= self._next_db_prune:
+                db.execute('DELETE FROM nonces WHERE seen < ?', (now - 2 * self.window,))
+                self._next_db_prune = now + self.window / 10
+            return db.execute('INSERT OR IGNORE INTO nonces VALUES (?, ?)',
+                              (nonce, now)).rowcount == 1
+        except (sqlite3.Error, OSError) as exc:
+            log.error('the nonce store %s cannot be used, signed calls are refused: %s',
+                      self.path, exc)
+            self.close()
+            raise HTTPError(503, 'replay protection unavailable (see the listener\'s log)') \
+                from None
+
+    def _connect(self):
+        if self._db is not None and self._db_pid == os.getpid():
+            return self._db
+        import sqlite3
+        directory = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        # Several processes start at once: the first to take the lock creates the table.
+        db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None,
+                             check_same_thread=False)
+        try:
+            db.execute('PRAGMA journal_mode=WAL')       # readers never wait for a writer
+            db.execute('PRAGMA synchronous=NORMAL')     # no fsync per call; a crash keeps it
+            db.execute('CREATE TABLE IF NOT EXISTS nonces '
+                       '(nonce TEXT PRIMARY KEY, seen REAL NOT NULL)')
+            db.execute('CREATE INDEX IF NOT EXISTS nonces_by_age ON nonces (seen)')
+        except BaseException:
+            db.close()
+            raise
+        self._db, self._db_pid = db, os.getpid()
+        return db
+
+    def close(self):
+        """Close the file (it is opened again when needed)."""
+        db, self._db = self._db, None
+        if db is not None and self._db_pid == os.getpid():
+            db.close()
+
+
+def _nonce_store_path(key):
+    """Where a listener or websocket server with secretKey `key` keeps its nonces when it
+    is not told: $MCONNECTOR_NONCE_STORE, else one file per key (and per user) in the
+    temporary directory, so that the processes of one service on one machine share it."""
+    path = os.environ.get('MCONNECTOR_NONCE_STORE')
+    if path:
+        return path
+    import hashlib
+    import hmac
+    import tempfile
+    name = hmac.new(key.encode('utf-8'), b'mconnector nonce store', hashlib.sha256).hexdigest()
+    user = os.getuid() if hasattr(os, 'getuid') else os.environ.get('USERNAME', 'user')
+    directory = os.path.join(tempfile.gettempdir(), 'mconnector-%s' % user)
+    if hasattr(os, 'getuid') and os.path.lexists(directory):
+        import stat
+        info = os.lstat(directory)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+            raise OSError('%s belongs to another user: set MCONNECTOR_NONCE_STORE '
+                          'or nonce_store=' % directory)
+    return os.path.join(directory, 'nonces-%s.sqlite3' % name[:16])
+
+
+def _replay_cache(owner):
+    """The NonceCache of a listener or websocket server, made at its first signed request
+    from its `nonce_store` (None: the default file; a path; a NonceCache)."""
+    cache = owner._nonces
+    if cache is None:
+        store = owner.nonce_store
+        if isinstance(store, NonceCache) or hasattr(store, 'add'):
+            cache = store
+        else:
+            try:
+                path = store if store is not None else _nonce_store_path(owner.secretKey)
+            except OSError as exc:
+                log.error('no nonce store, signed calls are refused: %s', exc)
+                raise HTTPError(503, 'replay protection unavailable (see the listener\'s '
+                                'log)') from None
+            cache = NonceCache(path=path)
+        owner._nonces = cache
+    return cache
 
 
 def verify_request(key, method, target, headers, body, nonces, now=None):
     """Raise HTTPError(401) unless the request carries a valid, fresh, unreplayed signature.
 
-    `headers` maps lower-case names to values; `nonces` is a NonceCache."""
+    `headers` maps lower-case names to values (the signed ones among them are checked,
+    see the scheme above); `nonces` is a NonceCache."""
     import hmac
     now = time.time() if now is None else now
-    timestamp = headers.get('x-mc-timestamp', '')
-    nonce = headers.get('x-mc-nonce', '')
-    given = headers.get('x-mc-signature', '')
+    timestamp = headers.get('x-mc-timestamp', '').strip()
+    nonce = headers.get('x-mc-nonce', '').strip()
+    given = headers.get('x-mc-signature', '').strip()
     if not (timestamp and nonce and given):
         raise HTTPError(401, 'this listener takes signed calls only (secretKey)')
-    if not timestamp.isdigit() or abs(now - int(timestamp)) > nonces.window:
+    if not _TIMESTAMP_OK.match(timestamp):
+        raise HTTPError(401, 'malformed signature timestamp (integer Unix seconds)')
+    if abs(now - int(timestamp)) > nonces.window:
         raise HTTPError(401, 'signature timestamp outside the %ds window' % nonces.window)
-    if len(nonce) > 64:
-        raise HTTPError(401, 'malformed nonce')
-    expected = _signature(key, method, target, timestamp, nonce, body)
+    if not _NONCE_OK.match(nonce):
+        raise HTTPError(401, 'malformed nonce (1 to 64 visible ASCII characters)')
+    if not _SIGNATURE_OK.match(given):
+        raise HTTPError(401, 'malformed signature (64 hexadecimal digits)')
+    expected = _signature(key, method, target, timestamp, nonce, body, headers)
     if not hmac.compare_digest(expected, given.lower()):
         raise HTTPError(401, 'bad signature')
     if not nonces.add(nonce, now):
@@ -2364,7 +2499,16 @@ def _token_matches(expected, given):
     if not isinstance(given, str):
         return False
     import hmac
-    return hmac.compare_digest(expected, given.encode('utf-8'))
+    return hmac.compare_digest(expected, given.encode('utf-8', 'surrogatepass'))
+
+
+_JSON_OBJECT_START = re.compile(rb'[ \t\r\n]*\{')
+
+
+def _is_json(content_type):
+    """Whether a Content-Type value names application/json (parameters allowed)."""
+    return content_type is not None and \
+        content_type.partition(';')[0].strip().lower() == 'application/json'
 
 
 def _query_value(text):
@@ -2381,6 +2525,7 @@ def _query_value(text):
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                     2.5, 5.0, 10.0)
 _NO_RULE = '(none)'         # the rule label of requests that matched no rule
+_OTHER_METHOD = '(other)'   # the method label of methods that no rule takes
 
 
 class _Metrics:
@@ -2394,6 +2539,9 @@ class _Metrics:
         # (rule, method, status) -> [requests, seconds in all, count per latency bucket...]
         self.requests = {}
         self.refusals = {}          # (method, status) -> requests refused by the HTTP layer
+        # Methods that get their own label: any other is counted as _OTHER_METHOD, so that
+        # invented methods cannot add series without end.
+        self.methods = {'GET', 'HEAD', 'OPTIONS'}
         self.bytes_in = 0
         self.bytes_out = 0
         self.started = time.time()
@@ -2404,7 +2552,7 @@ class _Metrics:
 
     def end(self, rule, method, status, seconds, _buckets=_LATENCY_BUCKETS):
         index = bisect.bisect_left(_buckets, seconds) + 2
-        key = (rule, method, status)
+        key = (rule, method if method in self.methods else _OTHER_METHOD, status)
         lock = self.lock
         lock.acquire()      # (not `with`: measurably slower on this path)
         try:
@@ -2426,7 +2574,7 @@ class _Metrics:
 
     def refused(self, method, status):
         """A request the HTTP layer refused before the listener saw it (400, 413, 431...)."""
-        key = (method or '-', status)
+        key = (method if method in self.methods else _OTHER_METHOD if method else '-', status)
         with self.lock:
             self.refusals[key] = self.refusals.get(key, 0) + 1
 
@@ -2529,6 +2677,57 @@ class _Deferred:
                                          _event_loop()).add_done_callback(done)
 
 
+# What web pages may do (see README, Security).  A call's body must be application/json,
+# which a page of another origin cannot send without a CORS preflight; the preflight is
+# answered only for the origins of Microservice(cors=...).  Browsers also say where a
+# request comes from (Sec-Fetch-Site), which keeps pages of other sites off GET rules too.
+_CORS_HEADERS = ('Content-Type', 'Authorization', 'X-MConnector', 'X-MConnector-Types',
+                 'X-MC-Timestamp', 'X-MC-Nonce', 'X-MC-Signature')
+_CORS_OPTIONS = frozenset({'origins', 'methods', 'headers', 'credentials', 'max_age'})
+
+
+class _Cors:
+    """The origins whose pages may call a listener, and what their preflights are told."""
+
+    def __init__(self, spec):
+        if isinstance(spec, str) or not hasattr(spec, 'keys'):
+            spec = {'origins': spec}
+        unknown = set(spec) - _CORS_OPTIONS
+        if unknown:
+            raise TypeError('cors= takes %s, not %s' % (', '.join(sorted(_CORS_OPTIONS)),
+                                                        ', '.join(sorted(unknown))))
+        origins = spec.get('origins', '*')
+        origins = [origins] if isinstance(origins, str) else list(origins)
+        for origin in origins:
+            if origin != '*' and not re.match(r'https?://[^/\s]+\Z', origin):
+                raise ValueError('a cors origin is scheme://host[:port] or *, not %r' % origin)
+        self.any = '*' in origins
+        self.origins = frozenset(o.lower() for o in origins if o != '*')
+        methods = spec.get('methods')
+        self.methods = None if methods is None else \
+            ', '.join(m.upper() for m in ([methods] if isinstance(methods, str) else methods))
+        headers = spec.get('headers', _CORS_HEADERS)
+        self.headers = ', '.join([headers] if isinstance(headers, str) else headers)
+        self.credentials = bool(spec.get('credentials', False))
+        if self.credentials and self.any:
+            raise ValueError("cors credentials=True needs the origins listed, not '*'")
+        self.max_age = int(spec.get('max_age', 600))
+
+    def allows(self, origin):
+        return origin is not None and (self.any or origin.lower() in self.origins)
+
+    def answer_headers(self, origin):
+        """The headers that let a page of `origin` (allowed) read an answer."""
+        if self.any and not self.credentials:
+            return [('Access-Control-Allow-Origin', '*'),
+                    ('Access-Control-Expose-Headers', 'X-MConnector-Types')]
+        headers = [('Access-Control-Allow-Origin', origin), ('Vary', 'Origin'),
+                   ('Access-Control-Expose-Headers', 'X-MConnector-Types')]
+        if self.credentials:
+            headers.append(('Access-Control-Allow-Credentials', 'true'))
+        return headers
+
+
 class Microservice:
     """A listener: functions decorated with typing()/route() answer calls from Friends.
 
@@ -2552,12 +2751,26 @@ class Microservice:
 
     `admin` (default True) answers GET /_mc/health, /_mc/rules and /_mc/metrics
     (Prometheus text) and reserves the /_mc/ prefix; a listener-wide token, and the
-    secretKey, apply to them too.
+    secretKey, apply to them too.  With a listener-wide token, a request without it gets
+    401 whatever its path, so that the rules cannot be listed by trying paths.
+
+    `nonce_store`: where the nonces of signed calls are kept, so that a signed call runs
+    once however many processes serve it and across restarts: a SQLite file path, shared
+    by the processes that name it (default: $MCONNECTOR_NONCE_STORE, else one file per
+    secretKey in the temporary directory), or a NonceCache.
+
+    Web pages: a call's body must be application/json (415 otherwise), and requests that
+    browsers mark as coming from another site are refused (403).  `cors` lets the pages of
+    some origins call the rules: '*', an origin ('https://app.example'), a list of them, or
+    a dict with `origins`, `methods` (default: those the rules take), `headers` (default:
+    Content-Type, Authorization and the X-MConnector and X-MC- headers), `credentials`
+    (default False) and `max_age` (seconds, 600).  Off by default.  OPTIONS is answered
+    with the methods of the rule in `Allow`.
     """
 
     def __init__(self, name, port=5000, host='0.0.0.0', debug=None, token=None,
                  secretKey=None, timeout=15.0, max_body=MAX_BODY, max_workers=64,
-                 request_timeout=10.0, grace=10.0, admin=True):
+                 request_timeout=10.0, grace=10.0, admin=True, nonce_store=None, cors=None):
         self.name = name
         self.grace = grace
         self.admin = admin
@@ -2566,7 +2779,9 @@ class Microservice:
         self.port = port
         self.debug = bool(debug)
         self.secretKey = secretKey
-        self._nonces = NonceCache()
+        self.nonce_store = nonce_store
+        self._nonces = None             # the NonceCache, made at the first signed call
+        self._cors = None if cors is None else _Cors(cors)
         self.timeout = timeout
         self.request_timeout = request_timeout
         self.max_workers = max_workers
@@ -2625,6 +2840,7 @@ class Microservice:
         endpoint = _Endpoint(compiled.rule, func, mode, methods)
         for method in methods:
             table[method] = endpoint
+        self._metrics.methods.update(methods)
 
     @staticmethod
     def reply(func):
@@ -2712,10 +2928,15 @@ class Microservice:
             connections = (len(server.connections), self.stats['connections'])
         return self._metrics.prometheus(self.name, connections)
 
-    def _admin(self, method, path, headers):
+    def _admin(self, method, path, headers, body):
+        expected = self._tokens.get(_ALL_RULES)
+        if expected is not None:
+            self._authorize(expected, path, headers, body)
+        if method == 'OPTIONS':
+            return Response(204, headers=[('Allow', 'GET, HEAD, OPTIONS')], content_type=None)
         if method not in ('GET', 'HEAD'):
-            raise HTTPError(405, '%s takes GET, not %s' % (path, method), [('Allow', 'GET, HEAD')])
-        self._check_token(path, headers, None, {}, 'reply')    # the listener-wide token
+            raise HTTPError(405, '%s takes GET, not %s' % (path, method),
+                            [('Allow', 'GET, HEAD, OPTIONS')])
         name = path[len(_ADMIN_PREFIX):]
         if name == 'health':
             health = self.health()
@@ -2749,18 +2970,29 @@ class Microservice:
         rule = _NO_RULE
         response = None
         try:
+            # A browser's preflight carries no token or signature, and its answer is the
+            # same for every path.
+            if method == 'OPTIONS' and self._cors is not None and 'origin' in headers \
+                    and 'access-control-request-method' in headers:
+                response = self._preflight(headers)
+                return response
             if self.secretKey:
                 verify_request(self.secretKey, method, signed_target or target, headers, body,
-                               self._nonces)
+                               _replay_cache(self))
             path, query = split_target(target)
             if self.admin and path.startswith(_ADMIN_PREFIX):
                 if path[len(_ADMIN_PREFIX):] in _ADMIN_PAGES:   # unknown ones: no new label
                     rule = path
-                response = self._admin(method, path, headers)
+                response = self._admin(method, path, headers, body)
             else:
-                endpoint, params = self._endpoint(method, path)
-                rule = endpoint.rule
-                response = self._dispatch(endpoint, path, query, params, headers, body, defer)
+                endpoint, params = self._endpoint(method, path, headers, body)
+                if type(endpoint) is str:       # an OPTIONS the rule does not take itself
+                    rule = params
+                    response = Response(204, headers=[('Allow', endpoint)], content_type=None)
+                else:
+                    rule = endpoint.rule
+                    response = self._dispatch(endpoint, method, path, query, params, headers,
+                                              body, defer)
         except HTTPError as exc:
             response = Response.refusal(exc)
         finally:
@@ -2771,36 +3003,105 @@ class Microservice:
             else:
                 metrics.end(rule, method, 500 if response is None else response.status,
                             time.perf_counter() - started)
+        if self._cors is not None and 'origin' in headers:
+            self._cors_answer(response, headers['origin'])
         return response
 
-    def _endpoint(self, method, path):
+    def _preflight(self, headers):
+        """The answer to a browser's CORS preflight (an OPTIONS that asks for a method)."""
+        origin = headers['origin']
+        cors = self._cors
+        if not cors.allows(origin):
+            raise HTTPError(403, 'origin %s may not call %s (Microservice(cors=...) lists '
+                            'the origins that may)' % (origin[:200], self.name))
+        methods = cors.methods or ', '.join(sorted(self._metrics.methods))
+        answer = [('Access-Control-Allow-Methods', methods),
+                  ('Access-Control-Allow-Headers', cors.headers),
+                  ('Access-Control-Max-Age', str(cors.max_age))]
+        if headers.get('access-control-request-private-network', '').lower() == 'true':
+            answer.append(('Access-Control-Allow-Private-Network', 'true'))
+        return Response(204, headers=answer, content_type=None)
+
+    def _cors_answer(self, response, origin):
+        """Add what lets an allowed origin's page read `response` (a Response, or a
+        _Deferred whose Response is still to come)."""
+        if not self._cors.allows(origin):
+            return
+        extra = self._cors.answer_headers(origin)
+        if type(response) is _Deferred:
+            settle = response.settle
+
+            def settled(done):
+                answer = settle(done)
+                answer.headers.extend(extra)
+                return answer
+            response.settle = settled
+        else:
+            response.headers.extend(extra)
+
+    def _endpoint(self, method, path, headers, body):
+        """(endpoint, path parameters) of a request; for an OPTIONS that the rule does not
+        take itself, (the Allow value, the rule).  Raises HTTPError: 404, 405, or 401
+        first when a listener-wide token is missing."""
         table, params = self._router.find(path)
+        endpoint = None
+        if table is not None:
+            endpoint = table.get(method) or (table.get('GET') if method == 'HEAD' else None)
+        if endpoint is not None:
+            return endpoint, params
+        # Without the listener-wide token, no answer tells which rules exist.
+        expected = self._tokens.get(_ALL_RULES)
+        if expected is not None:
+            self._authorize(expected, path, headers, body)
         if table is None:
             raise HTTPError(404, 'no rule %s on %s' % (path, self.name))
-        endpoint = table.get(method) or (table.get('GET') if method == 'HEAD' else None)
-        if endpoint is None:
-            allowed = ', '.join(sorted(table))
-            raise HTTPError(405, '%s takes %s, not %s' % (path, allowed, method),
-                            [('Allow', allowed)])
-        return endpoint, params
+        methods = set(table) | {'OPTIONS'}
+        if 'GET' in methods:
+            methods.add('HEAD')
+        allowed = ', '.join(sorted(methods))
+        if method == 'OPTIONS':
+            return allowed, next(iter(table.values())).rule
+        raise HTTPError(405, '%s takes %s, not %s' % (path, allowed, method[:20]),
+                        [('Allow', allowed)])
 
-    def _dispatch(self, endpoint, path, query, params, headers, body, defer=False):
+    def _dispatch(self, endpoint, method, path, query, params, headers, body, defer=False):
         mode = endpoint.mode
-        data = self._parse_body(body) if body and mode != 'raw' else {}
+        expected = self._tokens.get(endpoint.rule) or self._tokens.get(_ALL_RULES)
+        # Authorization comes first: without the token, a request costs at most the plain
+        # parse of its body (for the 0.3.7 token in it), and nothing it carries is restored.
+        data = None
+        if expected is not None:
+            data = self._authorize(expected, endpoint.rule, headers, body)
         if mode == 'raw':
-            args, kwargs, given_token = [], {}, None
-        elif mode == 'reply':
-            args, kwargs, given_token = self._reply_arguments(data)
+            args, kwargs = [], {}
         else:
-            if not isinstance(data, dict):
-                raise HTTPError(400, '%s takes a JSON object of keyword arguments' % path)
-            if 'x-mconnector-types' in headers:
-                try:
-                    data = from_wire(data, loads(headers['x-mconnector-types']))
-                except CodecError as exc:
-                    raise HTTPError(400, str(exc)) from None
-            args, kwargs, given_token = [], data, None
-        self._check_token(endpoint.rule, headers, given_token, kwargs, mode)
+            site = headers.get('sec-fetch-site')
+            if site is not None and site not in ('same-origin', 'none') and not (
+                    self._cors is not None and self._cors.allows(headers.get('origin'))):
+                raise HTTPError(403, 'a web page of another site may not call %s (browsers '
+                                'say so in Sec-Fetch-Site: Microservice(cors=...) lets '
+                                'origins in)' % endpoint.rule)
+            # (an empty POST too: a page can send one without a preflight)
+            if (body or method not in ('GET', 'HEAD')) and \
+                    not _is_json(headers.get('content-type')):
+                given = headers.get('content-type')
+                raise HTTPError(415, 'a call to %s takes an application/json body (Content-Type: '
+                                'application/json), not %s' % (endpoint.rule, given[:100]
+                                                               if given else 'no Content-Type'))
+            data = self._parse_body(body, data) if body else {}
+            if mode == 'reply':
+                args, kwargs = self._reply_arguments(data)
+            else:
+                if not isinstance(data, dict):
+                    raise HTTPError(400, '%s takes a JSON object of keyword arguments' % path)
+                if 'x-mconnector-types' in headers:
+                    try:
+                        data = from_wire(data, loads(headers['x-mconnector-types']))
+                    except CodecError as exc:
+                        raise HTTPError(400, str(exc)) from None
+                args, kwargs = [], data
+                if expected is not None:
+                    kwargs.pop('token', None)
         for name, value in query.items():
             kwargs.setdefault(name, _query_value(value) if mode != 'raw' else value)
         kwargs.update(params)
@@ -2839,9 +3140,13 @@ class Microservice:
             return Response.refusal(exc)
 
     @staticmethod
-    def _parse_body(body):
+    def _parse_body(body, parsed=None):
+        """The body's value, checked strictly (parsed already when it carried the token)."""
         try:
-            return loads(body)
+            if parsed is None:
+                body, parsed = _parse_json(body)
+            _check_json(body, parsed)
+            return parsed
         except CodecError as exc:
             raise HTTPError(400, str(exc)) from None
 
@@ -2859,22 +3164,32 @@ class Microservice:
                 args, kwargs = from_wire([args, kwargs], notes)
             except CodecError as exc:
                 raise HTTPError(400, str(exc)) from None
-        return args, kwargs, data.get('token')
+        return args, kwargs
 
-    def _check_token(self, rule, headers, given, kwargs, mode):
-        expected = self._tokens.get(rule) or self._tokens.get(_ALL_RULES)
-        if expected is None:
-            return
+    @staticmethod
+    def _authorize(expected, rule, headers, body):
+        """Raise HTTPError(401) unless the request carries the token `expected`: in an
+        Authorization: Bearer header, else (0.3.7 senders) as the "token" of a JSON object
+        body.  Returns the body's value when it was parsed to find the token, else None;
+        only json's own parser has seen it then, nothing has been restored."""
         auth = headers.get('authorization', '')
+        data = None
         if auth[:7].lower() == 'bearer ':
             given = auth[7:].strip()
-        elif mode != 'reply' and given is None and 'token' in kwargs:
-            given = kwargs.pop('token')
+        else:
+            given = None
+            if body and _is_json(headers.get('content-type')) and \
+                    _JSON_OBJECT_START.match(body):
+                try:
+                    data = _parse_json(body)[1]
+                except CodecError:
+                    data = None
+                if isinstance(data, dict):
+                    given = data.get('token')
         if not _token_matches(expected, given):
             raise HTTPError(401, 'missing or wrong token for %s' % rule,
                             [('WWW-Authenticate', 'Bearer')])
-        if mode != 'reply':
-            kwargs.pop('token', None)
+        return data
 
     def _failure(self, endpoint, exc):
         type_name = type(exc).__name__
@@ -3775,7 +4090,8 @@ class Friend:
         where = '%s%s' % (self.address, rule)
         target = self._prefix + rule
         if self.secretKey:
-            headers = headers + tuple(sign_request(self.secretKey, method, target, body))
+            headers = headers + tuple(sign_request(self.secretKey, method, target, body,
+                                                   headers=headers))
         headers = (('Host', self._host_header),) + headers
         idempotent = method in ('GET', 'HEAD', 'OPTIONS') or \
             self._rules.get(rule, {}).get('idempotent', False)
@@ -4334,9 +4650,6 @@ def _ws_connect(url, *, timeout=_WS_HANDSHAKE_TIMEOUT, subprotocols=None, origin
                 ping_interval=_WS_PING_INTERVAL, ping_timeout=_WS_PING_TIMEOUT,
                 close_timeout=_WS_CLOSE_TIMEOUT, secretKey=None):
     secure, host, port, target, host_field = _ws_split_url(url)
-    if secretKey:
-        headers = dict(headers or {})
-        headers.update(sign_request(secretKey, 'GET', target, b''))
     deadline = time.monotonic() + timeout
     try:
         sock = socket.create_connection((host, port), timeout)
@@ -4352,8 +4665,10 @@ def _ws_connect(url, *, timeout=_WS_HANDSHAKE_TIMEOUT, subprotocols=None, origin
             sock = context.wrap_socket(sock, server_hostname=host)
         key = base64.b64encode(os.urandom(16)).decode('ascii')
         http = HTTPConnection(client=True, max_head=_WS_MAX_HEAD)
-        sock.sendall(http.send_request('GET', target, _ws_client_headers(
-            host_field, key, subprotocols, origin, headers)))
+        fields = _ws_client_headers(host_field, key, subprotocols, origin, headers)
+        if secretKey:
+            fields += sign_request(secretKey, 'GET', target, b'', headers=fields)
+        sock.sendall(http.send_request('GET', target, fields))
         head = _ws_read_head(sock, http, deadline)
         if head is CLOSED:
             raise ConnectionResetError('the server closed the connection during the handshake')
@@ -5144,7 +5459,7 @@ class _WsHandshake:
             if app.secretKey:
                 try:
                     verify_request(app.secretKey, 'GET', request.target, request.headers, b'',
-                                   app._nonces)
+                                   _replay_cache(app))
                 except HTTPError as exc:
                     raise HandshakeError(401, exc.message, request.path) from None
             target, params = app.routes.find(request.path)

@@ -1245,7 +1245,7 @@ class ListenerTest(unittest.TestCase):
         with self.assertRaises(mconnector.MethodNotAllowed) as caught:
             self.friend.send('/add', 1)
         self.assertEqual(caught.exception.status, 405)
-        self.assertEqual(self.friend.lastreply.headers['allow'], 'POST')
+        self.assertEqual(self.friend.lastreply.headers['allow'], 'OPTIONS, POST')
 
     def test_wrong_arguments_400_names_the_signature(self):
         with self.assertRaises(mconnector.BadRequest) as caught:
@@ -1258,6 +1258,7 @@ class ListenerTest(unittest.TestCase):
         for body in (b'{not json', b'[1, 2]', b'{"args": 5}', b'{"kwargs": []}', b'\xff\xfe',
                      b'{"args": [1], "types": [[[0, 0], "set"]]}', b'{"types": "x", "args": [1]}'):
             reply = raw_request(self.port, b'POST /add HTTP/1.1\r\nHost: x\r\nConnection: close\r\n'
+                                b'Content-Type: application/json\r\n'
                                 b'Content-Length: %d\r\n\r\n%s' % (len(body), body))
             self.assertEqual(status_of(reply), 400, (body, reply))
             self.assertEqual(json.loads(reply.split(b'\r\n\r\n', 1)[1])['error']['status'], 400)
@@ -1299,6 +1300,7 @@ class ListenerTest(unittest.TestCase):
         self.assertEqual(self.calls, [])
         body = b'{"a": 5, "token": "t0k"}'
         reply = raw_request(self.port, b'POST /guarded HTTP/1.1\r\nHost: x\r\nConnection: close\r\n'
+                            b'Content-Type: application/json\r\n'
                             b'Content-Length: %d\r\n\r\n%s' % (len(body), body))
         self.assertEqual(status_of(reply), 200, reply)
         self.assertTrue(reply.endswith(b'[5]'), reply)
@@ -1351,6 +1353,7 @@ class ListenerTest(unittest.TestCase):
         with socket.create_connection(('127.0.0.1', self.port), timeout=5) as sock:
             body = b'{"args": [1, 2]}'
             sock.sendall(b'POST /add HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n'
+                         b'Content-Type: application/json\r\n'
                          b'Content-Length: %d\r\n\r\n' % len(body))
             self.assertEqual(sock.recv(100), b'HTTP/1.1 100 Continue\r\n\r\n')
             sock.sendall(body)
@@ -1773,6 +1776,7 @@ class SignedCallTest(unittest.TestCase):
         body = b'{"args": [7]}'
         signed = mconnector.sign_request('k3y', 'POST', '/count', body)
         head = b'POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n' % len(body)
+        head += b'Content-Type: application/json\r\n'
         head += b''.join(b'%s: %s\r\n' % (k.encode(), v.encode()) for k, v in signed)
         first = raw_request(self.M.port, head + b'Connection: close\r\n\r\n' + body)
         again = raw_request(self.M.port, head + b'Connection: close\r\n\r\n' + body)
@@ -2044,7 +2048,7 @@ class GracefulStopTest(unittest.TestCase):
         M = self.slow_service()
         idle = socket.create_connection(('127.0.0.1', M.port), timeout=5)
         self.addCleanup(idle.close)
-        idle.sendall(b'POST /quick HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n')
+        idle.sendall(b'POST /quick HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 0\r\n\r\n')
         self.assertTrue(idle.recv(4096).endswith(b'"q"]'))
         calls = concurrent.futures.ThreadPoolExecutor(5)
         self.addCleanup(calls.shutdown)
@@ -2273,7 +2277,7 @@ class ServingShellTest(unittest.TestCase):
         self.addCleanup(M.stop)
         self.addCleanup(release.set)
         with socket.create_connection(('127.0.0.1', M.port), timeout=5) as sock:
-            sock.sendall(b'POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n')
+            sock.sendall(b'POST /slow HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 0\r\n\r\n')
             self.assertTrue(entered.wait(5))
             stopper = threading.Thread(target=M.stop)
             stopper.start()
@@ -2419,7 +2423,7 @@ class WorkerDispatchTest(unittest.TestCase):
             self.addCleanup(sock.close)
         self.assertTrue(wait_for(lambda: M.stats['connections'] == 3))
         for sock in pair:
-            sock.sendall(b'POST /wait HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n')
+            sock.sendall(b'POST /wait HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 0\r\n\r\n')
         self.assertTrue(entered.acquire(timeout=5))
         self.assertTrue(entered.acquire(timeout=5), 'the second request got no worker')
         release.set()
@@ -2452,7 +2456,7 @@ class LimitsTest(unittest.TestCase):
         for body in (b'{"args": [NaN]}', b'{"args": [1], "args": [2]}', b'{"args": [' + b'[' * 300 + b']' * 300 + b']}',
                      b'{"args": ["\xff"]}', b'{"args": [Infinity]}'):
             self.assertStatus(b'POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n'
-                              b'Connection: close\r\n\r\n%s' % (len(body), body), 400)
+                              b'Content-Type: application/json\r\nConnection: close\r\n\r\n%s' % (len(body), body), 400)
         self.assertEqual(self.M.runs, ['next'] * 5)
 
     def test_nan_and_infinity_travel_between_peers(self):
@@ -2487,7 +2491,7 @@ class LimitsTest(unittest.TestCase):
         for n in range(6):
             s = socket.create_connection(('127.0.0.1', M.port), timeout=5)
             s.sendall(b'POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: 13\r\n' if n % 2 else
-                      b'POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: 13\r\n\r\n{"ar')
+                      b'POST /count HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 13\r\n\r\n{"ar')
             slow.append(s)
         self.assertTrue(wait_for(lambda: M.stats['connections'] >= 6, 5))
         started = time.monotonic()
@@ -2574,7 +2578,7 @@ class ListenerFramingTest(unittest.TestCase):
         data = json.dumps({'a': 'b' * 3000}).encode()
         tiny = b''.join(b'1\r\n%s\r\n' % data[i:i + 1] for i in range(len(data)))
         status, body = self.status(b'POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: '
-                                   b'chunked\r\nConnection: close\r\n\r\n' + tiny + b'0\r\n\r\n')
+                                   b'chunked\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n' + tiny + b'0\r\n\r\n')
         self.assertEqual((status, json.loads(body)), (200, {'a': 'b' * 3000}))
         status, body = self.status(b'POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: '
                                    b'chunked\r\nConnection: close\r\n\r\n'
