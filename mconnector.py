@@ -1824,6 +1824,12 @@ _WS_RECV_SIZE = 262144          # one recv_into() takes up to 256 KiB
 _WS_WRITE_TIMEOUT = 60.0        # a peer that takes no byte for a minute is gone
 
 
+def _ws_max_frames(max_size):
+    """The default limit on the frames of one message: one per 64 bytes of max_size (the
+    smallest fragments Autobahn sends), and never under 1024."""
+    return max(1024, max_size // 64)
+
+
 class WebSocketError(MConnectorError):
     """Root of the websocket errors.
 
@@ -1858,7 +1864,8 @@ class WebSocketProtocolError(WebSocketError):
 
 
 class PayloadTooBig(WebSocketError):
-    """A message (or frame) is larger than the limit set (close code 1009)."""
+    """A message (or frame) is larger than the limit set (close code 1009).  `what` is
+    'message' or 'frame' (`size` in bytes), or 'frames' (`size`: a message's frames)."""
 
     def __init__(self, size, max_size, what='message'):
         self.size = size
@@ -1867,6 +1874,8 @@ class PayloadTooBig(WebSocketError):
         super().__init__(size, max_size, what)
 
     def __str__(self):
+        if self.what == 'frames':
+            return 'message of %d frames over the limit of %d' % (self.size, self.max_size)
         return '%s of %d bytes over the limit of %d' % (self.what, self.size, self.max_size)
 
 
@@ -2027,10 +2036,14 @@ class WebSocketProtocol:
     send() raises ConnectionClosed once a close frame was sent or received.
     """
 
-    def __init__(self, client=False, max_size=_WS_MAX_SIZE, max_frame_size=None):
+    def __init__(self, client=False, max_size=_WS_MAX_SIZE, max_frame_size=None,
+                 max_frames=None):
         self.client = client
         self.max_size = max_size
         self.max_frame_size = max_size if max_frame_size is None else max_frame_size
+        # Frames of one message, empty ones included: without a count, zero-length
+        # continuations would make a message that never ends and costs nothing to send.
+        self.max_frames = _ws_max_frames(max_size) if max_frames is None else max_frames
         self.state = WebSocketState.OPEN
         self.close_rcvd = None          # (code, reason) of the peer's close frame
         self.close_sent = None          # (code, reason) of ours
@@ -2042,6 +2055,7 @@ class WebSocketProtocol:
         self._frag_opcode = None        # opcode of the fragmented message being assembled
         self._frag_parts = []
         self._frag_size = 0
+        self._frag_frames = 0
         self._decoder = None            # incremental UTF-8 check of a fragmented text
 
     # -- input --------------------------------------------------------------------------------
@@ -2172,6 +2186,8 @@ class WebSocketProtocol:
                 raise PayloadTooBig(length, self.max_frame_size, 'frame')
             if self._frag_size + length > self.max_size:
                 raise PayloadTooBig(self._frag_size + length, self.max_size)
+            if opcode == Opcode.CONTINUATION and self._frag_frames >= self.max_frames:
+                raise PayloadTooBig(self._frag_frames + 1, self.max_frames, 'frames')
 
     def _frame(self, opcode, fin, payload):
         if opcode == Opcode.TEXT:
@@ -2188,11 +2204,14 @@ class WebSocketProtocol:
                 self._start_fragments(opcode, payload, len(payload))
         elif opcode == Opcode.CONTINUATION:
             self._frag_size += len(payload)
+            self._frag_frames += 1
             if self._frag_opcode == Opcode.TEXT:
                 # The decoder raises on the first invalid sequence, even mid-message: a bad
                 # fragment fails the connection at once (Autobahn 6.4 checks this).
-                self._frag_parts.append(self._decoder.decode(payload, bool(fin)))
-            else:
+                part = self._decoder.decode(payload, bool(fin))
+                if part:
+                    self._frag_parts.append(part)
+            elif payload:
                 self._frag_parts.append(payload)
             if fin:
                 parts = self._frag_parts
@@ -2201,7 +2220,7 @@ class WebSocketProtocol:
                 self._events.append((self._frag_opcode, message))
                 self._frag_opcode = self._decoder = None
                 self._frag_parts = []
-                self._frag_size = 0
+                self._frag_size = self._frag_frames = 0
         elif opcode == Opcode.PING:
             # RFC 6455 5.5.2: answer with a Pong "with identical Application data".
             if self.close_sent is None:
@@ -2216,6 +2235,7 @@ class WebSocketProtocol:
         self._frag_opcode = opcode
         self._frag_parts = [first_part]
         self._frag_size = size
+        self._frag_frames = 1
 
     def _receive_close(self, payload):
         if len(payload) == 1:
@@ -3613,7 +3633,10 @@ class SocketServer:
 
     Options: `subprotocols` (the server's preference order), `origins` (allowed Origin values;
     others get 403; None allows all), `max_size` (largest message, 1 MiB; larger: close 1009),
-    `max_frame_size` (default: max_size), `handshake_timeout` (10 s), `ping_interval` and
+    `max_frame_size` (default: max_size), `max_frames` (frames of one message, empty ones
+    included: one per 64 bytes of max_size, at least 1024), `handshake_timeout` (10 s),
+    `nonce_store` (where the nonces of signed handshakes are kept, as for a Microservice),
+    `ping_interval` and
     `ping_timeout` (20 s each; None turns keep-alive off), `close_timeout` (10 s),
     `ssl_context` (serve wss://), `secretKey` (handshakes must be signed, as calls to a
     Microservice with a secretKey are: 401 otherwise), `max_workers` (handlers written with
@@ -3623,17 +3646,20 @@ class SocketServer:
     """
 
     def __init__(self, name=None, *, subprotocols=None, origins=None, max_size=_WS_MAX_SIZE,
-                 max_frame_size=None, handshake_timeout=_WS_HANDSHAKE_TIMEOUT,
+                 max_frame_size=None, max_frames=None, nonce_store=None,
+                 handshake_timeout=_WS_HANDSHAKE_TIMEOUT,
                  ping_interval=_WS_PING_INTERVAL, ping_timeout=_WS_PING_TIMEOUT,
                  close_timeout=_WS_CLOSE_TIMEOUT, ssl_context=None, secretKey=None,
                  max_workers=64):
         self.name = name
         self.secretKey = secretKey
-        self._nonces = NonceCache()
+        self.nonce_store = nonce_store
+        self._nonces = None             # the NonceCache, made at the first signed handshake
         self.subprotocols = list(subprotocols or ())
         self.origins = None if origins is None else set(origins)
         self.max_size = max_size
         self.max_frame_size = max_frame_size
+        self.max_frames = max_frames
         self.handshake_timeout = handshake_timeout
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
@@ -4647,6 +4673,7 @@ def _ws_split_url(url):
 
 def _ws_connect(url, *, timeout=_WS_HANDSHAKE_TIMEOUT, subprotocols=None, origin=None,
                 headers=None, ssl_context=None, max_size=_WS_MAX_SIZE, max_frame_size=None,
+                max_frames=None,
                 ping_interval=_WS_PING_INTERVAL, ping_timeout=_WS_PING_TIMEOUT,
                 close_timeout=_WS_CLOSE_TIMEOUT, secretKey=None):
     secure, host, port, target, host_field = _ws_split_url(url)
@@ -4689,7 +4716,7 @@ def _ws_connect(url, *, timeout=_WS_HANDSHAKE_TIMEOUT, subprotocols=None, origin
         raise
     from urllib.parse import unquote
     raw_path, _, query = target.partition('?')
-    protocol = WebSocketProtocol(True, max_size, max_frame_size)
+    protocol = WebSocketProtocol(True, max_size, max_frame_size, max_frames)
     return WebSocket(sock, protocol, path=unquote(raw_path), query=query, subprotocol=chosen,
                      remote_address=sock.getpeername()[:2], leftover=leftover,
                      ping_interval=ping_interval, ping_timeout=ping_timeout,
@@ -4702,8 +4729,8 @@ def SocketClient(host='localhost:8765', url='/', **options):
     `host` is 'HOST:PORT' as in 0.3.7, or a whole ws:// or wss:// URL (then `url`, when not
     '/', is appended to it).  Options: timeout (for the TCP connection and the handshake,
     10 s), subprotocols, origin, headers (extra request headers), ssl_context (for wss://),
-    max_size, max_frame_size, ping_interval, ping_timeout, close_timeout, secretKey (sign
-    the handshake for a SocketServer that has one).
+    max_size, max_frame_size, max_frames, ping_interval, ping_timeout, close_timeout,
+    secretKey (sign the handshake for a SocketServer that has one).
 
     Raises Unreachable when nothing accepts the TCP connection, HandshakeError when the
     server refuses the upgrade (.status, e.g. 404, and .path), WebSocketTimeout when the
@@ -5461,16 +5488,19 @@ class _WsHandshake:
                     verify_request(app.secretKey, 'GET', request.target, request.headers, b'',
                                    _replay_cache(app))
                 except HTTPError as exc:
-                    raise HandshakeError(401, exc.message, request.path) from None
+                    raise HandshakeError(exc.status, exc.message, request.path) from None
             target, params = app.routes.find(request.path)
             if target is None:
                 raise HandshakeError(404, 'no websocket route for %s' % request.path,
                                      request.path)
             if conn.server.stopping:
                 raise HandshakeError(503, 'the server is stopping', request.path)
-        except (HandshakeError, HTTPError) as exc:
+        except Exception as exc:
             if isinstance(exc, HTTPError):
                 exc = HandshakeError(exc.status, exc.message)
+            elif not isinstance(exc, HandshakeError):   # answered all the same, and logged
+                log.exception('%s: websocket handshake failed', conn.address[0])
+                exc = HandshakeError(500, 'the server failed: see its log')
             log.info('%s: %s', conn.address[0], exc)
             conn.write(_ws_error_response(exc))
             conn.finish()
@@ -5519,7 +5549,7 @@ class _ServerWebSocket(_WebSocketBase):
         self.subprotocol = request.subprotocol
         self.remote_address = conn.address[:2]
         self.close_timeout = app.close_timeout
-        self._proto = WebSocketProtocol(False, app.max_size, app.max_frame_size)
+        self._proto = WebSocketProtocol(False, app.max_size, app.max_frame_size, app.max_frames)
         self._cond = threading.Condition()      # guards what both sides touch
         self._messages = collections.deque()
         self._closed = None                     # the ConnectionClosed to raise, once closed
