@@ -3035,9 +3035,10 @@ class Microservice:
             raise HTTPError(403, 'origin %s may not call %s (Microservice(cors=...) lists '
                             'the origins that may)' % (origin[:200], self.name))
         methods = cors.methods or ', '.join(sorted(self._metrics.methods))
-        answer = [('Access-Control-Allow-Methods', methods),
-                  ('Access-Control-Allow-Headers', cors.headers),
-                  ('Access-Control-Max-Age', str(cors.max_age))]
+        answer = cors.answer_headers(origin) + [
+            ('Access-Control-Allow-Methods', methods),
+            ('Access-Control-Allow-Headers', cors.headers),
+            ('Access-Control-Max-Age', str(cors.max_age))]
         if headers.get('access-control-request-private-network', '').lower() == 'true':
             answer.append(('Access-Control-Allow-Private-Network', 'true'))
         return Response(204, headers=answer, content_type=None)
