@@ -1732,7 +1732,7 @@ def _replay_cache(owner):
     cache = owner._nonces
     if cache is None:
         store = owner.nonce_store
-        if isinstance(store, NonceCache) or hasattr(store, 'add'):
+        if hasattr(store, 'add'):
             cache = store
         else:
             try:
