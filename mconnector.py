@@ -662,14 +662,26 @@ def _int_digits_limit(text):
     return int(text)
 
 
+def _finite_float(text):
+    value = float(text)
+    if value - value != 0.0:
+        raise CodecError(_OUT_OF_RANGE)
+    return value
+
+
+_OUT_OF_RANGE = 'a number in the body is out of range (it would be infinite)'
 _PARSE_OPTIONS = {'parse_constant': _refuse_constant}
 if not hasattr(sys, 'get_int_max_str_digits'):
     _PARSE_OPTIONS['parse_int'] = _int_digits_limit
 _decoder = json.JSONDecoder(**_PARSE_OPTIONS)
 _pairs_decoder = json.JSONDecoder(object_pairs_hook=_unique_keys, **_PARSE_OPTIONS)
+# Small bodies are checked as they are parsed, by hooks: cheaper there than a second pass.
+_SMALL_BODY = 65536
+_small_decoder = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_float=_finite_float,
+                                  **_PARSE_OPTIONS)
 
 
-def _parse_json(body):
+def _parse_json(body, decoder=_decoder):
     """(bytes of the body, value) parsed by json's C parser alone: no NaN or Infinity,
     UTF-8 only.  What an unauthenticated request may cost.  Raises CodecError."""
     try:
@@ -679,7 +691,7 @@ def _parse_json(body):
         else:
             data = bytes(body)
             text = data.decode('utf-8')
-        return data, _decoder.decode(text)
+        return data, decoder.decode(text)
     except CodecError:
         raise
     except UnicodeDecodeError:
@@ -694,14 +706,13 @@ def _check_json(data, value):
     """Refuse what json.loads lets through: nesting over MAX_DEPTH, numbers out of range
     (1e999 is parsed as infinity), duplicate keys.  `data` is the JSON text as bytes,
     `value` what it parsed to."""
-    if data.count(b'[') + data.count(b'{') > MAX_DEPTH and _too_deep(data):
-        raise CodecError('JSON nested deeper than %d levels' % MAX_DEPTH)
+    _check_depth(data)
     try:
         # Written again by the C encoder, which refuses infinities, the value has one
         # ':' per key it kept: fewer than the body's means a key came twice.
         again = _CHECK_ENCODER.encode(value)
     except ValueError:
-        raise CodecError('a number in the body is out of range (it would be infinite)') from None
+        raise CodecError(_OUT_OF_RANGE) from None
     except RecursionError:
         raise CodecError('JSON nested deeper than %d levels' % MAX_DEPTH) from None
     if b'{' in data:
@@ -710,6 +721,11 @@ def _check_json(data, value):
         colons = data.count(b':') + data.count(b'\\u003a') + data.count(b'\\u003A')
         if again.count(':') != colons:
             _pairs_decoder.decode(data.decode('utf-8'))     # raises naming the key
+
+
+def _check_depth(data):
+    if data.count(b'[') + data.count(b'{') > MAX_DEPTH and _too_deep(data):
+        raise CodecError('JSON nested deeper than %d levels' % MAX_DEPTH)
 
 
 def _too_deep(data):
@@ -743,8 +759,12 @@ def loads(body):
     """Parse a JSON body (bytes or str) strictly: UTF-8, no NaN or Infinity, no number out
     of range, no duplicate keys, nesting within MAX_DEPTH.  Raises CodecError with a
     clear message."""
-    data, value = _parse_json(body)
-    _check_json(data, value)
+    if len(body) <= _SMALL_BODY:
+        data, value = _parse_json(body, _small_decoder)
+        _check_depth(data)
+    else:
+        data, value = _parse_json(body)
+        _check_json(data, value)
     return value
 
 
@@ -3164,8 +3184,8 @@ class Microservice:
     def _parse_body(body, parsed=None):
         """The body's value, checked strictly (parsed already when it carried the token)."""
         try:
-            if parsed is None:
-                body, parsed = _parse_json(body)
+            if parsed is None or len(body) <= _SMALL_BODY:
+                return loads(body)
             _check_json(body, parsed)
             return parsed
         except CodecError as exc:

@@ -1883,13 +1883,16 @@ class SignatureCoverageTest(unittest.TestCase):
         return raw_request(self.M.port, signed_request('k3y', target, body, headers,
                                                        signed_headers))
 
+    def assertSigned(self, target, header):
+        """`header` added on the way, or dropped, makes the signature fail."""
+        for sent, signed in (([header], []), ([], [header])):
+            self.assertEqual(error_of(self.send(target, sent, signed_headers=signed)),
+                             (401, 'bad signature'))
+        self.assertEqual(self.runs, [])
+
     def test_type_notes_added_on_the_way_are_refused(self):
         notes = ('X-MConnector-Types', '[[["a"], "bytes"]]')
-        self.assertEqual(error_of(self.send('/kind', [notes], signed_headers=[])),
-                         (401, 'bad signature'))
-        self.assertEqual(error_of(self.send('/kind', [], signed_headers=[notes])),
-                         (401, 'bad signature'))
-        self.assertEqual(self.runs, [])
+        self.assertSigned('/kind', notes)
         self.assertTrue(self.send('/kind', [notes]).endswith(b'["bytes"]'))   # as signed
         self.assertTrue(self.send('/kind').endswith(b'["str"]'))
         self.assertEqual(self.friend.json('/kind', a=b'\x00'), 'bytes')      # Friend signs them
@@ -1897,10 +1900,7 @@ class SignatureCoverageTest(unittest.TestCase):
 
     def test_the_token_header_is_signed(self):
         bearer = ('Authorization', 'Bearer t0k')
-        self.assertEqual(error_of(self.send('/guarded', [bearer], signed_headers=[])),
-                         (401, 'bad signature'))
-        self.assertEqual(error_of(self.send('/guarded', [], signed_headers=[bearer])),
-                         (401, 'bad signature'))
+        self.assertSigned('/guarded', bearer)
         self.assertEqual(status_of(self.send('/guarded', [bearer])), 200)
         self.friend.setRule('/guarded', token='t0k')
         self.assertEqual(self.friend.json('/guarded', a=2), 2)
@@ -2231,14 +2231,20 @@ class OutOfRangeTest(unittest.TestCase):
         self.assertEqual(friend.send('/count', 1e308), 1)
 
     def test_strict_parsing_agrees_with_json_on_what_it_accepts(self):
-        for text in ('[' * 200 + ']' * 200, '{"a:b": 1, "c": "\\u003a"}', '{"a": "\\\\u003a", "b": 1}',
+        # Small bodies and large ones (padded past 64 KiB, one level deeper) are checked
+        # in two ways: both must agree with json.loads on what they accept.
+        def padded(text):
+            return '[%s, "%s"]' % (text, 'x' * 70000)
+        for text in ('[' * 199 + ']' * 199, '{"a:b": 1, "c": "\\u003a"}', '{"a": "\\\\u003a", "b": 1}',
                      '["[[[[", {"x": "]]]]"}]', '[' + '"\\"[",' * 300 + '1]', '1e308',
                      '{"k": "\\"", "\\u00e9": [1, 2, {"z": null}]}', '"x"'):
-            self.assertEqual(mconnector.loads(text.encode()), json.loads(text), text[:40])
-        for text in ('{"a": 1, "a": 2}', '{"a": {"b": 1, "b": 2}}', '[NaN]', '[1e999]',
+            for body in (text, padded(text)):
+                self.assertEqual(mconnector.loads(body.encode()), json.loads(body), body[:40])
+        for text in ('{"a": 1, "a": 2}', '{"a": {"b": 1, "b": 2}}', '[NaN]', '[1e999]', '[-1e400]',
                      '[' * 201 + ']' * 201, '{"a": ' * 201 + '1' + '}' * 201):
-            with self.assertRaises(mconnector.CodecError, msg=text[:40]):
-                mconnector.loads(text)
+            for body in (text, padded(text)):
+                with self.assertRaises(mconnector.CodecError, msg=body[:40]):
+                    mconnector.loads(body)
 
 
 class WSGIOutOfRangeTest(OutOfRangeTest):
