@@ -642,16 +642,23 @@ def _unique_keys(pairs):
     return obj
 
 
-# Strict parsing at the speed of json's own C parser: one plain parse (which already refuses
-# NaN and Infinity through parse_constant, a hook called for nothing else), then checks
-# that run in C over the body's bytes or the parsed value, never a walk of it in Python.
+# Strict parsing at the speed of json's own C parser.  The plain parse already refuses NaN
+# and Infinity (parse_constant is called for nothing else).  Infinities from numbers out of
+# range and duplicate keys are refused by hooks as the body is parsed (a call per object
+# and per float), and the depth by passes of C over the body's bytes; never by a walk of
+# the value in Python.  A body that was parsed plainly first (for the token of a 0.3.7
+# sender: see Microservice._authorize) is checked by a second parse with the hooks, or,
+# where it has many objects for its size, by one pass of the C encoder over its value.
 _NOT_STRUCTURE = bytes(sorted(set(range(256)) - set(b'[]{}"')))
 _CURLY_AS_SQUARE = bytes.maketrans(b'{}', b'[]')
 _ESCAPE = re.compile(rb'\\.', re.S)
 _STRING = re.compile(rb'"[^"]*"')
 _BRACKET_RUN = re.compile(rb'\[+|\]+')
 _EASY_LEVELS = 8
+_BYTES_PER_HOOK = 128       # bodies with fewer objects than one per this many bytes ...
+_SMALL_BODY = 65536         # ... or this small are parsed again with the hooks
 _CHECK_ENCODER = json.JSONEncoder(allow_nan=False, check_circular=False)   # no cycles: parsed
+_OUT_OF_RANGE = 'a number in the body is out of range (it would be infinite)'
 
 
 def _int_digits_limit(text):
@@ -669,29 +676,24 @@ def _finite_float(text):
     return value
 
 
-_OUT_OF_RANGE = 'a number in the body is out of range (it would be infinite)'
 _PARSE_OPTIONS = {'parse_constant': _refuse_constant}
 if not hasattr(sys, 'get_int_max_str_digits'):
     _PARSE_OPTIONS['parse_int'] = _int_digits_limit
 _decoder = json.JSONDecoder(**_PARSE_OPTIONS)
-_pairs_decoder = json.JSONDecoder(object_pairs_hook=_unique_keys, **_PARSE_OPTIONS)
-# Small bodies are checked as they are parsed, by hooks: cheaper there than a second pass.
-_SMALL_BODY = 65536
-_small_decoder = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_float=_finite_float,
+_hooks_decoder = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_float=_finite_float,
                                   **_PARSE_OPTIONS)
 
 
+def _json_bytes(body):
+    return body.encode('utf-8', 'surrogatepass') if isinstance(body, str) else bytes(body)
+
+
 def _parse_json(body, decoder=_decoder):
-    """(bytes of the body, value) parsed by json's C parser alone: no NaN or Infinity,
-    UTF-8 only.  What an unauthenticated request may cost.  Raises CodecError."""
+    """The value of a JSON body (bytes or str), parsed by json's C parser: no NaN or
+    Infinity, UTF-8 only.  With the default decoder, what an unauthenticated request may
+    cost.  Raises CodecError."""
     try:
-        if isinstance(body, str):
-            data = body.encode('utf-8', 'surrogatepass')
-            text = body
-        else:
-            data = bytes(body)
-            text = data.decode('utf-8')
-        return data, decoder.decode(text)
+        return decoder.decode(body if isinstance(body, str) else bytes(body).decode('utf-8'))
     except CodecError:
         raise
     except UnicodeDecodeError:
@@ -702,11 +704,16 @@ def _parse_json(body, decoder=_decoder):
         raise CodecError('body is not valid JSON: %s' % exc) from None
 
 
-def _check_json(data, value):
+def _check_json(body, value):
     """Refuse what json.loads lets through: nesting over MAX_DEPTH, numbers out of range
-    (1e999 is parsed as infinity), duplicate keys.  `data` is the JSON text as bytes,
-    `value` what it parsed to."""
-    _check_depth(data)
+    (1e999 is parsed as infinity), duplicate keys.  `value` is what `body` (bytes or str)
+    parsed to with _parse_json()."""
+    data = _json_bytes(body)
+    objects = data.count(b'{')
+    _check_depth(data, objects)
+    if objects * _BYTES_PER_HOOK < len(data) or len(data) <= _SMALL_BODY:
+        _parse_json(body, _hooks_decoder)
+        return
     try:
         # Written again by the C encoder, which refuses infinities, the value has one
         # ':' per key it kept: fewer than the body's means a key came twice.
@@ -715,16 +722,17 @@ def _check_json(data, value):
         raise CodecError(_OUT_OF_RANGE) from None
     except RecursionError:
         raise CodecError('JSON nested deeper than %d levels' % MAX_DEPTH) from None
-    if b'{' in data:
+    colons = data.count(b':')
+    if b'\\' in data:
         # A ':' in the body's strings may be written \u003a; a '\\u003a' is counted too,
         # and sends the body to the exact check below for nothing.
-        colons = data.count(b':') + data.count(b'\\u003a') + data.count(b'\\u003A')
-        if again.count(':') != colons:
-            _pairs_decoder.decode(data.decode('utf-8'))     # raises naming the key
+        colons += data.count(b'\\u003a') + data.count(b'\\u003A')
+    if again.count(':') != colons:
+        _parse_json(body, _hooks_decoder)       # raises naming the key
 
 
-def _check_depth(data):
-    if data.count(b'[') + data.count(b'{') > MAX_DEPTH and _too_deep(data):
+def _check_depth(data, objects):
+    if objects + data.count(b'[') > MAX_DEPTH and _too_deep(data):
         raise CodecError('JSON nested deeper than %d levels' % MAX_DEPTH)
 
 
@@ -759,12 +767,9 @@ def loads(body):
     """Parse a JSON body (bytes or str) strictly: UTF-8, no NaN or Infinity, no number out
     of range, no duplicate keys, nesting within MAX_DEPTH.  Raises CodecError with a
     clear message."""
-    if len(body) <= _SMALL_BODY:
-        data, value = _parse_json(body, _small_decoder)
-        _check_depth(data)
-    else:
-        data, value = _parse_json(body)
-        _check_json(data, value)
+    value = _parse_json(body, _hooks_decoder)
+    data = _json_bytes(body)
+    _check_depth(data, data.count(b'{'))
     return value
 
 
@@ -3184,9 +3189,9 @@ class Microservice:
     def _parse_body(body, parsed=None):
         """The body's value, checked strictly (parsed already when it carried the token)."""
         try:
-            if parsed is None or len(body) <= _SMALL_BODY:
+            if parsed is None:
                 return loads(body)
-            _check_json(body, parsed)
+            _check_json(body, parsed)     # parsed already, for its token
             return parsed
         except CodecError as exc:
             raise HTTPError(400, str(exc)) from None
@@ -3222,7 +3227,7 @@ class Microservice:
             if body and _is_json(headers.get('content-type')) and \
                     _JSON_OBJECT_START.match(body):
                 try:
-                    data = _parse_json(body)[1]
+                    data = _parse_json(body)
                 except CodecError:
                     data = None
                 if isinstance(data, dict):

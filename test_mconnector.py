@@ -2098,6 +2098,20 @@ class AuthorizationFirstTest(unittest.TestCase):
         self.assertEqual(self.post('/g', b'{"args": [1], "args": [2], "token": "t0k"}'),
                          (400, "duplicate key 'args' in a JSON object"))
 
+    def test_with_the_token_in_a_large_body_the_body_is_checked_as_strictly(self):
+        objects = b'{"k": "a\\u003ab"}, ' * 10000       # many objects: the C encoder's check
+        for extra, expected in ((b'1', (200, 10001)),
+                                (b'{"a": 1, "a": 2}', (400, "duplicate key 'a'")),
+                                (b'1e999', (400, 'out of range')),
+                                (b'[' * 200 + b']' * 200, (400, 'deeper than 200'))):
+            status, reply = self.post('/g', b'{"token": "t0k", "args": [%s%s]}' % (objects, extra))
+            self.assertEqual(status, expected[0], reply[:200])
+            if status == 200:
+                self.assertTrue(reply.endswith(b'[%d]' % expected[1]))
+            else:
+                self.assertIn(expected[1], reply)
+        self.assertEqual(len(self.runs), 1)
+
     def test_a_listener_wide_token_answers_401_on_every_path(self):
         M = Microservice('locked', token='all')
 
@@ -2231,19 +2245,23 @@ class OutOfRangeTest(unittest.TestCase):
         self.assertEqual(friend.send('/count', 1e308), 1)
 
     def test_strict_parsing_agrees_with_json_on_what_it_accepts(self):
-        # Small bodies and large ones (padded past 64 KiB, one level deeper) are checked
-        # in two ways: both must agree with json.loads on what they accept.
+        # Small bodies, large ones with few objects, and large ones with many are checked
+        # in different ways (one level deeper in the large ones): all agree with json.loads
+        # on what they accept.
         def padded(text):
             return '[%s, "%s"]' % (text, 'x' * 70000)
+
+        def dense(text):
+            return '[%s%s]' % ('{"k": 0}, ' * 10000, text)
         for text in ('[' * 199 + ']' * 199, '{"a:b": 1, "c": "\\u003a"}', '{"a": "\\\\u003a", "b": 1}',
                      '["[[[[", {"x": "]]]]"}]', '[' + '"\\"[",' * 300 + '1]', '1e308',
                      '{"k": "\\"", "\\u00e9": [1, 2, {"z": null}]}', '"x"'):
-            for body in (text, padded(text)):
-                self.assertEqual(mconnector.loads(body.encode()), json.loads(body), body[:40])
+            for body in (text, padded(text), dense(text)):
+                self.assertEqual(mconnector.loads(body.encode()), json.loads(body), text[:40])
         for text in ('{"a": 1, "a": 2}', '{"a": {"b": 1, "b": 2}}', '[NaN]', '[1e999]', '[-1e400]',
                      '[' * 201 + ']' * 201, '{"a": ' * 201 + '1' + '}' * 201):
-            for body in (text, padded(text)):
-                with self.assertRaises(mconnector.CodecError, msg=body[:40]):
+            for body in (text, padded(text), dense(text)):
+                with self.assertRaises(mconnector.CodecError, msg=text[:40]):
                     mconnector.loads(body)
 
 
