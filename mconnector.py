@@ -536,7 +536,8 @@ def _restore_object(spec, value):
     except CodecError:
         raise
     except Exception as exc:    # the class's own code refused the state
-        raise CodecError('cannot rebuild %s: %s: %s' % (name, type(exc).__name__, exc)) from None
+        raise CodecError('cannot rebuild %s: %s: %s'
+                         % (name, type(exc).__name__, exc)) from None
 
 
 def _rebuilder(cls):
@@ -3079,11 +3080,12 @@ class Microservice:
 
             def settled(done):
                 answer = settle(done)
-                answer.headers.extend(extra)
+                answer.headers = answer.headers + extra
                 return answer
             response.settle = settled
         else:
-            response.headers.extend(extra)
+            # (a new list: a rule may answer with the same Response every time)
+            response.headers = response.headers + extra
 
     def _endpoint(self, method, path, headers, body):
         """(endpoint, path parameters) of a request; for an OPTIONS that the rule does not
@@ -3131,9 +3133,9 @@ class Microservice:
             if (body or method not in ('GET', 'HEAD')) and \
                     not _is_json(headers.get('content-type')):
                 given = headers.get('content-type')
-                raise HTTPError(415, 'a call to %s takes an application/json body (Content-Type: '
-                                'application/json), not %s' % (endpoint.rule, given[:100]
-                                                               if given else 'no Content-Type'))
+                raise HTTPError(415, 'a call to %s takes an application/json body '
+                                '(Content-Type: application/json), not %s'
+                                % (endpoint.rule, given[:100] if given else 'no Content-Type'))
             data = self._parse_body(body, data) if body else {}
             if mode == 'reply':
                 args, kwargs = self._reply_arguments(data)
@@ -3661,9 +3663,9 @@ class SocketServer:
     others get 403; None allows all), `max_size` (largest message, 1 MiB; larger: close 1009),
     `max_frame_size` (default: max_size), `max_frames` (frames of one message, empty ones
     included: one per 64 bytes of max_size, at least 1024), `handshake_timeout` (10 s),
-    `nonce_store` (where the nonces of signed handshakes are kept, as for a Microservice),
-    `ping_interval` and
-    `ping_timeout` (20 s each; None turns keep-alive off), `close_timeout` (10 s),
+    `ping_interval` and `ping_timeout` (20 s each; None turns keep-alive off),
+    `close_timeout` (10 s), `nonce_store` (where the nonces of signed handshakes are kept,
+    as for a Microservice),
     `ssl_context` (serve wss://), `secretKey` (handshakes must be signed, as calls to a
     Microservice with a secretKey are: 401 otherwise), `max_workers` (handlers written with
     `def` that run at once, 64; `async def` ones run on the asyncio loop and take none).
@@ -4699,9 +4701,8 @@ def _ws_split_url(url):
 
 def _ws_connect(url, *, timeout=_WS_HANDSHAKE_TIMEOUT, subprotocols=None, origin=None,
                 headers=None, ssl_context=None, max_size=_WS_MAX_SIZE, max_frame_size=None,
-                max_frames=None,
-                ping_interval=_WS_PING_INTERVAL, ping_timeout=_WS_PING_TIMEOUT,
-                close_timeout=_WS_CLOSE_TIMEOUT, secretKey=None):
+                max_frames=None, ping_interval=_WS_PING_INTERVAL,
+                ping_timeout=_WS_PING_TIMEOUT, close_timeout=_WS_CLOSE_TIMEOUT, secretKey=None):
     secure, host, port, target, host_field = _ws_split_url(url)
     deadline = time.monotonic() + timeout
     try:

@@ -1941,7 +1941,8 @@ class SignatureCoverageTest(unittest.TestCase):
             head = ''.join('%s: %s\r\n' % f for f in fields.items())
             reply = raw_request(self.M.port, (
                 'POST /kind HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n'
-                'Content-Length: 8\r\nConnection: close\r\n%s\r\n{"a": 1}' % head).encode('latin-1'))
+                'Content-Length: 8\r\nConnection: close\r\n%s\r\n{"a": 1}' % head
+            ).encode('latin-1'))
             status, text = error_of(reply)
             self.assertEqual(status, 401, (name, value[:10], reply[:200]))
             self.assertIn(message, text)
@@ -2253,7 +2254,8 @@ class OutOfRangeTest(unittest.TestCase):
 
         def dense(text):
             return '[%s%s]' % ('{"k": 0}, ' * 10000, text)
-        for text in ('[' * 199 + ']' * 199, '{"a:b": 1, "c": "\\u003a"}', '{"a": "\\\\u003a", "b": 1}',
+        for text in ('[' * 199 + ']' * 199, '{"a:b": 1, "c": "\\u003a"}',
+                     '{"a": "\\\\u003a", "b": 1}',
                      '["[[[[", {"x": "]]]]"}]', '[' + '"\\"[",' * 300 + '1]', '1e308',
                      '{"k": "\\"", "\\u00e9": [1, 2, {"z": null}]}', '"x"'):
             for body in (text, padded(text), dense(text)):
@@ -2656,7 +2658,8 @@ class GracefulStopTest(unittest.TestCase):
         M = self.slow_service()
         idle = socket.create_connection(('127.0.0.1', M.port), timeout=5)
         self.addCleanup(idle.close)
-        idle.sendall(b'POST /quick HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 0\r\n\r\n')
+        idle.sendall(b'POST /quick HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n'
+                     b'Content-Length: 0\r\n\r\n')
         self.assertTrue(idle.recv(4096).endswith(b'"q"]'))
         calls = concurrent.futures.ThreadPoolExecutor(5)
         self.addCleanup(calls.shutdown)
@@ -2885,7 +2888,8 @@ class ServingShellTest(unittest.TestCase):
         self.addCleanup(M.stop)
         self.addCleanup(release.set)
         with socket.create_connection(('127.0.0.1', M.port), timeout=5) as sock:
-            sock.sendall(b'POST /slow HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 0\r\n\r\n')
+            sock.sendall(b'POST /slow HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n'
+                         b'Content-Length: 0\r\n\r\n')
             self.assertTrue(entered.wait(5))
             stopper = threading.Thread(target=M.stop)
             stopper.start()
@@ -3031,7 +3035,8 @@ class WorkerDispatchTest(unittest.TestCase):
             self.addCleanup(sock.close)
         self.assertTrue(wait_for(lambda: M.stats['connections'] == 3))
         for sock in pair:
-            sock.sendall(b'POST /wait HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 0\r\n\r\n')
+            sock.sendall(b'POST /wait HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n'
+                         b'Content-Length: 0\r\n\r\n')
         self.assertTrue(entered.acquire(timeout=5))
         self.assertTrue(entered.acquire(timeout=5), 'the second request got no worker')
         release.set()
@@ -3064,7 +3069,8 @@ class LimitsTest(unittest.TestCase):
         for body in (b'{"args": [NaN]}', b'{"args": [1], "args": [2]}', b'{"args": [' + b'[' * 300 + b']' * 300 + b']}',
                      b'{"args": ["\xff"]}', b'{"args": [Infinity]}'):
             self.assertStatus(b'POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n'
-                              b'Content-Type: application/json\r\nConnection: close\r\n\r\n%s' % (len(body), body), 400)
+                              b'Content-Type: application/json\r\nConnection: close\r\n\r\n%s'
+                              % (len(body), body), 400)
         self.assertEqual(self.M.runs, ['next'] * 5)
 
     def test_nan_and_infinity_travel_between_peers(self):
@@ -3099,7 +3105,8 @@ class LimitsTest(unittest.TestCase):
         for n in range(6):
             s = socket.create_connection(('127.0.0.1', M.port), timeout=5)
             s.sendall(b'POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: 13\r\n' if n % 2 else
-                      b'POST /count HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 13\r\n\r\n{"ar')
+                      b'POST /count HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n'
+                      b'Content-Length: 13\r\n\r\n{"ar')
             slow.append(s)
         self.assertTrue(wait_for(lambda: M.stats['connections'] >= 6, 5))
         started = time.monotonic()
@@ -3186,7 +3193,8 @@ class ListenerFramingTest(unittest.TestCase):
         data = json.dumps({'a': 'b' * 3000}).encode()
         tiny = b''.join(b'1\r\n%s\r\n' % data[i:i + 1] for i in range(len(data)))
         status, body = self.status(b'POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: '
-                                   b'chunked\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n' + tiny + b'0\r\n\r\n')
+                                   b'chunked\r\nContent-Type: application/json\r\n'
+                                   b'Connection: close\r\n\r\n' + tiny + b'0\r\n\r\n')
         self.assertEqual((status, json.loads(body)), (200, {'a': 'b' * 3000}))
         status, body = self.status(b'POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: '
                                    b'chunked\r\nConnection: close\r\n\r\n'
