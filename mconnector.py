@@ -2999,8 +2999,9 @@ class Microservice:
     def handle(self, method, target, headers, body, signed_target=None):
         """Answer one request: the whole of the listener's logic, with no I/O.
 
-        `headers` maps lower-case names to values; `body` is bytes.  Returns a Response;
-        never raises for anything a peer can send.  Every server shell (the built-in
+        `headers` maps lower-case names to values; `body` is bytes (a call's comes with
+        'content-type': 'application/json').  Returns a Response; never raises for
+        anything a peer can send.  Every server shell (the built-in
         server, WSGI) calls this, and it counts what /_mc/metrics shows.
         `signed_target`: the target as the sender wrote it, when `target` differs (the
         path below a WSGI mount point); a secretKey signature covers that one.
