@@ -1687,7 +1687,11 @@ class NonceCache:
             return True
 
     def _add_to_file(self, nonce, now):
-        import sqlite3
+        try:
+            import sqlite3
+        except ImportError as exc:      # a Python built without it
+            self._unavailable('%s (NonceCache() without a path keeps nonces in memory, for '
+                              'one process)' % exc)
         try:
             db = self._connect()
             if now >= self._next_db_prune:
@@ -1696,11 +1700,13 @@ class NonceCache:
             return db.execute('INSERT OR IGNORE INTO nonces VALUES (?, ?)',
                               (nonce, now)).rowcount == 1
         except (sqlite3.Error, OSError) as exc:
-            log.error('the nonce store %s cannot be used, signed calls are refused: %s',
-                      self.path, exc)
             self.close()
-            raise HTTPError(503, 'replay protection unavailable (see the listener\'s log)') \
-                from None
+            self._unavailable(exc)
+
+    def _unavailable(self, error):
+        log.error('the nonce store %s cannot be used, signed calls are refused: %s',
+                  self.path, error)
+        raise HTTPError(503, 'replay protection unavailable (see the listener\'s log)')
 
     def _connect(self):
         if self._db is not None and self._db_pid == os.getpid():
