@@ -367,20 +367,32 @@ _PLAIN = (str, int, float, bool, type(None))
 MAX_DEPTH = 200         # nesting of values, both ways (JSON bodies included)
 _registry = {}           # name -> class, for classes restored by type notes
 _registered_names = {}   # class -> name
+_rebuilders = {}         # class -> function(state) -> instance, made at its first use
 
 
 def register(cls: C, name: Optional[str] = None) -> C:
     """Let instances of `cls` travel as themselves between mconnector peers.
 
     Both sides register the class under the same name (default: its ``__qualname__``).
-    Unregistered objects still travel, as the dict of their public attributes (0.3.7).
-    Can be used as a class decorator.  Returns `cls`.
+    The receiving side rebuilds an instance only through what the class declares, with
+    the state that travelled (the instance's attributes, dunder names never): a
+    ``from_wire(state)`` classmethod, else ``__setstate__(state)``, else its own
+    ``__init__``, called with the parameters that name travelled attributes, else its
+    ``__slots__``.  Nothing else is set.  Raises TypeError for a class that declares none
+    of these.  Unregistered objects still travel, as the dict of their public attributes
+    (0.3.7).  Can be used as a class decorator.  Returns `cls`.
     """
     if not isinstance(cls, type):
         raise TypeError('register() takes a class, got %r' % (cls,))
+    if not (callable(getattr(cls, 'from_wire', None)) or hasattr(cls, '__setstate__')
+            or cls.__init__ is not object.__init__ or _slot_names(cls)):
+        raise TypeError('register(%s): the class declares no way to be rebuilt: give it '
+                        '__init__ parameters, __slots__, __setstate__ or a from_wire '
+                        'classmethod' % cls.__qualname__)
     name = name or cls.__qualname__
     _registry[name] = cls
     _registered_names[cls] = name
+    _rebuilders.pop(cls, None)
     return cls
 
 
@@ -592,23 +604,65 @@ def _restore_scalar(tag, value):
 
 
 def _restore_object(spec, value):
-    if not (isinstance(spec, list) and len(spec) == 3 and isinstance(value, dict)):
+    if not (isinstance(spec, list) and len(spec) == 3 and isinstance(value, dict)
+            and isinstance(spec[2], list)):
         raise CodecError('malformed object note')
     _, name, keys = spec
     cls = _registry.get(name)
     if cls is None:
         return value            # not registered here: keep the 0.3.7 dict form
-    obj = cls.__new__(cls)
-    # Set state directly, as pickle does, so that __init__ and __setattr__ hooks of the
-    # class are not run with wire data.
-    state = getattr(obj, '__dict__', None)
-    for key in keys:
-        if key in value:
-            if state is not None:
-                state[key] = value[key]
-            else:
-                object.__setattr__(obj, key, value[key])
-    return obj
+    state = {key: value[key] for key in keys
+             if type(key) is str and key in value and not key.startswith('__')}
+    rebuild = _rebuilders.get(cls)
+    if rebuild is None:
+        rebuild = _rebuilders[cls] = _rebuilder(cls)
+    try:
+        return rebuild(state)
+    except CodecError:
+        raise
+    except Exception as exc:    # the class's own code refused the state
+        raise CodecError('cannot rebuild %s: %s: %s'
+                         % (name, type(exc).__name__, exc)) from None
+
+
+def _rebuilder(cls):
+    """How instances of a registered class are made from travelled state, from what the
+    class declares (see register)."""
+    hook = getattr(cls, 'from_wire', None)
+    if callable(hook):
+        return hook
+    if hasattr(cls, '__setstate__'):
+        def rebuild(state):
+            obj = cls.__new__(cls)
+            obj.__setstate__(state)
+            return obj
+        return rebuild
+    if cls.__init__ is not object.__init__:
+        import inspect
+        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        try:
+            parameters = inspect.signature(cls.__init__).parameters.values()
+        except (TypeError, ValueError):
+            parameters = ()
+        names = [p.name for p in list(parameters)[1:] if p.kind in kinds]
+        return lambda state: cls(**{n: state[n] for n in names if n in state})
+    # Through each slot's own descriptor: a property of the same name is never run.
+    slots = {}
+    for klass in reversed(cls.__mro__):
+        declared = klass.__dict__.get('__slots__', ())
+        for slot in [declared] if isinstance(declared, str) else declared:
+            descriptor = klass.__dict__.get(slot)
+            if not slot.startswith('__') and hasattr(descriptor, '__set__'):
+                slots[slot] = descriptor
+
+    def rebuild(state):
+        obj = cls.__new__(cls)
+        for key, value in state.items():
+            descriptor = slots.get(key)
+            if descriptor is not None:
+                descriptor.__set__(obj, value)
+        return obj
+    return rebuild
 
 
 def from_wire(data: Any, notes: Optional[List[Any]] = None) -> Any:
@@ -637,8 +691,12 @@ def from_wire(data: Any, notes: Optional[List[Any]] = None) -> Any:
             parent[key] = restored
         except CodecError:
             raise
-        except (TypeError, ValueError, KeyError, IndexError, AttributeError, binascii.Error) as exc:
-            raise CodecError('type note %r does not fit the value: %s' % (note, exc)) from None
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, ArithmeticError,
+                binascii.Error) as exc:
+            # (ArithmeticError: a timedelta of 1e300 seconds overflows, Decimal('x') is
+            # decimal.InvalidOperation)
+            raise CodecError('type note %s does not fit the value: %s: %s'
+                             % (str(note)[:200], type(exc).__name__, exc)) from None
     return root[0]
 
 
@@ -671,42 +729,135 @@ def _unique_keys(pairs):
     return obj
 
 
-_decoder = json.JSONDecoder(parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
+# Strict parsing at the speed of json's own C parser.  The plain parse already refuses NaN
+# and Infinity (parse_constant is called for nothing else).  Infinities from numbers out of
+# range and duplicate keys are refused by hooks as the body is parsed (a call per object
+# and per float), and the depth by passes of C over the body's bytes; never by a walk of
+# the value in Python.  A body that was parsed plainly first (for the token of a 0.3.7
+# sender: see Microservice._authorize) is checked by a second parse with the hooks, or,
+# where it has many objects for its size, by one pass of the C encoder over its value.
+_NOT_STRUCTURE = bytes(sorted(set(range(256)) - set(b'[]{}"')))
+_CURLY_AS_SQUARE = bytes.maketrans(b'{}', b'[]')
+_ESCAPE = re.compile(rb'\\.', re.S)
+_STRING = re.compile(rb'"[^"]*"')
+_BRACKET_RUN = re.compile(rb'\[+|\]+')
+_EASY_LEVELS = 8
+_BYTES_PER_HOOK = 128       # bodies with fewer objects than one per this many bytes ...
+_SMALL_BODY = 65536         # ... or this small are parsed again with the hooks
+_CHECK_ENCODER = json.JSONEncoder(allow_nan=False, check_circular=False)   # no cycles: parsed
+_OUT_OF_RANGE = 'a number in the body is out of range (it would be infinite)'
 
 
-def loads(body: Union[bytes, str]) -> Any:
-    """Parse a JSON body (bytes or str) strictly: UTF-8, no NaN or Infinity, no
-    duplicate keys, nesting within the interpreter's recursion limit.  Raises CodecError
-    with a clear message."""
+def _int_digits_limit(text):
+    # Interpreters before the int digit limit (CPython < 3.8.14, 3.9.14, 3.10.7) would
+    # convert a 16 MB integer in quadratic time.
+    if len(text) > 4300:
+        raise CodecError('integer of over 4300 digits')
+    return int(text)
+
+
+def _finite_float(text):
+    value = float(text)
+    if value - value != 0.0:
+        raise CodecError(_OUT_OF_RANGE)
+    return value
+
+
+_PARSE_OPTIONS = {'parse_constant': _refuse_constant}
+if not hasattr(sys, 'get_int_max_str_digits'):
+    _PARSE_OPTIONS['parse_int'] = _int_digits_limit
+_decoder = json.JSONDecoder(**_PARSE_OPTIONS)
+_hooks_decoder = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_float=_finite_float,
+                                  **_PARSE_OPTIONS)
+
+
+def _json_bytes(body):
+    return body.encode('utf-8', 'surrogatepass') if isinstance(body, str) else bytes(body)
+
+
+def _parse_json(body, decoder=_decoder):
+    """The value of a JSON body (bytes or str), parsed by json's C parser: no NaN or
+    Infinity, UTF-8 only.  With the default decoder, what an unauthenticated request may
+    cost.  Raises CodecError."""
     try:
-        if isinstance(body, (bytes, bytearray)):
-            body = body.decode('utf-8')
-        value = _decoder.decode(body)
+        return decoder.decode(body if isinstance(body, str) else bytes(body).decode('utf-8'))
     except CodecError:
         raise
     except UnicodeDecodeError:
         raise CodecError('body is not UTF-8') from None
     except RecursionError:
-        raise CodecError('JSON nested too deeply') from None
+        raise CodecError('JSON nested deeper than %d levels' % MAX_DEPTH) from None
     except ValueError as exc:
         raise CodecError('body is not valid JSON: %s' % exc) from None
-    # How deep the decoder may go depends on the interpreter (3.13 goes far deeper), so
-    # the limit is checked here, where a body has enough brackets to break it at all.
-    if body.count('[') + body.count('{') > MAX_DEPTH:
-        _check_depth(value)
+
+
+def _check_json(body, value):
+    """Refuse what json.loads lets through: nesting over MAX_DEPTH, numbers out of range
+    (1e999 is parsed as infinity), duplicate keys.  `value` is what `body` (bytes or str)
+    parsed to with _parse_json()."""
+    data = _json_bytes(body)
+    objects = data.count(b'{')
+    _check_depth(data, objects)
+    if objects * _BYTES_PER_HOOK < len(data) or len(data) <= _SMALL_BODY:
+        _parse_json(body, _hooks_decoder)
+        return
+    try:
+        # Written again by the C encoder, which refuses infinities, the value has one
+        # ':' per key it kept: fewer than the body's means a key came twice.
+        again = _CHECK_ENCODER.encode(value)
+    except ValueError:
+        raise CodecError(_OUT_OF_RANGE) from None
+    except RecursionError:
+        raise CodecError('JSON nested deeper than %d levels' % MAX_DEPTH) from None
+    colons = data.count(b':')
+    if b'\\' in data:
+        # A ':' in the body's strings may be written \u003a; a '\\u003a' is counted too,
+        # and sends the body to the exact check below for nothing.
+        colons += data.count(b'\\u003a') + data.count(b'\\u003A')
+    if again.count(':') != colons:
+        _parse_json(body, _hooks_decoder)       # raises naming the key
+
+
+def _check_depth(data, objects):
+    if objects + data.count(b'[') > MAX_DEPTH and _too_deep(data):
+        raise CodecError('JSON nested deeper than %d levels' % MAX_DEPTH)
+
+
+def _too_deep(data):
+    """Whether the brackets outside the strings of valid JSON `data` nest deeper than
+    MAX_DEPTH, in passes of C over bytes."""
+    if b'\\' in data:
+        data = _ESCAPE.sub(b'', data)
+    data = data.translate(_CURLY_AS_SQUARE, _NOT_STRUCTURE)
+    if b'"' in data:
+        data = data.replace(b'""', b'')        # the strings without brackets: most of them
+        if b'"' in data:
+            data = _STRING.sub(b'', data)
+    # Each pass takes the innermost level away everywhere: most bodies are gone in a few,
+    # and what is left (the deep parts) has few runs of brackets to count.
+    for _ in range(_EASY_LEVELS):
+        if not data:
+            return False
+        data = data.replace(b'[]', b'')
+    depth = peak = 0
+    for run in _BRACKET_RUN.findall(data):
+        if run[0] == 91:      # '['
+            depth += len(run)
+            if depth > peak:
+                peak = depth
+        else:
+            depth -= len(run)
+    return peak + _EASY_LEVELS > MAX_DEPTH
+
+
+def loads(body: Union[bytes, str]) -> Any:
+    """Parse a JSON body (bytes or str) strictly: UTF-8, no NaN or Infinity, no number out
+    of range, no duplicate keys, nesting within MAX_DEPTH.  Raises CodecError with a
+    clear message."""
+    value = _parse_json(body, _hooks_decoder)
+    data = _json_bytes(body)
+    _check_depth(data, data.count(b'{'))
     return value
-
-
-def _check_depth(value):
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if depth > MAX_DEPTH:
-            raise CodecError('JSON nested deeper than %d levels' % MAX_DEPTH)
-        if type(item) is list:
-            stack.extend((v, depth + 1) for v in item if type(v) in (list, dict))
-        elif type(item) is dict:
-            stack.extend((v, depth + 1) for v in item.values() if type(v) in (list, dict))
 
 
 # ###########################################################################################
@@ -1559,43 +1710,87 @@ def split_target(target):
 #
 #   X-MC-Timestamp: 1700000000                      (integer Unix seconds)
 #   X-MC-Nonce:     32 hex digits, random per request
-#   X-MC-Signature: hex HMAC-SHA256(key, METHOD "\n" TARGET "\n" TIMESTAMP "\n" NONCE "\n"
-#                                        hex SHA-256 of the body)
+#   X-MC-Signature: hex HMAC-SHA256(key, the UTF-8 of the text below)
+#
+#   METHOD "\n" TARGET "\n" TIMESTAMP "\n" NONCE "\n" hex SHA-256 of the body
+#   and for each signed header the request carries, in the order of their names:
+#   "\n" name ":" value                             (name in lower case, value trimmed)
 #
 # TARGET is the request target as sent (path and query); the key is the secret's UTF-8.
+# The signed headers are those that change how a listener or a websocket server reads
+# the request: Authorization (tokens), Sec-WebSocket-Protocol, and every header whose
+# name starts with X-MConnector (type notes, and any such header added later).  A header
+# added, removed or changed on the way changes the text, and the signature fails.
 SIGNATURE_WINDOW = 300      # seconds either side of the listener's clock
+_SIGNED_HEADERS = frozenset({'authorization', 'sec-websocket-protocol'})
+_SIGNED_PREFIX = 'x-mconnector'
+_TIMESTAMP_OK = re.compile(r'[0-9]{1,12}\Z')
+_NONCE_OK = re.compile(r'[\x21-\x7e]{1,64}\Z')
+_SIGNATURE_OK = re.compile(r'[0-9a-fA-F]{64}\Z')
 
 
-def _signature(key, method, target, timestamp, nonce, body):
+def _signed_headers(headers):
+    """The signed header lines of `headers` (a mapping of lower-case names to values)."""
+    return ''.join(['\n%s:%s' % (name, headers[name].strip()) for name in sorted(headers)
+                    if name in _SIGNED_HEADERS or name.startswith(_SIGNED_PREFIX)])
+
+
+def _signature(key, method, target, timestamp, nonce, body, headers=None):
     """hex HMAC-SHA256 of one request, as the scheme above says."""
     import hashlib
     import hmac
-    message = '%s\n%s\n%s\n%s\n%s' % (method, target, timestamp, nonce,
-                                       hashlib.sha256(body).hexdigest())
+    message = '%s\n%s\n%s\n%s\n%s%s' % (method, target, timestamp, nonce,
+                                         hashlib.sha256(body).hexdigest(),
+                                         _signed_headers(headers) if headers else '')
     return hmac.new(key.encode('utf-8'), message.encode('utf-8'), hashlib.sha256).hexdigest()
 
 
 def sign_request(key: str, method: str, target: str, body: bytes,
-                 timestamp: Optional[float] = None,
-                 nonce: Optional[str] = None) -> List[Tuple[str, str]]:
-    """The headers that sign one request with `key` (str), as a list of (name, value)."""
+                 timestamp: Optional[float] = None, nonce: Optional[str] = None,
+                 headers: HeaderPairs = ()) -> List[Tuple[str, str]]:
+    """The headers that sign one request with `key` (str), as a list of (name, value).
+
+    `headers` are the (name, value) pairs the request will carry: those the listener
+    reads (see the scheme above) are signed with it, so sign once they are all there."""
     timestamp = str(int(time.time() if timestamp is None else timestamp))
     nonce = nonce or os.urandom(16).hex()
-    signature = _signature(key, method, target, timestamp, nonce, body)
+    fields = {}
+    for name, value in headers.items() if hasattr(headers, 'items') else headers:
+        name = name.lower()
+        fields[name] = fields[name] + ', ' + value.strip() if name in fields else value.strip()
+    signature = _signature(key, method, target, timestamp, nonce, body, fields)
     return [('X-MC-Timestamp', timestamp), ('X-MC-Nonce', nonce), ('X-MC-Signature', signature)]
 
 
 class NonceCache:
-    """Nonces seen within the signature window, forgotten once they are older than it."""
+    """The nonces of signed requests seen within the signature window, so that each
+    signed request is accepted once.
 
-    def __init__(self, window: float = SIGNATURE_WINDOW) -> None:
+    NonceCache(window=300, path=None)
+
+    Without `path`, in this process's memory.  With `path`, also in a SQLite file that
+    every process opening it shares (the workers of `serve --workers` or gunicorn, a
+    listener started again): a nonce one of them accepted, the others refuse, until it
+    is older than twice the window.  The memory stays in front of the file and refuses
+    this process's own replays without a query; the file is opened at the first nonce
+    (and again in a forked child).  The file must be on a local disk: SQLite's locks do
+    not hold on network file systems.
+    """
+
+    def __init__(self, window: float = SIGNATURE_WINDOW,
+                 path: Optional[str] = None) -> None:
         self.window = window
+        self.path = None if path is None else os.fspath(path)
         self._seen = {}
         self._lock = threading.Lock()
         self._next_prune = 0.0
+        self._db = None
+        self._db_pid = None
+        self._next_db_prune = 0.0
 
     def add(self, nonce: str, now: float) -> bool:
-        """Record `nonce`; return False if it was already seen inside the window."""
+        """Record `nonce`; return False if it was already seen inside the window.  Raises
+        HTTPError(503) when the file cannot be used (the error is logged)."""
         with self._lock:
             if now >= self._next_prune:
                 cutoff = now - 2 * self.window
@@ -1603,27 +1798,125 @@ class NonceCache:
                 self._next_prune = now + self.window / 10
             if nonce in self._seen:
                 return False
+            if self.path is not None and not self._add_to_file(nonce, now):
+                return False
             self._seen[nonce] = now
             return True
+
+    def _add_to_file(self, nonce, now):
+        try:
+            import sqlite3
+        except ImportError as exc:      # a Python built without it
+            self._unavailable('%s (NonceCache() without a path keeps nonces in memory, for '
+                              'one process)' % exc)
+        try:
+            db = self._connect()
+            if now >= self._next_db_prune:
+                db.execute('DELETE FROM nonces WHERE seen < ?', (now - 2 * self.window,))
+                self._next_db_prune = now + self.window / 10
+            return db.execute('INSERT OR IGNORE INTO nonces VALUES (?, ?)',
+                              (nonce, now)).rowcount == 1
+        except (sqlite3.Error, OSError) as exc:
+            self.close()
+            self._unavailable(exc)
+
+    def _unavailable(self, error):
+        log.error('the nonce store %s cannot be used, signed calls are refused: %s',
+                  self.path, error)
+        raise HTTPError(503, 'replay protection unavailable (see the listener\'s log)')
+
+    def _connect(self):
+        if self._db is not None and self._db_pid == os.getpid():
+            return self._db
+        import sqlite3
+        directory = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        # Several processes start at once: the first to take the lock creates the table.
+        db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None,
+                             check_same_thread=False)
+        try:
+            db.execute('PRAGMA journal_mode=WAL')       # readers never wait for a writer
+            db.execute('PRAGMA synchronous=NORMAL')     # no fsync per call; a crash keeps it
+            db.execute('CREATE TABLE IF NOT EXISTS nonces '
+                       '(nonce TEXT PRIMARY KEY, seen REAL NOT NULL)')
+            db.execute('CREATE INDEX IF NOT EXISTS nonces_by_age ON nonces (seen)')
+        except BaseException:
+            db.close()
+            raise
+        self._db, self._db_pid = db, os.getpid()
+        return db
+
+    def close(self):
+        """Close the file (it is opened again when needed)."""
+        db, self._db = self._db, None
+        if db is not None and self._db_pid == os.getpid():
+            db.close()
+
+
+def _nonce_store_path(key):
+    """Where a listener or websocket server with secretKey `key` keeps its nonces when it
+    is not told: $MCONNECTOR_NONCE_STORE, else one file per key (and per user) in the
+    temporary directory, so that the processes of one service on one machine share it."""
+    path = os.environ.get('MCONNECTOR_NONCE_STORE')
+    if path:
+        return path
+    import hashlib
+    import hmac
+    import tempfile
+    name = hmac.new(key.encode('utf-8'), b'mconnector nonce store', hashlib.sha256).hexdigest()
+    user = os.getuid() if hasattr(os, 'getuid') else os.environ.get('USERNAME', 'user')
+    directory = os.path.join(tempfile.gettempdir(), 'mconnector-%s' % user)
+    if hasattr(os, 'getuid') and os.path.lexists(directory):
+        import stat
+        info = os.lstat(directory)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+            raise OSError('%s belongs to another user: set MCONNECTOR_NONCE_STORE '
+                          'or nonce_store=' % directory)
+    return os.path.join(directory, 'nonces-%s.sqlite3' % name[:16])
+
+
+def _replay_cache(owner):
+    """The NonceCache of a listener or websocket server, made at its first signed request
+    from its `nonce_store` (None: the default file; a path; a NonceCache)."""
+    cache = owner._nonces
+    if cache is None:
+        store = owner.nonce_store
+        if hasattr(store, 'add'):
+            cache = store
+        else:
+            try:
+                path = store if store is not None else _nonce_store_path(owner.secretKey)
+            except OSError as exc:
+                log.error('no nonce store, signed calls are refused: %s', exc)
+                raise HTTPError(503, 'replay protection unavailable (see the listener\'s '
+                                'log)') from None
+            cache = NonceCache(path=path)
+        owner._nonces = cache
+    return cache
 
 
 def verify_request(key: str, method: str, target: str, headers: Mapping[str, str], body: bytes,
                    nonces: NonceCache, now: Optional[float] = None) -> None:
     """Raise HTTPError(401) unless the request carries a valid, fresh, unreplayed signature.
 
-    `headers` maps lower-case names to values; `nonces` is a NonceCache."""
+    `headers` maps lower-case names to values (the signed ones among them are checked,
+    see the scheme above); `nonces` is a NonceCache."""
     import hmac
     now = time.time() if now is None else now
-    timestamp = headers.get('x-mc-timestamp', '')
-    nonce = headers.get('x-mc-nonce', '')
-    given = headers.get('x-mc-signature', '')
+    timestamp = headers.get('x-mc-timestamp', '').strip()
+    nonce = headers.get('x-mc-nonce', '').strip()
+    given = headers.get('x-mc-signature', '').strip()
     if not (timestamp and nonce and given):
         raise HTTPError(401, 'this listener takes signed calls only (secretKey)')
-    if not timestamp.isdigit() or abs(now - int(timestamp)) > nonces.window:
+    if not _TIMESTAMP_OK.match(timestamp):
+        raise HTTPError(401, 'malformed signature timestamp (integer Unix seconds)')
+    if abs(now - int(timestamp)) > nonces.window:
         raise HTTPError(401, 'signature timestamp outside the %ds window' % nonces.window)
-    if len(nonce) > 64:
-        raise HTTPError(401, 'malformed nonce')
-    expected = _signature(key, method, target, timestamp, nonce, body)
+    if not _NONCE_OK.match(nonce):
+        raise HTTPError(401, 'malformed nonce (1 to 64 visible ASCII characters)')
+    if not _SIGNATURE_OK.match(given):
+        raise HTTPError(401, 'malformed signature (64 hexadecimal digits)')
+    expected = _signature(key, method, target, timestamp, nonce, body, headers)
     if not hmac.compare_digest(expected, given.lower()):
         raise HTTPError(401, 'bad signature')
     if not nonces.add(nonce, now):
@@ -1684,6 +1977,12 @@ _WS_RECV_SIZE = 262144          # one recv_into() takes up to 256 KiB
 _WS_WRITE_TIMEOUT = 60.0        # a peer that takes no byte for a minute is gone
 
 
+def _ws_max_frames(max_size):
+    """The default limit on the frames of one message: one per 64 bytes of max_size (the
+    smallest fragments Autobahn sends), and never under 1024."""
+    return max(1024, max_size // 64)
+
+
 class WebSocketError(MConnectorError):
     """Root of the websocket errors.
 
@@ -1720,7 +2019,8 @@ class WebSocketProtocolError(WebSocketError):
 
 
 class PayloadTooBig(WebSocketError):
-    """A message (or frame) is larger than the limit set (close code 1009)."""
+    """A message (or frame) is larger than the limit set (close code 1009).  `what` is
+    'message' or 'frame' (`size` in bytes), or 'frames' (`size`: a message's frames)."""
 
     def __init__(self, size: int, max_size: int, what: str = 'message') -> None:
         self.size = size
@@ -1729,6 +2029,8 @@ class PayloadTooBig(WebSocketError):
         super().__init__(size, max_size, what)
 
     def __str__(self):
+        if self.what == 'frames':
+            return 'message of %d frames over the limit of %d' % (self.size, self.max_size)
         return '%s of %d bytes over the limit of %d' % (self.what, self.size, self.max_size)
 
 
@@ -1891,10 +2193,14 @@ class WebSocketProtocol:
     """
 
     def __init__(self, client: bool = False, max_size: Optional[int] = _WS_MAX_SIZE,
-                 max_frame_size: Optional[int] = None) -> None:
+                 max_frame_size: Optional[int] = None,
+                 max_frames: Optional[int] = None) -> None:
         self.client = client
         self.max_size = max_size
         self.max_frame_size = max_size if max_frame_size is None else max_frame_size
+        # Frames of one message, empty ones included: without a count, zero-length
+        # continuations would make a message that never ends and costs nothing to send.
+        self.max_frames = _ws_max_frames(max_size) if max_frames is None else max_frames
         self.state = WebSocketState.OPEN
         self.close_rcvd = None          # (code, reason) of the peer's close frame
         self.close_sent = None          # (code, reason) of ours
@@ -1906,6 +2212,7 @@ class WebSocketProtocol:
         self._frag_opcode = None        # opcode of the fragmented message being assembled
         self._frag_parts = []
         self._frag_size = 0
+        self._frag_frames = 0
         self._decoder = None            # incremental UTF-8 check of a fragmented text
 
     # -- input --------------------------------------------------------------------------------
@@ -2036,6 +2343,8 @@ class WebSocketProtocol:
                 raise PayloadTooBig(length, self.max_frame_size, 'frame')
             if self._frag_size + length > self.max_size:
                 raise PayloadTooBig(self._frag_size + length, self.max_size)
+            if opcode == Opcode.CONTINUATION and self._frag_frames >= self.max_frames:
+                raise PayloadTooBig(self._frag_frames + 1, self.max_frames, 'frames')
 
     def _frame(self, opcode, fin, payload):
         if opcode == Opcode.TEXT:
@@ -2052,11 +2361,14 @@ class WebSocketProtocol:
                 self._start_fragments(opcode, payload, len(payload))
         elif opcode == Opcode.CONTINUATION:
             self._frag_size += len(payload)
+            self._frag_frames += 1
             if self._frag_opcode == Opcode.TEXT:
                 # The decoder raises on the first invalid sequence, even mid-message: a bad
                 # fragment fails the connection at once (Autobahn 6.4 checks this).
-                self._frag_parts.append(self._decoder.decode(payload, bool(fin)))
-            else:
+                part = self._decoder.decode(payload, bool(fin))
+                if part:
+                    self._frag_parts.append(part)
+            elif payload:
                 self._frag_parts.append(payload)
             if fin:
                 parts = self._frag_parts
@@ -2065,7 +2377,7 @@ class WebSocketProtocol:
                 self._events.append((self._frag_opcode, message))
                 self._frag_opcode = self._decoder = None
                 self._frag_parts = []
-                self._frag_size = 0
+                self._frag_size = self._frag_frames = 0
         elif opcode == Opcode.PING:
             # RFC 6455 5.5.2: answer with a Pong "with identical Application data".
             if self.close_sent is None:
@@ -2080,6 +2392,7 @@ class WebSocketProtocol:
         self._frag_opcode = opcode
         self._frag_parts = [first_part]
         self._frag_size = size
+        self._frag_frames = 1
 
     def _receive_close(self, payload):
         if len(payload) == 1:
@@ -2594,14 +2907,23 @@ def _token_matches(expected, given):
     if not isinstance(given, str):
         return False
     import hmac
-    return hmac.compare_digest(expected, given.encode('utf-8'))
+    return hmac.compare_digest(expected, given.encode('utf-8', 'surrogatepass'))
+
+
+_JSON_OBJECT_START = re.compile(rb'[ \t\r\n]*\{')
+
+
+def _is_json(content_type):
+    """Whether a Content-Type value names application/json (parameters allowed)."""
+    return content_type is not None and \
+        content_type.partition(';')[0].strip().lower() == 'application/json'
 
 
 def _query_value(text):
     """Query and command-line values are JSON where they parse, else the text itself."""
     try:
-        return json.loads(text)
-    except ValueError:
+        return loads(text)
+    except CodecError:
         return text
 
 
@@ -2611,6 +2933,7 @@ def _query_value(text):
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                     2.5, 5.0, 10.0)
 _NO_RULE = '(none)'         # the rule label of requests that matched no rule
+_OTHER_METHOD = '(other)'   # the method label of methods that no rule takes
 
 
 class _Metrics:
@@ -2624,6 +2947,9 @@ class _Metrics:
         # (rule, method, status) -> [requests, seconds in all, count per latency bucket...]
         self.requests = {}
         self.refusals = {}          # (method, status) -> requests refused by the HTTP layer
+        # Methods that get their own label: any other is counted as _OTHER_METHOD, so that
+        # invented methods cannot add series without end.
+        self.methods = {'GET', 'HEAD', 'OPTIONS'}
         self.bytes_in = 0
         self.bytes_out = 0
         self.started = time.time()
@@ -2634,7 +2960,7 @@ class _Metrics:
 
     def end(self, rule, method, status, seconds, _buckets=_LATENCY_BUCKETS):
         index = bisect.bisect_left(_buckets, seconds) + 2
-        key = (rule, method, status)
+        key = (rule, method if method in self.methods else _OTHER_METHOD, status)
         lock = self.lock
         lock.acquire()      # (not `with`: measurably slower on this path)
         try:
@@ -2656,7 +2982,7 @@ class _Metrics:
 
     def refused(self, method, status):
         """A request the HTTP layer refused before the listener saw it (400, 413, 431...)."""
-        key = (method or '-', status)
+        key = (method if method in self.methods else _OTHER_METHOD if method else '-', status)
         with self.lock:
             self.refusals[key] = self.refusals.get(key, 0) + 1
 
@@ -2759,6 +3085,57 @@ class _Deferred:
                                          _event_loop()).add_done_callback(done)
 
 
+# What web pages may do (see README, Security).  A call's body must be application/json,
+# which a page of another origin cannot send without a CORS preflight; the preflight is
+# answered only for the origins of Microservice(cors=...).  Browsers also say where a
+# request comes from (Sec-Fetch-Site), which keeps pages of other sites off GET rules too.
+_CORS_HEADERS = ('Content-Type', 'Authorization', 'X-MConnector', 'X-MConnector-Types',
+                 'X-MC-Timestamp', 'X-MC-Nonce', 'X-MC-Signature')
+_CORS_OPTIONS = frozenset({'origins', 'methods', 'headers', 'credentials', 'max_age'})
+
+
+class _Cors:
+    """The origins whose pages may call a listener, and what their preflights are told."""
+
+    def __init__(self, spec):
+        if isinstance(spec, str) or not hasattr(spec, 'keys'):
+            spec = {'origins': spec}
+        unknown = set(spec) - _CORS_OPTIONS
+        if unknown:
+            raise TypeError('cors= takes %s, not %s' % (', '.join(sorted(_CORS_OPTIONS)),
+                                                        ', '.join(sorted(unknown))))
+        origins = spec.get('origins', '*')
+        origins = [origins] if isinstance(origins, str) else list(origins)
+        for origin in origins:
+            if origin != '*' and not re.match(r'https?://[^/\s]+\Z', origin):
+                raise ValueError('a cors origin is scheme://host[:port] or *, not %r' % origin)
+        self.any = '*' in origins
+        self.origins = frozenset(o.lower() for o in origins if o != '*')
+        methods = spec.get('methods')
+        self.methods = None if methods is None else \
+            ', '.join(m.upper() for m in ([methods] if isinstance(methods, str) else methods))
+        headers = spec.get('headers', _CORS_HEADERS)
+        self.headers = ', '.join([headers] if isinstance(headers, str) else headers)
+        self.credentials = bool(spec.get('credentials', False))
+        if self.credentials and self.any:
+            raise ValueError("cors credentials=True needs the origins listed, not '*'")
+        self.max_age = int(spec.get('max_age', 600))
+
+    def allows(self, origin):
+        return origin is not None and (self.any or origin.lower() in self.origins)
+
+    def answer_headers(self, origin):
+        """The headers that let a page of `origin` (allowed) read an answer."""
+        if self.any and not self.credentials:
+            return [('Access-Control-Allow-Origin', '*'),
+                    ('Access-Control-Expose-Headers', 'X-MConnector-Types')]
+        headers = [('Access-Control-Allow-Origin', origin), ('Vary', 'Origin'),
+                   ('Access-Control-Expose-Headers', 'X-MConnector-Types')]
+        if self.credentials:
+            headers.append(('Access-Control-Allow-Credentials', 'true'))
+        return headers
+
+
 class Microservice:
     """A listener: functions decorated with typing()/route() answer calls from Friends.
 
@@ -2782,14 +3159,28 @@ class Microservice:
 
     `admin` (default True) answers GET /_mc/health, /_mc/rules and /_mc/metrics
     (Prometheus text) and reserves the /_mc/ prefix; a listener-wide token, and the
-    secretKey, apply to them too.
+    secretKey, apply to them too.  With a listener-wide token, a request without it gets
+    401 whatever its path, so that the rules cannot be listed by trying paths.
+
+    `nonce_store`: where the nonces of signed calls are kept, so that a signed call runs
+    once however many processes serve it and across restarts: a SQLite file path, shared
+    by the processes that name it (default: $MCONNECTOR_NONCE_STORE, else one file per
+    secretKey in the temporary directory), or a NonceCache.
+
+    Web pages: a call's body must be application/json (415 otherwise), and requests that
+    browsers mark as coming from another site are refused (403).  `cors` lets the pages of
+    some origins call the rules: '*', an origin ('https://app.example'), a list of them, or
+    a dict with `origins`, `methods` (default: those the rules take), `headers` (default:
+    Content-Type, Authorization and the X-MConnector and X-MC- headers), `credentials`
+    (default False) and `max_age` (seconds, 600).  Off by default.  OPTIONS is answered
+    with the methods of the rule in `Allow`.
     """
 
     def __init__(self, name: str, port: int = 5000, host: str = '0.0.0.0',
                  debug: Optional[bool] = None, token: Union[str, Mapping[str, str], None] = None,
                  secretKey: Optional[str] = None, timeout: float = 15.0, max_body: int = MAX_BODY,
                  max_workers: int = 64, request_timeout: float = 10.0, grace: float = 10.0,
-                 admin: bool = True,
+                 admin: bool = True, nonce_store: Optional[str] = None, cors: Any = None,
                  trusted_proxies: Union[str, Iterable[str], None] = None) -> None:
         self.name = name
         self.trusted_proxies = trusted_proxies
@@ -2801,7 +3192,9 @@ class Microservice:
         self.port = port
         self.debug = bool(debug)
         self.secretKey = secretKey
-        self._nonces = NonceCache()
+        self.nonce_store = nonce_store
+        self._nonces = None             # the NonceCache, made at the first signed call
+        self._cors = None if cors is None else _Cors(cors)
         self.timeout = timeout
         self.request_timeout = request_timeout
         self.max_workers = max_workers
@@ -2865,6 +3258,7 @@ class Microservice:
         endpoint = _Endpoint(compiled.rule, func, mode, methods)
         for method in methods:
             table[method] = endpoint
+        self._metrics.methods.update(methods)
 
     @staticmethod
     def reply(func: F) -> F:
@@ -2952,10 +3346,15 @@ class Microservice:
             connections = (len(server.connections), self.stats['connections'])
         return self._metrics.prometheus(self.name, connections)
 
-    def _admin(self, method, path, headers):
+    def _admin(self, method, path, headers, body):
+        expected = self._tokens.get(_ALL_RULES)
+        if expected is not None:
+            self._authorize(expected, path, headers, body)
+        if method == 'OPTIONS':
+            return Response(204, headers=[('Allow', 'GET, HEAD, OPTIONS')], content_type=None)
         if method not in ('GET', 'HEAD'):
-            raise HTTPError(405, '%s takes GET, not %s' % (path, method), [('Allow', 'GET, HEAD')])
-        self._check_token(path, headers, None, {}, 'reply')    # the listener-wide token
+            raise HTTPError(405, '%s takes GET, not %s' % (path, method),
+                            [('Allow', 'GET, HEAD, OPTIONS')])
         name = path[len(_ADMIN_PREFIX):]
         if name == 'health':
             health = self.health()
@@ -2973,8 +3372,9 @@ class Microservice:
                signed_target: Optional[str] = None, client: Optional[Peer] = None) -> Response:
         """Answer one request: the whole of the listener's logic, with no I/O.
 
-        `headers` maps lower-case names to values; `body` is bytes.  Returns a Response;
-        never raises for anything a peer can send.  Every server shell (the built-in
+        `headers` maps lower-case names to values; `body` is bytes (a call's comes with
+        'content-type': 'application/json').  Returns a Response; never raises for
+        anything a peer can send.  Every server shell (the built-in
         server, WSGI) calls this, and it counts what /_mc/metrics shows.
         `signed_target`: the target as the sender wrote it, when `target` differs (the
         path below a WSGI mount point); a secretKey signature covers that one.
@@ -2992,20 +3392,31 @@ class Microservice:
         rule = _NO_RULE
         response = None
         try:
+            # A browser's preflight carries no token or signature, and its answer is the
+            # same for every path.
+            if method == 'OPTIONS' and self._cors is not None and 'origin' in headers \
+                    and 'access-control-request-method' in headers:
+                response = self._preflight(headers)
+                return response
             if self.secretKey:
                 verify_request(self.secretKey, method, signed_target or target, headers, body,
-                               self._nonces)
+                               _replay_cache(self))
             path, query = split_target(target)
             if self.admin and path.startswith(_ADMIN_PREFIX):
                 if path[len(_ADMIN_PREFIX):] in _ADMIN_PAGES:   # unknown ones: no new label
                     rule = path
-                response = self._admin(method, path, headers)
+                response = self._admin(method, path, headers, body)
             else:
-                endpoint, params = self._endpoint(method, path)
-                rule = endpoint.rule
-                call = RequestContext(method, target, path, rule, headers, client, self._trusted)
-                response = self._dispatch(endpoint, path, query, params, headers, body, defer,
-                                          call)
+                endpoint, params = self._endpoint(method, path, headers, body)
+                if type(endpoint) is str:       # an OPTIONS the rule does not take itself
+                    rule = params
+                    response = Response(204, headers=[('Allow', endpoint)], content_type=None)
+                else:
+                    rule = endpoint.rule
+                    call = RequestContext(method, target, path, rule, headers, client,
+                                          self._trusted)
+                    response = self._dispatch(endpoint, method, path, query, params, headers,
+                                              body, defer, call)
         except HTTPError as exc:
             response = Response.refusal(exc)
         finally:
@@ -3016,42 +3427,114 @@ class Microservice:
             else:
                 metrics.end(rule, method, 500 if response is None else response.status,
                             time.perf_counter() - started)
+        if self._cors is not None and 'origin' in headers:
+            self._cors_answer(response, headers['origin'])
         return response
 
-    def _endpoint(self, method, path):
+    def _preflight(self, headers):
+        """The answer to a browser's CORS preflight (an OPTIONS that asks for a method)."""
+        origin = headers['origin']
+        cors = self._cors
+        if not cors.allows(origin):
+            raise HTTPError(403, 'origin %s may not call %s (Microservice(cors=...) lists '
+                            'the origins that may)' % (origin[:200], self.name))
+        methods = cors.methods or ', '.join(sorted(self._metrics.methods))
+        answer = cors.answer_headers(origin) + [
+            ('Access-Control-Allow-Methods', methods),
+            ('Access-Control-Allow-Headers', cors.headers),
+            ('Access-Control-Max-Age', str(cors.max_age))]
+        if headers.get('access-control-request-private-network', '').lower() == 'true':
+            answer.append(('Access-Control-Allow-Private-Network', 'true'))
+        return Response(204, headers=answer, content_type=None)
+
+    def _cors_answer(self, response, origin):
+        """Add what lets an allowed origin's page read `response` (a Response, or a
+        _Deferred whose Response is still to come)."""
+        if not self._cors.allows(origin):
+            return
+        extra = self._cors.answer_headers(origin)
+        if type(response) is _Deferred:
+            settle = response.settle
+
+            def settled(done):
+                answer = settle(done)
+                answer.headers = answer.headers + extra
+                return answer
+            response.settle = settled
+        else:
+            # (a new list: a rule may answer with the same Response every time)
+            response.headers = response.headers + extra
+
+    def _endpoint(self, method, path, headers, body):
+        """(endpoint, path parameters) of a request; for an OPTIONS that the rule does not
+        take itself, (the Allow value, the rule).  Raises HTTPError: 404, 405, or 401
+        first when a listener-wide token is missing."""
         table, params = self._router.find(path)
+        endpoint = None
+        if table is not None:
+            endpoint = table.get(method) or (table.get('GET') if method == 'HEAD' else None)
+        if endpoint is not None:
+            return endpoint, params
+        # Without the listener-wide token, no answer tells which rules exist.
+        expected = self._tokens.get(_ALL_RULES)
+        if expected is not None:
+            self._authorize(expected, path, headers, body)
         if table is None:
             raise HTTPError(404, 'no rule %s on %s' % (path, self.name))
-        endpoint = table.get(method) or (table.get('GET') if method == 'HEAD' else None)
-        if endpoint is None:
-            allowed = ', '.join(sorted(table))
-            raise HTTPError(405, '%s takes %s, not %s' % (path, allowed, method),
-                            [('Allow', allowed)])
-        return endpoint, params
+        methods = set(table) | {'OPTIONS'}
+        if 'GET' in methods:
+            methods.add('HEAD')
+        allowed = ', '.join(sorted(methods))
+        if method == 'OPTIONS':
+            return allowed, next(iter(table.values())).rule
+        raise HTTPError(405, '%s takes %s, not %s' % (path, allowed, method[:20]),
+                        [('Allow', allowed)])
 
-    def _dispatch(self, endpoint, path, query, params, headers, body, defer=False, call=None):
+    def _dispatch(self, endpoint, method, path, query, params, headers, body, defer=False,
+                  call=None):
         mode = endpoint.mode
-        data = self._parse_body(body) if body and mode != 'raw' else {}
+        expected = self._tokens.get(endpoint.rule) or self._tokens.get(_ALL_RULES)
+        # Authorization comes first: without the token, a request costs at most the plain
+        # parse of its body (for the 0.3.7 token in it), and nothing it carries is restored.
+        data = None
+        if expected is not None:
+            data = self._authorize(expected, endpoint.rule, headers, body)
         if mode == 'raw':
-            args, kwargs, given_token = [], {}, None
-        elif mode == 'reply':
-            args, kwargs, given_token = self._reply_arguments(data, path)
+            args, kwargs = [], {}
         else:
-            if not isinstance(data, dict):
-                raise HTTPError(400, '%s takes a JSON object of keyword arguments' % path)
-            if 'x-mconnector-types' in headers:
-                try:
-                    data = from_wire(data, loads(headers['x-mconnector-types']))
-                except CodecError as exc:
-                    raise HTTPError(400, str(exc)) from None
-            args, kwargs, given_token = [], data, None
-        self._check_token(endpoint.rule, headers, given_token, kwargs, mode)
-        if mode not in ('raw', 'reply') and 'args' in kwargs and 'kwargs' in kwargs and \
-                _SEND_KEYS.issuperset(kwargs) and not endpoint.takes('args'):
-            raise HTTPError(400, '%s is an @M.%s rule: it takes one JSON object of keyword '
-                            'arguments, as friend.json() and mconnector call --json send them, '
-                            'not the {"args": [...], "kwargs": {...}} of friend.send()'
-                            % (path, mode))
+            site = headers.get('sec-fetch-site')
+            if site is not None and site not in ('same-origin', 'none') and not (
+                    self._cors is not None and self._cors.allows(headers.get('origin'))):
+                raise HTTPError(403, 'a web page of another site may not call %s (browsers '
+                                'say so in Sec-Fetch-Site: Microservice(cors=...) lets '
+                                'origins in)' % endpoint.rule)
+            # (an empty POST too: a page can send one without a preflight)
+            if (body or method not in ('GET', 'HEAD')) and \
+                    not _is_json(headers.get('content-type')):
+                given = headers.get('content-type')
+                raise HTTPError(415, 'a call to %s takes an application/json body '
+                                '(Content-Type: application/json), not %s'
+                                % (endpoint.rule, given[:100] if given else 'no Content-Type'))
+            data = self._parse_body(body, data) if body else {}
+            if mode == 'reply':
+                args, kwargs = self._reply_arguments(data, path)
+            else:
+                if not isinstance(data, dict):
+                    raise HTTPError(400, '%s takes a JSON object of keyword arguments' % path)
+                if 'x-mconnector-types' in headers:
+                    try:
+                        data = from_wire(data, loads(headers['x-mconnector-types']))
+                    except CodecError as exc:
+                        raise HTTPError(400, str(exc)) from None
+                args, kwargs = [], data
+                if expected is not None:
+                    kwargs.pop('token', None)
+            if mode != 'reply' and 'args' in kwargs and 'kwargs' in kwargs and \
+                    _SEND_KEYS.issuperset(kwargs) and not endpoint.takes('args'):
+                raise HTTPError(400, '%s is an @M.%s rule: it takes one JSON object of keyword '
+                                'arguments, as friend.json() and mconnector call --json send '
+                                'them, not the {"args": [...], "kwargs": {...}} of '
+                                'friend.send()' % (path, mode))
         # A page's address carries what browsers and campaigns add (?utm_source=...): the
         # Flask-like view passes only what the function takes.  A rule's query is its
         # arguments, so one it cannot take is the caller's mistake (400).
@@ -3100,9 +3583,13 @@ class Microservice:
             return Response.refusal(exc)
 
     @staticmethod
-    def _parse_body(body):
+    def _parse_body(body, parsed=None):
+        """The body's value, checked strictly (parsed already when it carried the token)."""
         try:
-            return loads(body)
+            if parsed is None:
+                return loads(body)
+            _check_json(body, parsed)     # parsed already, for its token
+            return parsed
         except CodecError as exc:
             raise HTTPError(400, str(exc)) from None
 
@@ -3128,22 +3615,32 @@ class Microservice:
                 args, kwargs = from_wire([args, kwargs], notes)
             except CodecError as exc:
                 raise HTTPError(400, str(exc)) from None
-        return args, kwargs, data.get('token')
+        return args, kwargs
 
-    def _check_token(self, rule, headers, given, kwargs, mode):
-        expected = self._tokens.get(rule) or self._tokens.get(_ALL_RULES)
-        if expected is None:
-            return
+    @staticmethod
+    def _authorize(expected, rule, headers, body):
+        """Raise HTTPError(401) unless the request carries the token `expected`: in an
+        Authorization: Bearer header, else (0.3.7 senders) as the "token" of a JSON object
+        body.  Returns the body's value when it was parsed to find the token, else None;
+        only json's own parser has seen it then, nothing has been restored."""
         auth = headers.get('authorization', '')
+        data = None
         if auth[:7].lower() == 'bearer ':
             given = auth[7:].strip()
-        elif mode != 'reply' and given is None and 'token' in kwargs:
-            given = kwargs.pop('token')
+        else:
+            given = None
+            if body and _is_json(headers.get('content-type')) and \
+                    _JSON_OBJECT_START.match(body):
+                try:
+                    data = _parse_json(body)
+                except CodecError:
+                    data = None
+                if isinstance(data, dict):
+                    given = data.get('token')
         if not _token_matches(expected, given):
             raise HTTPError(401, 'missing or wrong token for %s' % rule,
                             [('WWW-Authenticate', 'Bearer')])
-        if mode != 'reply':
-            kwargs.pop('token', None)
+        return data
 
     def _failure(self, endpoint, exc):
         type_name = type(exc).__name__
@@ -3646,8 +4143,11 @@ class SocketServer:
 
     Options: `subprotocols` (the server's preference order), `origins` (allowed Origin values;
     others get 403; None allows all), `max_size` (largest message, 1 MiB; larger: close 1009),
-    `max_frame_size` (default: max_size), `handshake_timeout` (10 s), `ping_interval` and
-    `ping_timeout` (20 s each; None turns keep-alive off), `close_timeout` (10 s),
+    `max_frame_size` (default: max_size), `max_frames` (frames of one message, empty ones
+    included: one per 64 bytes of max_size, at least 1024), `handshake_timeout` (10 s),
+    `ping_interval` and `ping_timeout` (20 s each; None turns keep-alive off),
+    `close_timeout` (10 s), `nonce_store` (where the nonces of signed handshakes are kept,
+    as for a Microservice),
     `ssl_context` (serve wss://), `secretKey` (handshakes must be signed, as calls to a
     Microservice with a secretKey are: 401 otherwise), `max_workers` (handlers written with
     `def` that run at once, 64; `async def` ones run on the asyncio loop and take none).
@@ -3659,6 +4159,7 @@ class SocketServer:
                  subprotocols: Optional[Iterable[str]] = None,
                  origins: Optional[Iterable[Optional[str]]] = None,
                  max_size: Optional[int] = _WS_MAX_SIZE, max_frame_size: Optional[int] = None,
+                 max_frames: Optional[int] = None, nonce_store: Optional[str] = None,
                  handshake_timeout: float = _WS_HANDSHAKE_TIMEOUT,
                  ping_interval: Optional[float] = _WS_PING_INTERVAL,
                  ping_timeout: Optional[float] = _WS_PING_TIMEOUT,
@@ -3670,11 +4171,13 @@ class SocketServer:
         self.trusted_proxies = trusted_proxies
         self._trusted = _trusted_proxies(trusted_proxies)
         self.secretKey = secretKey
-        self._nonces = NonceCache()
+        self.nonce_store = nonce_store
+        self._nonces = None             # the NonceCache, made at the first signed handshake
         self.subprotocols = list(subprotocols or ())
         self.origins = None if origins is None else set(origins)
         self.max_size = max_size
         self.max_frame_size = max_frame_size
+        self.max_frames = max_frames
         self.handshake_timeout = handshake_timeout
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
@@ -4495,7 +4998,8 @@ class _Tries:
         self.where = '%s%s' % (friend.address, rule)
         self.target = target = friend._prefix + rule
         if friend.secretKey:
-            headers = headers + tuple(sign_request(friend.secretKey, method, target, body))
+            headers = headers + tuple(sign_request(friend.secretKey, method, target, body,
+                                                   headers=headers))
         self.headers = (('Host', friend._host_header),) + headers
         self.idempotent = method in ('GET', 'HEAD', 'OPTIONS') or \
             friend._rules.get(rule, {}).get('idempotent', False)
@@ -5185,12 +5689,9 @@ def _ws_split_url(url):
 
 def _ws_connect(url, *, timeout=_WS_HANDSHAKE_TIMEOUT, subprotocols=None, origin=None,
                 headers=None, ssl_context=None, max_size=_WS_MAX_SIZE, max_frame_size=None,
-                ping_interval=_WS_PING_INTERVAL, ping_timeout=_WS_PING_TIMEOUT,
-                close_timeout=_WS_CLOSE_TIMEOUT, secretKey=None):
+                max_frames=None, ping_interval=_WS_PING_INTERVAL,
+                ping_timeout=_WS_PING_TIMEOUT, close_timeout=_WS_CLOSE_TIMEOUT, secretKey=None):
     secure, host, port, target, host_field = _ws_split_url(url)
-    if secretKey:
-        headers = dict(headers or {})
-        headers.update(sign_request(secretKey, 'GET', target, b''))
     deadline = time.monotonic() + timeout
     try:
         sock = socket.create_connection((host, port), timeout)
@@ -5206,8 +5707,10 @@ def _ws_connect(url, *, timeout=_WS_HANDSHAKE_TIMEOUT, subprotocols=None, origin
             sock = context.wrap_socket(sock, server_hostname=host)
         key = base64.b64encode(os.urandom(16)).decode('ascii')
         http = HTTPConnection(client=True, max_head=_WS_MAX_HEAD)
-        sock.sendall(http.send_request('GET', target, _ws_client_headers(
-            host_field, key, subprotocols, origin, headers)))
+        fields = _ws_client_headers(host_field, key, subprotocols, origin, headers)
+        if secretKey:
+            fields += sign_request(secretKey, 'GET', target, b'', headers=fields)
+        sock.sendall(http.send_request('GET', target, fields))
         head = _ws_read_head(sock, http, deadline)
         if head is CLOSED:
             raise ConnectionResetError('the server closed the connection during the handshake')
@@ -5228,7 +5731,7 @@ def _ws_connect(url, *, timeout=_WS_HANDSHAKE_TIMEOUT, subprotocols=None, origin
         raise
     from urllib.parse import unquote
     raw_path, _, query = target.partition('?')
-    protocol = WebSocketProtocol(True, max_size, max_frame_size)
+    protocol = WebSocketProtocol(True, max_size, max_frame_size, max_frames)
     return WebSocket(sock, protocol, path=unquote(raw_path), query=query, subprotocol=chosen,
                      remote_address=sock.getpeername()[:2], leftover=leftover,
                      ping_interval=ping_interval, ping_timeout=ping_timeout,
@@ -5241,8 +5744,8 @@ def SocketClient(host: str = 'localhost:8765', url: str = '/', **options: Any) -
     `host` is 'HOST:PORT' as in 0.3.7, or a whole ws:// or wss:// URL (then `url`, when not
     '/', is appended to it).  Options: timeout (for the TCP connection and the handshake,
     10 s), subprotocols, origin, headers (extra request headers), ssl_context (for wss://),
-    max_size, max_frame_size, ping_interval, ping_timeout, close_timeout, secretKey (sign
-    the handshake for a SocketServer that has one).
+    max_size, max_frame_size, max_frames, ping_interval, ping_timeout, close_timeout,
+    secretKey (sign the handshake for a SocketServer that has one).
 
     Raises Unreachable when nothing accepts the TCP connection, HandshakeError when the
     server refuses the upgrade (.status, e.g. 404, and .path), WebSocketTimeout when the
@@ -6143,18 +6646,21 @@ class _WsHandshake:
             if app.secretKey:
                 try:
                     verify_request(app.secretKey, 'GET', request.target, request.headers, b'',
-                                   app._nonces)
+                                   _replay_cache(app))
                 except HTTPError as exc:
-                    raise HandshakeError(401, exc.message, request.path) from None
+                    raise HandshakeError(exc.status, exc.message, request.path) from None
             target, params = app.routes.find(request.path)
             if target is None:
                 raise HandshakeError(404, 'no websocket route for %s' % request.path,
                                      request.path)
             if conn.server.stopping:
                 raise HandshakeError(503, 'the server is stopping', request.path)
-        except (HandshakeError, HTTPError) as exc:
+        except Exception as exc:
             if isinstance(exc, HTTPError):
                 exc = HandshakeError(exc.status, exc.message)
+            elif not isinstance(exc, HandshakeError):   # answered all the same, and logged
+                log.exception('%s: websocket handshake failed', conn.address[0])
+                exc = HandshakeError(500, 'the server failed: see its log')
             log.info('%s: %s', conn.address[0], exc)
             conn.write(_ws_error_response(exc))
             conn.finish()
@@ -6205,7 +6711,7 @@ class _ServerWebSocket(_WebSocketBase):
         self.subprotocol = request.subprotocol
         self.remote_address = conn.address[:2]
         self.close_timeout = app.close_timeout
-        self._proto = WebSocketProtocol(False, app.max_size, app.max_frame_size)
+        self._proto = WebSocketProtocol(False, app.max_size, app.max_frame_size, app.max_frames)
         self._cond = threading.Condition()      # guards what both sides touch
         self._messages = collections.deque()
         self._closed = None                     # the ConnectionClosed to raise, once closed

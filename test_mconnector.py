@@ -1329,7 +1329,7 @@ class ListenerTest(unittest.TestCase):
         with self.assertRaises(mconnector.MethodNotAllowed) as caught:
             self.friend.send('/add', 1)
         self.assertEqual(caught.exception.status, 405)
-        self.assertEqual(self.friend.lastreply.headers['allow'], 'POST')
+        self.assertEqual(self.friend.lastreply.headers['allow'], 'OPTIONS, POST')
 
     def test_wrong_arguments_400_names_the_signature(self):
         with self.assertRaises(mconnector.BadRequest) as caught:
@@ -1342,6 +1342,7 @@ class ListenerTest(unittest.TestCase):
         for body in (b'{not json', b'[1, 2]', b'{"args": 5}', b'{"kwargs": []}', b'\xff\xfe',
                      b'{"args": [1], "types": [[[0, 0], "set"]]}', b'{"types": "x", "args": [1]}'):
             reply = raw_request(self.port, b'POST /add HTTP/1.1\r\nHost: x\r\nConnection: close\r\n'
+                                b'Content-Type: application/json\r\n'
                                 b'Content-Length: %d\r\n\r\n%s' % (len(body), body))
             self.assertEqual(status_of(reply), 400, (body, reply))
             self.assertEqual(json.loads(reply.split(b'\r\n\r\n', 1)[1])['error']['status'], 400)
@@ -1383,6 +1384,7 @@ class ListenerTest(unittest.TestCase):
         self.assertEqual(self.calls, [])
         body = b'{"a": 5, "token": "t0k"}'
         reply = raw_request(self.port, b'POST /guarded HTTP/1.1\r\nHost: x\r\nConnection: close\r\n'
+                            b'Content-Type: application/json\r\n'
                             b'Content-Length: %d\r\n\r\n%s' % (len(body), body))
         self.assertEqual(status_of(reply), 200, reply)
         self.assertTrue(reply.endswith(b'[5]'), reply)
@@ -1456,6 +1458,7 @@ class ListenerTest(unittest.TestCase):
         with socket.create_connection(('127.0.0.1', self.port), timeout=5) as sock:
             body = b'{"args": [1, 2]}'
             sock.sendall(b'POST /add HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n'
+                         b'Content-Type: application/json\r\n'
                          b'Content-Length: %d\r\n\r\n' % len(body))
             self.assertEqual(sock.recv(100), b'HTTP/1.1 100 Continue\r\n\r\n')
             sock.sendall(body)
@@ -2248,6 +2251,7 @@ class MistakesTest(unittest.TestCase):
         self.assertEqual(self.raise_message(mconnector.BadRequest, self.friend.json, '/pair', a=1),
                          'HTTP 400: %s (%s/pair)' % (expected, self.M.url))
         reply = raw_request(self.M.port, b'POST /pair HTTP/1.1\r\nHost: x\r\nContent-Length: 8'
+                                         b'\r\nContent-Type: application/json'
                                          b'\r\nConnection: close\r\n\r\n{"a": 1}')
         self.assertEqual(status_of(reply), 400)
         self.assertEqual(json.loads(reply.partition(b'\r\n\r\n')[2])['error']['message'], expected)
@@ -2307,7 +2311,8 @@ class MistakesTest(unittest.TestCase):
         # (and unwraps it as it did); an mconnector sender is told not to.
         for header, mode in ((b'', None), (b'X-MConnector: 1.1.0\r\n', b'dict')):
             reply = raw_request(self.M.port, b'POST /d HTTP/1.1\r\nHost: x\r\nContent-Length: '
-                                             b'10\r\n%sConnection: close\r\n\r\n{"x": [5]}' % header)
+                                             b'10\r\nContent-Type: application/json\r\n'
+                                             b'%sConnection: close\r\n\r\n{"x": [5]}' % header)
             head, _, body = reply.partition(b'\r\n\r\n')
             self.assertEqual(body, b'[5]')
             self.assertEqual(parse_head(head).get('x-mconnector-mode'), mode and mode.decode())
@@ -2808,6 +2813,7 @@ class SignedCallTest(unittest.TestCase):
         body = b'{"args": [7]}'
         signed = mconnector.sign_request('k3y', 'POST', '/count', body)
         head = b'POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n' % len(body)
+        head += b'Content-Type: application/json\r\n'
         head += b''.join(b'%s: %s\r\n' % (k.encode(), v.encode()) for k, v in signed)
         first = raw_request(self.M.port, head + b'Connection: close\r\n\r\n' + body)
         again = raw_request(self.M.port, head + b'Connection: close\r\n\r\n' + body)
@@ -2857,6 +2863,596 @@ class WSGISignedCallTest(SignedCallTest):
                     secretKey='k3y') as friend:
             self.assertEqual(friend.send('/count', 'm'), len(self.M.runs))
         self.assertEqual(self.M.runs[-1], 'm')
+
+
+# ==========================================================================================
+# Security: what a meddler on the path, a stranger and a web page can make a listener do
+# ==========================================================================================
+
+def signed_request(key, target, body, headers=(), signed_headers=None, method='POST'):
+    """The bytes of a request signed with `key`; `signed_headers` (default: `headers`) are
+    the headers the sender signed, `headers` those that travel (a meddler's changes)."""
+    signature = mconnector.sign_request(key, method, target, body,
+                                        headers=headers if signed_headers is None
+                                        else signed_headers)
+    fields = [('Host', 'x'), ('Content-Type', 'application/json'),
+              ('Content-Length', str(len(body))), ('Connection', 'close')]
+    fields += list(headers) + signature
+    head = '%s %s HTTP/1.1\r\n%s\r\n' % (method, target,
+                                          ''.join('%s: %s\r\n' % f for f in fields))
+    return head.encode('latin-1') + body
+
+
+def error_of(reply):
+    """(status, message) of a raw HTTP reply carrying a JSON error."""
+    body = reply.partition(b'\r\n\r\n')[2]
+    return status_of(reply), json.loads(body)['error']['message']
+
+
+class SignatureCoverageTest(unittest.TestCase):
+    """A signed call cannot be read otherwise than its sender meant: the headers that the
+    listener reads to interpret it are signed with it."""
+
+    shell = 'builtin'
+
+    def setUp(self):
+        import tempfile
+        folder = tempfile.TemporaryDirectory()
+        self.addCleanup(folder.cleanup)
+        self.runs = []
+        M = self.M = Microservice('signed', secretKey='k3y', token={'/guarded': 't0k'},
+                                  nonce_store=os.path.join(folder.name, 'nonces'))
+
+        @M.typing('/kind')
+        @M.json
+        def kind(a):
+            self.runs.append(a)
+            return type(a).__name__
+
+        @M.typing('/guarded')
+        @M.json
+        def guarded(a):
+            self.runs.append(a)
+            return a
+        self.friend = Service.start(self, M, secretKey='k3y')
+
+    def send(self, target, headers=(), signed_headers=None, body=b'{"a": "AAAA"}'):
+        return raw_request(self.M.port, signed_request('k3y', target, body, headers,
+                                                       signed_headers))
+
+    def assertSigned(self, target, header):
+        """`header` added on the way, or dropped, makes the signature fail."""
+        for sent, signed in (([header], []), ([], [header])):
+            self.assertEqual(error_of(self.send(target, sent, signed_headers=signed)),
+                             (401, 'bad signature'))
+        self.assertEqual(self.runs, [])
+
+    def test_type_notes_added_on_the_way_are_refused(self):
+        notes = ('X-MConnector-Types', '[[["a"], "bytes"]]')
+        self.assertSigned('/kind', notes)
+        self.assertTrue(self.send('/kind', [notes]).endswith(b'["bytes"]'))   # as signed
+        self.assertTrue(self.send('/kind').endswith(b'["str"]'))
+        self.assertEqual(self.friend.json('/kind', a=b'\x00'), 'bytes')      # Friend signs them
+        self.assertEqual(self.runs, [b'\x00\x00\x00', 'AAAA', b'\x00'])
+
+    def test_the_token_header_is_signed(self):
+        bearer = ('Authorization', 'Bearer t0k')
+        self.assertSigned('/guarded', bearer)
+        self.assertEqual(status_of(self.send('/guarded', [bearer])), 200)
+        self.friend.setRule('/guarded', token='t0k')
+        self.assertEqual(self.friend.json('/guarded', a=2), 2)
+        self.assertEqual(self.runs, ['AAAA', 2])
+
+    def test_the_signed_text_is_the_one_documented(self):
+        # As a client in another language would build it from the README.
+        import hashlib
+        import hmac
+        body = b'{"a": 1}'
+        text = '\n'.join(['POST', '/kind?x=1', '1700000000', 'n0nce',
+                          hashlib.sha256(body).hexdigest(), 'authorization:Bearer t0k',
+                          'sec-websocket-protocol:chat', 'x-mconnector:1.0',
+                          'x-mconnector-types:[[["a"], "bytes"]]'])
+        expected = hmac.new(b'k3y', text.encode('utf-8'), hashlib.sha256).hexdigest()
+        headers = [('X-MConnector-Types', ' [[["a"], "bytes"]] '), ('Content-Type', 'text/x'),
+                   ('authorization', 'Bearer t0k'), ('X-MConnector', '1.0'),
+                   ('User-Agent', 'other'), ('Sec-WebSocket-Protocol', 'chat')]
+        signed = dict(mconnector.sign_request('k3y', 'POST', '/kind?x=1', body, 1700000000,
+                                              'n0nce', headers))
+        self.assertEqual(signed['X-MC-Signature'], expected)
+        received = {k.lower(): v.strip() for k, v in headers + list(signed.items())}
+        received['x-forwarded-for'] = '10.0.0.1'        # what a proxy adds is not signed
+        mconnector.verify_request('k3y', 'POST', '/kind?x=1', received, body,
+                                  mconnector.NonceCache(), now=1700000000)
+
+    def test_malformed_signature_headers_are_401_and_the_listener_goes_on(self):
+        good = dict(mconnector.sign_request('k3y', 'POST', '/kind', b'{"a": 1}'))
+        for name, value, message in (
+                ('X-MC-Timestamp', '9' * 5000, 'malformed signature timestamp'),
+                ('X-MC-Timestamp', '\xb2', 'malformed signature timestamp'),
+                ('X-MC-Timestamp', '-1', 'malformed signature timestamp'),
+                ('X-MC-Nonce', 'n' * 65, 'malformed nonce'),
+                ('X-MC-Nonce', '\xe9t\xe9', 'malformed nonce'),
+                ('X-MC-Signature', good['X-MC-Signature'][:-1] + '\xe9', 'malformed signature'),
+                ('X-MC-Signature', 'zz' * 32, 'malformed signature')):
+            fields = dict(good, **{name: value})
+            head = ''.join('%s: %s\r\n' % f for f in fields.items())
+            reply = raw_request(self.M.port, (
+                'POST /kind HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n'
+                'Content-Length: 8\r\nConnection: close\r\n%s\r\n{"a": 1}' % head
+            ).encode('latin-1'))
+            status, text = error_of(reply)
+            self.assertEqual(status, 401, (name, value[:10], reply[:200]))
+            self.assertIn(message, text)
+        self.assertEqual(self.runs, [])
+        self.assertEqual(self.friend.json('/kind', a=1), 'int')
+
+
+class WSGISignatureCoverageTest(SignatureCoverageTest):
+    shell = 'wsgi'
+
+
+class SignedCallsRunOnceTest(unittest.TestCase):
+    """A signed call runs at most once per service: across its processes and restarts,
+    through the nonce store that they share."""
+
+    shell = 'builtin'
+
+    def setUp(self):
+        import tempfile
+        folder = tempfile.TemporaryDirectory()
+        self.addCleanup(folder.cleanup)
+        self.folder = folder.name
+        self.store = os.path.join(self.folder, 'nonces.sqlite3')
+
+    def start(self, **options):
+        M = counting_service(secretKey='k3y', nonce_store=self.store, **options)
+        Service.start(self, M)
+        return M
+
+    def test_a_replay_to_a_restarted_listener_is_refused(self):
+        request = signed_request('k3y', '/count', b'{"args": [1]}')
+        first = self.start()
+        self.assertEqual(status_of(raw_request(first.port, request)), 200)
+        if self.shell == 'builtin':
+            first.stop()
+        again = self.start()                    # a new process would start just so
+        self.assertEqual(error_of(raw_request(again.port, request)),
+                         (401, 'replayed request (nonce already seen)'))
+        self.assertEqual((first.runs, again.runs), ([1], []))
+        with Friend('signed', again.url, secretKey='k3y') as friend:
+            self.assertEqual(friend.send('/count', 2), 1)
+
+    def test_a_store_that_cannot_be_used_refuses_signed_calls_with_503(self):
+        self.store = self.folder                # a directory: SQLite cannot open it
+        M = self.start()
+        with self.assertLogs('mconnector', 'ERROR') as logs:
+            status, message = error_of(raw_request(
+                M.port, signed_request('k3y', '/count', b'{"args": [1]}')))
+        self.assertEqual(status, 503)
+        self.assertIn('replay protection unavailable', message)
+        self.assertIn(self.folder, logs.output[0])
+        self.assertEqual(M.runs, [])
+
+    def test_nonce_caches_on_one_file_share_what_they_saw(self):
+        first = mconnector.NonceCache(window=300, path=self.store)
+        second = mconnector.NonceCache(window=300, path=self.store)
+        self.addCleanup(first.close)
+        self.addCleanup(second.close)
+        self.assertTrue(first.add('n1', 1000.0))
+        self.assertFalse(first.add('n1', 1000.0))       # from memory
+        self.assertFalse(second.add('n1', 1001.0))      # from the file
+        self.assertTrue(second.add('n2', 1001.0))
+        self.assertFalse(first.add('n2', 1002.0))
+        self.assertTrue(second.add('n1', 1000.0 + 601))  # forgotten after twice the window
+
+    def test_the_default_store_is_one_private_file_per_key(self):
+        import stat
+        import tempfile
+        from unittest import mock
+        paths = []
+        with mock.patch.dict(os.environ):
+            os.environ.pop('MCONNECTOR_NONCE_STORE', None)
+            for key in ('k3y', 'k3y', 'other'):
+                M = counting_service(secretKey=key)
+                self.assertEqual(Service.start(self, M, secretKey=key).send('/count', 1), 1)
+                paths.append(M._nonces.path)
+            os.environ['MCONNECTOR_NONCE_STORE'] = self.store
+            M = counting_service(secretKey='k3y')
+            self.assertEqual(Service.start(self, M, secretKey='k3y').send('/count', 1), 1)
+            self.assertEqual(M._nonces.path, self.store)
+        self.assertEqual(paths[0], paths[1])
+        self.assertNotEqual(paths[0], paths[2])
+        folder = os.path.dirname(paths[0])
+        self.assertEqual(os.path.dirname(folder), tempfile.gettempdir())
+        self.assertEqual(stat.S_IMODE(os.stat(folder).st_mode), 0o700)
+        self.assertTrue(os.path.exists(self.store))
+
+
+class WSGISignedCallsRunOnceTest(SignedCallsRunOnceTest):
+    shell = 'wsgi'
+
+
+class AuthorizationFirstTest(unittest.TestCase):
+    """Without its token, a guarded rule costs a request no more than a plain parse of its
+    body: no type note is restored, no class built, no codec detail answered."""
+
+    shell = 'builtin'
+
+    def setUp(self):
+        self.built, self.runs = [], []
+        test = self
+
+        class AuthorizationProbe:
+            def __init__(self, x):
+                test.built.append(x)
+                self.x = x
+        mconnector.register(AuthorizationProbe, 'AuthorizationProbe')
+        M = self.M = Microservice('guarded', token={'/g': 't0k', '/j': 't0k'})
+
+        @M.typing('/g')
+        def g(*args):
+            self.runs.append(args)
+            return len(args)
+
+        @M.typing('/j')
+        @M.json
+        def j(**kwargs):
+            self.runs.append(kwargs)
+            return len(kwargs)
+        self.friend = Service.start(self, M)
+
+    def post(self, target, body, headers=''):
+        reply = raw_request(self.M.port, (
+            'POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n%s'
+            'Content-Length: %d\r\nConnection: close\r\n\r\n' % (target, headers, len(body))
+        ).encode('latin-1') + body)
+        return error_of(reply) if status_of(reply) != 200 else (200, reply)
+
+    def test_nothing_is_decoded_or_built_without_the_token(self):
+        probe = b'"types": [[[0, 0], ["object", "AuthorizationProbe", ["x"]]]]'
+        unauthorized = (401, 'missing or wrong token for /g')
+        for body in (b'{"args": [{"x": 1}], %s}' % probe,
+                     b'{"args": [1e300], "types": [[[0, 0], "timedelta"]]}',
+                     b'{"args": [1], "args": [2]}', b'{"args": [1e999]}', b'{not json',
+                     b'[' + b'[],' * 100000 + b'[]]', b'{"args": [1], "token": "wrong"}'):
+            self.assertEqual(self.post('/g', body), unauthorized, body[:40])
+        notes = 'X-MConnector-Types: [[["a"], ["object", "AuthorizationProbe", ["x"]]]]\r\n'
+        self.assertEqual(self.post('/j', b'{"a": {"x": 1}}', notes),
+                         (401, 'missing or wrong token for /j'))
+        self.assertEqual((self.built, self.runs), ([], []))
+        # With the token (in the body, as 0.3.7 sends it, or in a header), the same bodies
+        # are read, and refused for what they are.
+        self.assertEqual(self.post('/g', b'{"args": [{"x": 1}], %s, "token": "t0k"}' % probe)[0],
+                         200)
+        self.assertEqual(self.post('/j', b'{"a": {"x": 2}}',
+                                   notes + 'Authorization: Bearer t0k\r\n')[0], 200)
+        self.assertEqual(self.built, [1, 2])
+        status, message = self.post('/g', b'{"args": [1e300], "types": [[[0, 0], "timedelta"]],'
+                                          b' "token": "t0k"}')
+        self.assertEqual(status, 400)
+        self.assertIn('OverflowError', message)
+        self.assertEqual(self.post('/g', b'{"args": [1], "args": [2], "token": "t0k"}'),
+                         (400, "duplicate key 'args' in a JSON object"))
+
+    def test_with_the_token_in_a_large_body_the_body_is_checked_as_strictly(self):
+        objects = b'{"k": "a\\u003ab"}, ' * 10000       # many objects: the C encoder's check
+        for extra, expected in ((b'1', (200, 10001)),
+                                (b'{"a": 1, "a": 2}', (400, "duplicate key 'a'")),
+                                (b'1e999', (400, 'out of range')),
+                                (b'[' * 200 + b']' * 200, (400, 'deeper than 200'))):
+            status, reply = self.post('/g', b'{"token": "t0k", "args": [%s%s]}' % (objects, extra))
+            self.assertEqual(status, expected[0], reply[:200])
+            if status == 200:
+                self.assertTrue(reply.endswith(b'[%d]' % expected[1]))
+            else:
+                self.assertIn(expected[1], reply)
+        self.assertEqual(len(self.runs), 1)
+
+    def test_a_listener_wide_token_answers_401_on_every_path(self):
+        M = Microservice('locked', token='all')
+
+        @M.typing('/x')
+        def x():
+            return 1
+        Service.start(self, M)
+        requests = (('POST', '/nowhere'), ('POST', '/x'), ('GET', '/x'), ('OPTIONS', '/x'),
+                    ('OPTIONS', '/nowhere'), ('GET', '/_mc/health'), ('GET', '/_mc/rules'),
+                    ('GET', '/_mc/nowhere'), ('DELETE', '/_mc/health'))
+        for bearer, statuses in (('', [401] * 9),
+                                 ('Authorization: Bearer all\r\n',
+                                  [404, 200, 405, 204, 404, 200, 200, 404, 405])):
+            got = [status_of(raw_request(M.port, (
+                '%s %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n%s'
+                'Content-Length: 2\r\nConnection: close\r\n\r\n{}' % (method, target, bearer)
+            ).encode())) for method, target in requests]
+            self.assertEqual(got, statuses, bearer)
+        with Friend('ok', M.url, token='all') as friend:
+            self.assertEqual(friend.send('/x'), 1)
+
+
+class WSGIAuthorizationFirstTest(AuthorizationFirstTest):
+    shell = 'wsgi'
+
+
+class RegisteredClassRebuildTest(unittest.TestCase):
+    """A registered class is rebuilt only through what it declares, whatever the note says."""
+
+    def rebuild(self, name, state):
+        return mconnector.from_wire(dict(state), [[[], ['object', name, sorted(state)]]])
+
+    def test_only_init_parameters_are_set_and_never_a_dunder(self):
+        class Account:
+            def __init__(self, owner, balance=0):
+                self.owner, self.balance = owner, balance
+        mconnector.register(Account, 'Account')
+        account = self.rebuild('Account', {'owner': 'ann', 'balance': 5, 'is_admin': True,
+                                           '__class__': 'x', '__init__': 1, '__dict__': {}})
+        self.assertIs(type(account), Account)
+        self.assertEqual(vars(account), {'owner': 'ann', 'balance': 5})
+        with self.assertRaises(mconnector.CodecError) as caught:
+            self.rebuild('Account', {'balance': 1})
+        self.assertIn("cannot rebuild Account: TypeError", str(caught.exception))
+
+    def test_slots_are_set_through_their_own_descriptors(self):
+        class Slotted:
+            __slots__ = ('a',)
+
+            @property
+            def admin(self):
+                return False
+
+            @admin.setter
+            def admin(self, value):
+                raise AssertionError('a property setter ran with wire data')
+        mconnector.register(Slotted, 'Slotted')
+        obj = self.rebuild('Slotted', {'a': 1, 'admin': True, '__weakref__': 2})
+        self.assertEqual((obj.a, obj.admin), (1, False))
+
+    def test_hooks_the_class_provides_are_used(self):
+        class Hooked:
+            @classmethod
+            def from_wire(cls, state):
+                obj = cls.__new__(cls)
+                obj.state = state
+                return obj
+
+        class Stateful:
+            def __setstate__(self, state):
+                self.got = state
+        mconnector.register(Hooked, 'Hooked')
+        mconnector.register(Stateful, 'Stateful')
+        self.assertEqual(self.rebuild('Hooked', {'x': 1, '__init__': 2}).state, {'x': 1})
+        self.assertEqual(self.rebuild('Stateful', {'y': 2, '__class__': 3}).got, {'y': 2})
+
+    def test_a_class_that_declares_nothing_cannot_be_registered(self):
+        class Bare:
+            pass
+        with self.assertRaises(TypeError) as caught:
+            mconnector.register(Bare)
+        self.assertIn('__init__ parameters, __slots__, __setstate__ or a from_wire',
+                      str(caught.exception))
+
+    def test_between_peers_a_forged_attribute_never_arrives(self):
+        seen = []
+
+        class Order:
+            def __init__(self, item):
+                self.item = item
+        mconnector.register(Order, 'Order')
+        M = Microservice('orders')
+
+        @M.typing('/order')
+        def order(o):
+            seen.append(vars(o))
+            return o
+        friend = Service.start(self, M)
+        self.assertEqual(friend.send('/order', Order('tea')).item, 'tea')
+        body = (b'{"args": [{"item": "tea", "is_admin": true}], '
+                b'"types": [[[0, 0], ["object", "Order", ["is_admin", "item"]]]]}')
+        reply = raw_request(M.port, b'POST /order HTTP/1.1\r\nHost: x\r\nConnection: close\r\n'
+                            b'Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s'
+                            % (len(body), body))
+        self.assertEqual(status_of(reply), 200, reply)
+        self.assertEqual(seen, [{'item': 'tea'}, {'item': 'tea'}])
+
+
+class OutOfRangeTest(unittest.TestCase):
+    """Numbers and type notes out of range are a 400, and the listener goes on."""
+
+    shell = 'builtin'
+
+    def test_numbers_and_notes_out_of_range_are_400(self):
+        M = counting_service()
+        friend = Service.start(self, M)
+        for body, message in (
+                (b'{"args": [1e999999]}', 'out of range'),
+                (b'{"args": [-1e400]}', 'out of range'),
+                (b'{"args": [%s]}' % (b'9' * 5000), 'not valid JSON'),
+                (b'{"args": [1e300], "types": [[[0, 0], "timedelta"]]}', 'OverflowError'),
+                (b'{"args": ["x"], "types": [[[0, 0], "decimal"]]}', 'InvalidOperation'),
+                (b'{"args": [' + b'{"a": ' * 201 + b'1' + b'}' * 201 + b']}', 'deeper than 200')):
+            reply = raw_request(M.port, b'POST /count HTTP/1.1\r\nHost: x\r\nConnection: close\r\n'
+                                b'Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s'
+                                % (len(body), body))
+            status, text = error_of(reply)
+            self.assertEqual(status, 400, body[:30])
+            self.assertIn(message, text)
+        self.assertEqual(M.runs, [])
+        self.assertEqual(friend.send('/count', 1e308), 1)
+
+    def test_strict_parsing_agrees_with_json_on_what_it_accepts(self):
+        # Small bodies, large ones with few objects, and large ones with many are checked
+        # in different ways (one level deeper in the large ones): all agree with json.loads
+        # on what they accept.
+        def padded(text):
+            return '[%s, "%s"]' % (text, 'x' * 70000)
+
+        def dense(text):
+            return '[%s%s]' % ('{"k": 0}, ' * 10000, text)
+        for text in ('[' * 199 + ']' * 199, '{"a:b": 1, "c": "\\u003a"}',
+                     '{"a": "\\\\u003a", "b": 1}',
+                     '["[[[[", {"x": "]]]]"}]', '[' + '"\\"[",' * 300 + '1]', '1e308',
+                     '{"k": "\\"", "\\u00e9": [1, 2, {"z": null}]}', '"x"'):
+            for body in (text, padded(text), dense(text)):
+                self.assertEqual(mconnector.loads(body.encode()), json.loads(body), text[:40])
+        for text in ('{"a": 1, "a": 2}', '{"a": {"b": 1, "b": 2}}', '[NaN]', '[1e999]', '[-1e400]',
+                     '[' * 201 + ']' * 201, '{"a": ' * 201 + '1' + '}' * 201):
+            for body in (text, padded(text), dense(text)):
+                with self.assertRaises(mconnector.CodecError, msg=text[:40]):
+                    mconnector.loads(body)
+
+
+class WSGIOutOfRangeTest(OutOfRangeTest):
+    shell = 'wsgi'
+
+
+class BrowserTest(unittest.TestCase):
+    """What a web page can make a listener do: nothing without cors=, and what cors=
+    allows with it."""
+
+    shell = 'builtin'
+
+    def setUp(self):
+        self.runs = []
+        self.M = self.service()
+        self.friend = Service.start(self, self.M)
+
+    def service(self, **options):
+        M = Microservice('browsers', **options)
+
+        @M.typing('/count', methods=['GET', 'POST'])
+        def count(x=None):
+            self.runs.append(x)
+            return len(self.runs)
+
+        @M.typing('/guarded', token='t0k')
+        def guarded():
+            self.runs.append('guarded')
+        return M
+
+    def request(self, method, target, headers='', body=b'', port=None):
+        reply = raw_request(port or self.M.port, (
+            '%s %s HTTP/1.1\r\nHost: x\r\n%sContent-Length: %d\r\nConnection: close\r\n\r\n'
+            % (method, target, headers, len(body))).encode('latin-1') + body)
+        head = reply.partition(b'\r\n\r\n')[0].decode('latin-1')
+        headers = dict(line.split(': ', 1) for line in head.split('\r\n')[1:])
+        return status_of(reply), {k.lower(): v for k, v in headers.items()}, \
+            reply.partition(b'\r\n\r\n')[2]
+
+    def test_a_call_body_that_is_not_json_is_415_and_runs_nothing(self):
+        for content_type in ('text/plain;charset=UTF-8', 'application/x-www-form-urlencoded',
+                             'multipart/form-data; boundary=x', None):
+            header = 'Content-Type: %s\r\n' % content_type if content_type else ''
+            for body in (b'{"args": [1]}', b''):
+                status, _, reply = self.request('POST', '/count', header, body)
+                self.assertEqual(status, 415, (content_type, body))
+                self.assertIn('application/json', json.loads(reply)['error']['message'])
+        status, _, reply = self.request('POST', '/count', 'Content-Type: Application/JSON; '
+                                        'charset=utf-8\r\n', b'{"args": [1]}')
+        self.assertEqual((status, reply), (200, b'[1]'))
+        self.assertEqual(self.runs, [1])
+        self.assertEqual(self.friend.send('/count', 2), 2)
+
+    def test_the_readme_curl_lines_still_work(self):
+        import shutil
+        if shutil.which('curl') is None:
+            self.skipTest('no curl')
+        with open(os.path.join(HERE, 'README.md'), encoding='utf-8') as f:
+            readme = f.read()
+        line = next(l for l in readme.splitlines() if l.startswith('curl -X POST'))
+        M = Microservice('readme')
+
+        @M.typing('/helloworld')
+        def helloworld(name):
+            return 'Welcome %s' % name
+        Service.start(self, M)
+        import shlex
+        command = [a.replace('http://127.0.0.1:5000', M.url) for a in shlex.split(line)]
+        out = subprocess.run(command + ['-s'], capture_output=True, timeout=10)
+        self.assertEqual(out.stdout, b'["Welcome curl"]', out.stderr)
+        out = subprocess.run(['curl', '-s', M.url + '/_mc/health'], capture_output=True,
+                             timeout=10)
+        self.assertEqual(json.loads(out.stdout)['status'], 'ok')
+
+    def test_pages_of_other_sites_cannot_call_even_get_rules(self):
+        for site in ('cross-site', 'same-site'):
+            status, _, reply = self.request('GET', '/count?x=1', 'Sec-Fetch-Site: %s\r\n'
+                                            'Sec-Fetch-Mode: no-cors\r\n' % site)
+            self.assertEqual(status, 403, reply)
+            self.assertIn('another site', json.loads(reply)['error']['message'])
+        for site in ('same-origin', 'none'):
+            self.assertEqual(self.request('GET', '/count?x=2', 'Sec-Fetch-Site: %s\r\n' % site)[0],
+                             200)
+        self.assertEqual(self.runs, [2, 2])
+
+    def test_without_cors_options_says_allow_and_nothing_for_pages(self):
+        preflight = ('Origin: https://app.example\r\nAccess-Control-Request-Method: POST\r\n'
+                     'Access-Control-Request-Headers: content-type\r\n')
+        status, headers, _ = self.request('OPTIONS', '/count', preflight)
+        self.assertEqual((status, headers['allow']), (204, 'GET, HEAD, OPTIONS, POST'))
+        self.assertNotIn('access-control-allow-origin', headers)
+        self.assertEqual(self.request('OPTIONS', '/guarded')[1]['allow'], 'OPTIONS, POST')
+        self.assertEqual(self.request('OPTIONS', '/_mc/health')[1]['allow'], 'GET, HEAD, OPTIONS')
+        self.assertEqual(self.request('OPTIONS', '/nowhere')[0], 404)
+        status, headers, _ = self.request('POST', '/count', 'Origin: https://app.example\r\n'
+                                          'Content-Type: application/json\r\n', b'{}')
+        self.assertEqual(status, 200)
+        self.assertNotIn('access-control-allow-origin', headers)
+
+    def test_cors_lets_the_listed_origins_in(self):
+        M = self.service(cors={'origins': ['https://app.example'], 'credentials': True})
+
+        @M.typing('/later')
+        async def later():
+            return 'async'
+        Service.start(self, M)
+        preflight = ('Origin: %s\r\nAccess-Control-Request-Method: POST\r\n'
+                     'Access-Control-Request-Private-Network: true\r\n')
+        status, headers, _ = self.request('OPTIONS', '/count', preflight % 'https://app.example',
+                                          port=M.port)
+        self.assertEqual(status, 204)
+        self.assertEqual(headers['access-control-allow-origin'], 'https://app.example')
+        self.assertEqual(headers['access-control-allow-methods'], 'GET, HEAD, OPTIONS, POST')
+        self.assertIn('Authorization', headers['access-control-allow-headers'])
+        self.assertEqual(headers['access-control-allow-credentials'], 'true')
+        self.assertEqual(headers['access-control-allow-private-network'], 'true')
+        self.assertEqual(headers['access-control-max-age'], '600')
+        self.assertEqual(self.request('OPTIONS', '/nowhere', preflight % 'https://app.example',
+                                      port=M.port)[0], 204)       # the same for every path
+        status, headers, _ = self.request('OPTIONS', '/count', preflight % 'https://evil.example',
+                                          port=M.port)
+        self.assertEqual(status, 403)
+        self.assertNotIn('access-control-allow-origin', headers)
+        call = ('Origin: https://app.example\r\nSec-Fetch-Site: cross-site\r\n'
+                'Content-Type: application/json\r\n')
+        for target, expected in (('/count', (200, b'[1]')), ('/later', (200, b'["async"]'))):
+            status, headers, reply = self.request('POST', target, call, b'{}', port=M.port)
+            self.assertEqual((status, reply), expected)
+            self.assertEqual(headers['access-control-allow-origin'], 'https://app.example')
+            self.assertEqual(headers['vary'], 'Origin')
+        status, headers, _ = self.request('POST', '/guarded', call, b'{}', port=M.port)
+        self.assertEqual((status, headers['access-control-allow-origin']),
+                         (401, 'https://app.example'))          # the page can read why
+        status, headers, _ = self.request('POST', '/count', call.replace('app', 'evil'), b'{}',
+                                          port=M.port)
+        self.assertEqual(status, 403)
+        self.assertNotIn('access-control-allow-origin', headers)
+        self.assertEqual(self.runs, [None])
+
+    def test_cors_settings_are_checked(self):
+        for bad, error in (({'origins': '*', 'credentials': True}, ValueError),
+                           ('app.example', ValueError), ({'origin': '*'}, TypeError)):
+            with self.assertRaises(error, msg=bad):
+                Microservice('x', cors=bad)
+        M = self.service(cors='*')
+        Service.start(self, M)
+        status, headers, _ = self.request('POST', '/count', 'Origin: https://any.example\r\n'
+                                          'Content-Type: application/json\r\n', b'{}', port=M.port)
+        self.assertEqual((status, headers['access-control-allow-origin']), (200, '*'))
+
+
+class WSGIBrowserTest(BrowserTest):
+    shell = 'wsgi'
 
 
 # ==========================================================================================
@@ -2969,6 +3565,24 @@ class AdminTest(unittest.TestCase):
                                         % (label % ('/_mc/metrics', 'GET', 200))], 1)
         self.assertGreater(self.metrics()['mconnector_sent_bytes_total{service="ops"}'], sent)
 
+    def test_invented_methods_add_no_series(self):
+        for n in range(300):
+            reply = raw_request(self.M.port, b'M%d /add HTTP/1.1\r\nHost: x\r\nConnection: '
+                                b'close\r\n\r\n' % n)
+            self.assertEqual(status_of(reply), 405)
+            raw_request(self.M.port, b'X%d /nowhere HTTP/1.1\r\nHost: x\r\nConnection: '
+                        b'close\r\n\r\n' % n)
+        self.assertEqual(self.friend.send('/add', 1), 2)
+        status, head, body = self.get('metrics')
+        totals = [line for line in body.decode().splitlines()
+                  if line.startswith('mconnector_requests_total{')]
+        label = 'mconnector_requests_total{service="ops",rule="%s",method="%s",status="%d"} %d'
+        self.assertIn(label % ('(none)', '(other)', 405, 300), totals)
+        self.assertIn(label % ('(none)', '(other)', 404, 300), totals)
+        self.assertIn(label % ('/add', 'POST', 200, 1), totals)
+        self.assertLessEqual(len(totals), 4)
+        self.assertLess(len(body), 8000)
+
     def test_requests_in_flight(self):
         calls = concurrent.futures.ThreadPoolExecutor(2)
         self.addCleanup(calls.shutdown)
@@ -3079,7 +3693,8 @@ class GracefulStopTest(unittest.TestCase):
         M = self.slow_service()
         idle = socket.create_connection(('127.0.0.1', M.port), timeout=5)
         self.addCleanup(idle.close)
-        idle.sendall(b'POST /quick HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n')
+        idle.sendall(b'POST /quick HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n'
+                     b'Content-Length: 0\r\n\r\n')
         self.assertTrue(idle.recv(4096).endswith(b'"q"]'))
         calls = concurrent.futures.ThreadPoolExecutor(5)
         self.addCleanup(calls.shutdown)
@@ -3334,7 +3949,8 @@ class ServingShellTest(unittest.TestCase):
         self.addCleanup(M.stop)
         self.addCleanup(release.set)
         with socket.create_connection(('127.0.0.1', M.port), timeout=5) as sock:
-            sock.sendall(b'POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n')
+            sock.sendall(b'POST /slow HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n'
+                         b'Content-Length: 0\r\n\r\n')
             self.assertTrue(entered.wait(5))
             stopper = threading.Thread(target=M.stop)
             stopper.start()
@@ -3480,7 +4096,8 @@ class WorkerDispatchTest(unittest.TestCase):
             self.addCleanup(sock.close)
         self.assertTrue(wait_for(lambda: M.stats['connections'] == 3))
         for sock in pair:
-            sock.sendall(b'POST /wait HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n')
+            sock.sendall(b'POST /wait HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n'
+                         b'Content-Length: 0\r\n\r\n')
         self.assertTrue(entered.acquire(timeout=5))
         self.assertTrue(entered.acquire(timeout=5), 'the second request got no worker')
         release.set()
@@ -3513,7 +4130,8 @@ class LimitsTest(unittest.TestCase):
         for body in (b'{"args": [NaN]}', b'{"args": [1], "args": [2]}', b'{"args": [' + b'[' * 300 + b']' * 300 + b']}',
                      b'{"args": ["\xff"]}', b'{"args": [Infinity]}'):
             self.assertStatus(b'POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n'
-                              b'Connection: close\r\n\r\n%s' % (len(body), body), 400)
+                              b'Content-Type: application/json\r\nConnection: close\r\n\r\n%s'
+                              % (len(body), body), 400)
         self.assertEqual(self.M.runs, ['next'] * 5)
 
     def test_nan_and_infinity_travel_between_peers(self):
@@ -3548,7 +4166,8 @@ class LimitsTest(unittest.TestCase):
         for n in range(6):
             s = socket.create_connection(('127.0.0.1', M.port), timeout=5)
             s.sendall(b'POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: 13\r\n' if n % 2 else
-                      b'POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: 13\r\n\r\n{"ar')
+                      b'POST /count HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n'
+                      b'Content-Length: 13\r\n\r\n{"ar')
             slow.append(s)
         self.assertTrue(wait_for(lambda: M.stats['connections'] >= 6, 5))
         started = time.monotonic()
@@ -3635,7 +4254,8 @@ class ListenerFramingTest(unittest.TestCase):
         data = json.dumps({'a': 'b' * 3000}).encode()
         tiny = b''.join(b'1\r\n%s\r\n' % data[i:i + 1] for i in range(len(data)))
         status, body = self.status(b'POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: '
-                                   b'chunked\r\nConnection: close\r\n\r\n' + tiny + b'0\r\n\r\n')
+                                   b'chunked\r\nContent-Type: application/json\r\n'
+                                   b'Connection: close\r\n\r\n' + tiny + b'0\r\n\r\n')
         self.assertEqual((status, json.loads(body)), (200, {'a': 'b' * 3000}))
         status, body = self.status(b'POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: '
                                    b'chunked\r\nConnection: close\r\n\r\n'
@@ -4117,6 +4737,18 @@ class RFC6455Section5_4FragmentationTest(WsServerSide):
         self.feed(p, ws_frame(OP.TEXT, b'x', fin=False), ws_frame(OP.TEXT, b'y'))
         self.assertClosedWith(p, 1002)
 
+    def test_every_frame_counts_toward_the_message_frame_limit(self):
+        p = self.proto(max_frames=100)
+        empty = ws_frame(OP.CONTINUATION, b'', fin=False)
+        events = self.feed(p, ws_frame(OP.TEXT, b'a', fin=False), *[empty] * 98,
+                           ws_frame(OP.CONTINUATION, b'b'))
+        self.assertEqual(events, [(OP.TEXT, 'ab')])         # 100 frames: the limit itself
+        events = self.feed(p, ws_frame(OP.BINARY, b'a', fin=False), *[empty] * 200)
+        self.assertEqual(events, [(OP.CLOSE, (1009, 'message of 101 frames over the limit '
+                                                    'of 100'))])
+        self.assertClosedWith(p, 1009)
+        self.assertEqual(mconnector.WebSocketProtocol().max_frames, 16384)   # 1 MiB / 64
+
     def test_message_answered_before_a_bad_frame_behind_it(self):
         p = self.proto()
         p.receive_data(ws_frame(OP.TEXT, b'first') + ws_frame(OP.TEXT, b'x', rsv=0x20))
@@ -4548,6 +5180,19 @@ class WebSocketLimitsTest(unittest.TestCase):
             ws.send('still serving')
             self.assertEqual(ws.recv(), 'still serving')
 
+    def test_endless_empty_continuations_are_closed_1009(self):
+        sk = self.start()
+        sock, head, rest = raw_handshake(sk.port)
+        with sock:
+            empty = ws_frame(OP.CONTINUATION, b'', fin=False)
+            sock.sendall(ws_frame(OP.TEXT, b'x', fin=False) + empty * 20000)
+            frames = parse_server_frames(read_until_eof(sock, rest))
+        self.assertEqual(frames[-1][1], OP.CLOSE)
+        self.assertEqual(int.from_bytes(frames[-1][2][:2], 'big'), 1009)
+        with mconnector.SocketClient('127.0.0.1:%d' % sk.port, '/echo') as ws:
+            ws.send('still serving')
+            self.assertEqual(ws.recv(5), 'still serving')
+
     def test_stalled_half_frame_and_silent_peer_are_dropped(self):
         sk = self.start(ping_interval=0.1, ping_timeout=0.2)
         sock, head, rest = raw_handshake(sk.port)
@@ -4646,6 +5291,32 @@ class WebSocketSignedHandshakeTest(unittest.TestCase):
             with self.assertRaises(mconnector.HandshakeError) as caught:
                 mconnector.SocketClient('127.0.0.1:%d' % sk.port, '/echo', **options)
             self.assertEqual(caught.exception.status, 401)
+
+    def test_signed_handshakes_cover_the_subprotocol_and_malformed_ones_are_401(self):
+        sk = mconnector.SocketServer('signed', secretKey='k3y', subprotocols=['chat', 'raw'])
+        sk.router('/echo')(lambda message: message)
+        sk.run(host='127.0.0.1', port=0)
+        self.addCleanup(sk.stop)
+        with mconnector.SocketClient('127.0.0.1:%d' % sk.port, '/echo', secretKey='k3y',
+                                     subprotocols=['raw']) as ws:
+            self.assertEqual(ws.subprotocol, 'raw')
+        signed = mconnector.sign_request('k3y', 'GET', '/echo', b'',
+                                         headers=[('Sec-WebSocket-Protocol', 'raw')])
+        for fields, status in ((signed, b'101'),
+                               (signed, b'401'),                    # replayed
+                               (mconnector.sign_request('k3y', 'GET', '/echo', b''), b'401'),
+                               ([('X-MC-Timestamp', '9' * 5000), ('X-MC-Nonce', 'n'),
+                                 ('X-MC-Signature', 'a' * 64)], b'401'),
+                               ([('X-MC-Timestamp', '\xb2'), ('X-MC-Nonce', 'n'),
+                                 ('X-MC-Signature', '\xe9' * 64)], b'401')):
+            extra = ('Sec-WebSocket-Protocol: raw\r\n' + ''.join(
+                '%s: %s\r\n' % f for f in fields)).encode('latin-1')
+            sock, head, rest = raw_handshake(sk.port, extra=extra)
+            sock.close()
+            self.assertEqual(head[9:12], status, (fields, head))
+        with mconnector.SocketClient('127.0.0.1:%d' % sk.port, '/echo', secretKey='k3y') as ws:
+            ws.send('still serving')
+            self.assertEqual(ws.recv(5), 'still serving')
 
 
 class WebSocketProcessTest(unittest.TestCase):
@@ -5386,6 +6057,27 @@ class SupervisionTest(unittest.TestCase):
         self.assertTrue(wait_for(lambda: pids.add(try_call(url, '/pid')) or
                                  len(pids - {None}) >= count, 10), serve.output())
         return pids - {None}
+
+    def test_a_signed_call_replayed_to_every_worker_runs_once(self):
+        self.app = self.write_app(PID_APP.replace(
+            "Microservice('procs')", "Microservice('procs', secretKey='k3y')"))
+        serve = self.serve('--workers', '2', env={
+            'MCONNECTOR_NONCE_STORE': os.path.join(self.folder, 'nonces.sqlite3')})
+        url = serve.url()
+        port = int(url.rpartition(':')[2])
+
+        def signed_pid():
+            try:
+                with Friend('signed', url, secretKey='k3y', timeout=2, retries=0) as friend:
+                    return friend.send('/pid')
+            except mconnector.MConnectorError:
+                return None
+        pids = set()
+        self.assertTrue(wait_for(lambda: pids.add(signed_pid()) or len(pids - {None}) >= 2,
+                                 10), serve.output())
+        request = signed_request('k3y', '/pid', b'{"args": []}')
+        statuses = [status_of(raw_request(port, request)) for _ in range(20)]
+        self.assertEqual(sorted(statuses), [200] + [401] * 19, serve.output())
 
     def test_workers_share_the_port_and_dead_ones_are_replaced(self):
         import signal
