@@ -113,7 +113,7 @@ __all__ = [
     'LengthRequired', 'PayloadTooLarge', 'URITooLong', 'UnsupportedMediaType', 'UpgradeRequired',
     'HeadersTooLarge', 'Unimplemented', 'ServiceUnavailable', 'VersionNotSupported',
     'NetworkError', 'Unreachable',
-    'CallTimeout', 'PoolError', 'PoolClosed', 'TaskNotPicklable', 'WorkerLost',
+    'CallTimeout', 'DeadlineExceeded', 'PoolError', 'PoolClosed', 'TaskNotPicklable', 'WorkerLost',
     # websockets
     'SocketServer', 'SocketClient', 'WebSocket', 'WebSocketProtocol', 'WebSocketError',
     'HandshakeError', 'WebSocketProtocolError', 'PayloadTooBig', 'ConnectionClosed',
@@ -154,6 +154,7 @@ class MConnectorError(Exception):
      +-- NetworkError (also ConnectionError)
      |    +-- Unreachable            nothing listens at the address
      |    +-- CallTimeout (also TimeoutError)
+     |         +-- DeadlineExceeded  a call inside a rule whose caller gave up: not sent
      +-- WebSocketError              HandshakeError, WebSocketProtocolError,
      |                               PayloadTooBig, ConnectionClosed, WebSocketTimeout
      +-- PoolError                   the ordered pools' errors
@@ -300,6 +301,10 @@ class Unreachable(NetworkError):
 
 class CallTimeout(NetworkError, TimeoutError):
     """No answer within the timeout."""
+
+
+class DeadlineExceeded(CallTimeout):
+    """A call made inside a rule was not sent: the rule's own caller has given up."""
 
 
 # Async functions from every decorator run on one event loop, in one daemon thread, so
@@ -2703,6 +2708,9 @@ def _binding_problems(signature, args, kwargs):
 # -- the call being answered, for the code that answers it: mconnector.request --------------
 
 _current_request = contextvars.ContextVar('mconnector.request')
+# W3C Trace Context: version, trace-id, parent-id, flags (an all-zero id is invalid).
+_TRACEPARENT = re.compile(r'[0-9a-f]{2}-(?!0{32})([0-9a-f]{32})-(?!0{16})([0-9a-f]{16})-'
+                          r'([0-9a-f]{2})(?:-.*)?\Z')
 
 
 class RequestContext:
@@ -2718,7 +2726,7 @@ class RequestContext:
     """
 
     __slots__ = ('method', 'target', 'path', 'rule', 'headers', 'remote_address', 'deadline',
-                 '_trusted')
+                 '_trusted', '_trace')
 
     method: str
     target: str
@@ -2738,6 +2746,7 @@ class RequestContext:
         self.headers = headers
         self.remote_address = tuple(remote_address[:2]) if remote_address else None
         self._trusted = trusted
+        self._trace = None
         self.deadline = None
         timeout = headers.get(_TIMEOUT_HEADER.lower())
         if timeout is not None:
@@ -2747,6 +2756,37 @@ class RequestContext:
                 seconds = -1.0
             if 0 <= seconds < 1e9:          # (NaN is neither)
                 self.deadline = time.monotonic() + seconds
+
+    @property
+    def trace_id(self) -> str:
+        """The W3C trace id of the call: the caller's (from its `traceparent`), or one made
+        here when it sent none (or a malformed one)."""
+        return self._trace_parts()[0]
+
+    @property
+    def span_id(self) -> str:
+        """This call's own span: the parent-id of the calls a rule makes."""
+        return self._trace_parts()[1]
+
+    def _trace_parts(self):
+        if self._trace is None:
+            match = _TRACEPARENT.match(self.headers.get('traceparent', ''))
+            trace, flags = (match.group(1), match.group(3)) if match else \
+                (os.urandom(16).hex(), '01')
+            self._trace = (trace, os.urandom(8).hex(), flags)
+            if not match:       # as if the caller had sent it: the access log reads it there
+                self.headers['traceparent'] = '00-%s-%s-%s' % self._trace
+        return self._trace
+
+    def trace_headers(self) -> List[Tuple[str, str]]:
+        """`traceparent` (this call's trace, this span as the parent) and `tracestate` (as
+        it came), for the calls a rule makes: Friend adds them by itself."""
+        trace, span, flags = self._trace_parts()
+        fields = [('traceparent', '00-%s-%s-%s' % (trace, span, flags))]
+        state = self.headers.get('tracestate')
+        if state:
+            fields.append(('tracestate', state))
+        return fields
 
     @property
     def time_left(self) -> Optional[float]:
@@ -5004,8 +5044,19 @@ class _Tries:
         self.idempotent = method in ('GET', 'HEAD', 'OPTIONS') or \
             friend._rules.get(rule, {}).get('idempotent', False)
         # `timeout` bounds the whole call, retries included: connect, send, whole reply.
-        self.deadline = time.monotonic() + friend.timeout
+        now = time.monotonic()
+        self.deadline = now + friend.timeout
         self.count = 0
+        # Made inside a rule: its caller's deadline bounds this call too, and its trace goes
+        # on (so that the access logs of a chain of services join up).
+        inside = _current_request.get(None)
+        if inside is not None:
+            if inside.deadline is not None and inside.deadline < self.deadline:
+                self.deadline = inside.deadline
+                if self.deadline <= now:
+                    raise DeadlineExceeded('%s not sent: the caller of %s has given up'
+                                           % (self.where, inside.rule))
+            self.headers += tuple(inside.trace_headers())
 
     def next_request(self):
         """The arguments of _attempt() for the next try.  The time left goes with it, so
@@ -6567,9 +6618,11 @@ class _HTTPSession:
         service._metrics.transferred(conn.received, sent)
         conn.received = conn.sent = 0
         if service.debug and self.head is not None:
-            access_log.info('%s %s "%s %s" %d %d bytes %.1f ms', service.name, conn.address[0],
-                            self.head.method, self.head.target, self.status, sent,
-                            (time.perf_counter() - self.begun) * 1000)
+            trace = _TRACEPARENT.match(self.head.headers.get('traceparent', ''))
+            access_log.info('%s %s "%s %s" %d %d bytes %.1f ms trace=%s', service.name,
+                            conn.address[0], self.head.method, self.head.target, self.status,
+                            sent, (time.perf_counter() - self.begun) * 1000,
+                            trace.group(1) if trace else '-')
         self.working = False
         self.status = self.head = self.started = None
 

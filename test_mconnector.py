@@ -3835,6 +3835,90 @@ class TLSTest(unittest.TestCase):
         self.assertEqual(M.runs, [None])
 
 
+class CallChainTest(unittest.TestCase):
+    """A chain of three services, A calls B calls C: the caller's deadline and its trace
+    travel along with the calls that the rules make."""
+
+    def chain(self, c_sleeps):
+        C = Microservice('C')
+        B = Microservice('B')
+        A = Microservice('A')
+        seen = {}
+
+        @C.typing('/c')
+        def c():
+            seen['c'] = (mconnector.request.time_left, mconnector.request.trace_id,
+                         mconnector.request.headers.get('tracestate'))
+            time.sleep(c_sleeps)
+            return 'c'
+
+        @B.typing('/b')
+        def b():
+            seen['b'] = (mconnector.request.time_left, mconnector.request.trace_id)
+            with Friend('C', C.url, timeout=10, retries=0) as to_c:
+                return 'b' + to_c.send('/c')
+
+        @A.typing('/a')
+        def a():
+            seen['a'] = mconnector.request.trace_id
+            with Friend('B', B.url, timeout=10, retries=0) as to_b:
+                return 'a' + to_b.send('/b')
+        for M in (C, B, A):
+            M.start(port=0, host='127.0.0.1')
+            self.addCleanup(M.stop, 0)
+        return A, seen
+
+    def test_the_callers_deadline_bounds_every_call_down_the_chain(self):
+        A, seen = self.chain(c_sleeps=0)
+        trace = '4bf92f3577b34da6a3ce929d0e0e4736'
+        with Friend('user', A.url, timeout=2,
+                    headers={'traceparent': '00-%s-00f067aa0ba902b7-01' % trace,
+                             'tracestate': 'vendor=opaque'}) as friend:
+            self.assertEqual(friend.send('/a'), 'abc')
+        left_at_b, trace_at_b = seen['b']
+        left_at_c, trace_at_c, state_at_c = seen['c']
+        self.assertLess(left_at_b, 2.0)         # A's 10 s became the user's 2 s
+        self.assertLess(left_at_c, 2.0)         # and so did B's
+        self.assertEqual((seen['a'], trace_at_b, trace_at_c), (trace, trace, trace))
+        self.assertEqual(state_at_c, 'vendor=opaque')
+
+    def test_a_call_whose_deadline_has_passed_is_not_started(self):
+        A, seen = self.chain(c_sleeps=0)
+        B = Microservice('B2')
+        runs = []
+
+        @B.typing('/late')
+        def late():
+            time.sleep(0.5)             # longer than its caller waits
+            with Friend('C', A.url, timeout=10, retries=0) as to_a:
+                try:
+                    to_a.send('/a')
+                except mconnector.DeadlineExceeded as exc:
+                    runs.append(str(exc))
+                    raise
+        B.start(port=0, host='127.0.0.1')
+        self.addCleanup(B.stop, 0)
+        with Friend('user', B.url, timeout=0.3, retries=0) as friend:
+            with self.assertRaises(mconnector.CallTimeout):
+                friend.send('/late')
+        self.assertTrue(wait_for(lambda: runs, 5))
+        self.assertIn('has given up', runs[0])
+        self.assertNotIn('a', seen)             # A never ran
+        self.assertTrue(issubclass(mconnector.DeadlineExceeded, TimeoutError))
+
+    def test_a_trace_is_made_when_missing_and_written_in_the_access_log(self):
+        A, seen = self.chain(c_sleeps=0)
+        A.debug = True
+        with self.assertLogs('mconnector.access', 'INFO') as logs:
+            with Friend('user', A.url) as friend:
+                self.assertEqual(friend.send('/a'), 'abc')
+            self.assertTrue(wait_for(lambda: len(logs.output) >= 1))
+        made = seen['a']
+        self.assertRegex(made, r'\A[0-9a-f]{32}\Z')
+        self.assertEqual(seen['c'][1], made)
+        self.assertIn('trace=%s' % made, logs.output[-1])
+
+
 class ServingShellTest(unittest.TestCase):
     """The one serving shell: what waits in its loop costs no worker and no thread."""
 
