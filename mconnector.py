@@ -4463,15 +4463,38 @@ class Friend:
     lastMessage: Any
     lastreply: Optional[_Reply]
 
-    def __init__(self, name: str, address: str, token: Union[str, Mapping[str, str], None] = None,
+    def __init__(self, name: str, address: Union[str, Sequence[str]],
+                 token: Union[str, Mapping[str, str], None] = None,
                  ruleMethods: Optional[Mapping[str, str]] = None, timeout: float = 30.0,
                  secretKey: Optional[str] = None, cafile: Optional[str] = None,
                  verify: bool = True, ssl_context: Optional[ssl.SSLContext] = None,
                  certfile: Optional[str] = None, keyfile: Optional[str] = None,
                  retries: int = 2, backoff: float = 0.05, max_reply: int = MAX_BODY,
-                 headers: Optional[Mapping[str, str]] = None) -> None:
+                 headers: Optional[Mapping[str, str]] = None, set_aside: float = 5.0) -> None:
         from urllib.parse import urlsplit
         self.name = name
+        self._members = None
+        if not isinstance(address, str):
+            # Several instances of one service: a Friend of each, which this one picks from.
+            addresses = list(address)
+            if not addresses or not all(isinstance(a, str) for a in addresses):
+                raise ValueError('Friend(%r): the address is a URL, or a list of URLs of the '
+                                 'instances of one service, got %r' % (name, address))
+            options = dict(token=token, ruleMethods=ruleMethods, timeout=timeout,
+                           secretKey=secretKey, cafile=cafile, verify=verify,
+                           ssl_context=ssl_context, certfile=certfile, keyfile=keyfile,
+                           backoff=backoff, max_reply=max_reply, headers=headers)
+            members = [Friend(name, one, retries=0, **options) for one in addresses]
+            Friend.__init__(self, name, addresses[0], retries=retries, **options)
+            for member in members:      # rules and tokens set on this Friend count for all
+                member._rules = self._rules
+                member._aside_until = 0.0
+                member._refusals = 0
+            self._members = members
+            self._turn = itertools.count()
+            self.set_aside = set_aside
+            self.address = ', '.join(member.address for member in members)
+            return
         given = address
         if '://' not in address:
             address = 'http://' + address
@@ -4622,6 +4645,8 @@ class Friend:
         """Close the idle connections (a later call opens a new one): those of threads,
         and those of event loops (at once for the loop running in this thread, soon for
         loops running in others)."""
+        for member in self._members or ():
+            member.close()
         with self._idle_lock:
             idle, self._idle = self._idle, []
             loops, self._loops = self._loops, {}
@@ -4748,7 +4773,87 @@ class Friend:
             self._ssl = context
         return self._ssl
 
+    def _member(self, tried):
+        """The next instance to call, round robin: one not set aside, else (all are) the
+        one whose time aside ends first.  One whose time aside has passed is asked for its
+        /_mc/health before it takes calls again."""
+        members = self._members
+        now = time.monotonic()
+        start = next(self._turn)
+        for i in range(len(members)):
+            member = members[(start + i) % len(members)]
+            if member in tried:
+                continue
+            if member._aside_until == 0.0:
+                return member
+            if member._aside_until <= now:
+                try:
+                    member._call('GET', _ADMIN_PREFIX + 'health', b'', member._token(_ALL_RULES))
+                except MConnectorError:
+                    member._aside_until = now + self.set_aside
+                    continue
+                member._aside_until = 0.0
+                member._refusals = 0
+                log.info('%s: %s answers again', self.name, member.address)
+                return member
+        left = [member for member in members if member not in tried]
+        return min(left, key=lambda member: member._aside_until) if left else None
+
+    def _refused(self, member):
+        member._refusals += 1
+        if member._refusals >= 2 and member._aside_until == 0.0:
+            member._aside_until = time.monotonic() + self.set_aside
+            log.warning('%s: %s refuses calls: set aside for %ss', self.name, member.address,
+                        self.set_aside)
+
+    def _spread(self, method, rule, body, headers):
+        """For a Friend of several instances: the call on one of them, moved to the next
+        when it cannot have reached the function (refused: safe for any rule); `retries`
+        more rounds over them all, after `backoff`, when every one refused."""
+        error = None
+        for round_ in range(self.retries + 1):
+            tried = []
+            member = self._member(tried)
+            while member is not None:
+                try:
+                    reply = member._exchange(method, rule, body, headers)
+                except Unreachable as exc:
+                    error = exc
+                    self._refused(member)
+                    tried.append(member)
+                    member = self._member(tried)
+                    continue
+                member._refusals = 0
+                return reply
+            if round_ < self.retries:
+                time.sleep(min(2.0, self.backoff * 2 ** round_))
+        raise error
+
+    async def _spread_async(self, method, rule, body, headers):
+        """_spread() for the asyncio senders."""
+        import asyncio
+        error = None
+        for round_ in range(self.retries + 1):
+            tried = []
+            member = self._member(tried)
+            while member is not None:
+                try:
+                    reply = await member._exchange_async(method, rule, body, headers)
+                except Unreachable as exc:
+                    error = exc
+                    self._refused(member)
+                    tried.append(member)
+                    member = self._member(tried)
+                    continue
+                member._refusals = 0
+                return reply
+            if round_ < self.retries:
+                await asyncio.sleep(min(2.0, self.backoff * 2 ** round_))
+        raise error
+
     def _exchange(self, method, rule, body, headers):
+        if self._members is not None:
+            return self._spread(method, rule, body, headers)
         tries = _Tries(self, method, rule, body, headers)
         while True:
             try:
@@ -4759,6 +4864,8 @@ class Friend:
 
     async def _exchange_async(self, method, rule, body, headers):
         import asyncio
+        if self._members is not None:
+            return await self._spread_async(method, rule, body, headers)
         tries = _Tries(self, method, rule, body, headers)
         while True:
             try:

@@ -3835,6 +3835,63 @@ class TLSTest(unittest.TestCase):
         self.assertEqual(M.runs, [None])
 
 
+class SeveralInstancesTest(unittest.TestCase):
+    """One Friend over three instances of a service, one stopped mid-run and started again."""
+
+    def instance(self, n, port=0):
+        M = Microservice('inst%d' % n)
+        M.calls = []
+
+        @M.typing('/who')
+        def who(x):
+            M.calls.append(x)
+            return n
+        M.start(port=port, host='127.0.0.1')
+        self.addCleanup(M.stop, 0)
+        return M
+
+    def test_calls_spread_survive_a_stopped_instance_and_come_back_to_it(self):
+        instances = [self.instance(n) for n in range(3)]
+        with Friend('svc', [M.url for M in instances], set_aside=0.2, retries=0) as friend:
+            answers = [friend.send('/who', i) for i in range(30)]
+            self.assertEqual(sorted(set(answers)), [0, 1, 2])
+            self.assertEqual([len(M.calls) for M in instances], [10, 10, 10])
+            port = instances[1].port
+            instances[1].stop(0)
+            with self.assertLogs('mconnector', 'WARNING'):
+                answers = [friend.send('/who', i) for i in range(30, 60)]
+            self.assertNotIn(1, answers)                # every call answered elsewhere
+            self.assertEqual(len(answers), 30)
+            back = self.instance(1, port)
+            deadline = time.monotonic() + 5
+            while not back.calls and time.monotonic() < deadline:
+                friend.send('/who', 'again')
+            self.assertTrue(back.calls, 'the restarted instance never got a call')
+        runs = [x for M in instances for x in M.calls if x != 'again']
+        self.assertEqual(sorted(runs), list(range(60)))     # each call ran once
+
+    def test_the_asyncio_senders_spread_too(self):
+        import asyncio
+        instances = [self.instance(n) for n in range(2)]
+        friend = mconnector.AsyncFriend('svc', [M.url for M in instances])
+
+        async def main():
+            async with friend:
+                return [await friend.send('/who', i) for i in range(4)]
+        self.assertEqual(sorted(asyncio.run(main())), [0, 0, 1, 1])
+
+    def test_every_instance_refusing_raises_unreachable(self):
+        with socket.socket() as a, socket.socket() as b:
+            a.bind(('127.0.0.1', 0))
+            b.bind(('127.0.0.1', 0))
+            urls = ['http://127.0.0.1:%d' % s.getsockname()[1] for s in (a, b)]
+        with Friend('none', urls, retries=1, backoff=0.01) as friend:
+            with self.assertRaises(mconnector.Unreachable):
+                friend.send('/who', 1)
+        with self.assertRaises(ValueError):
+            Friend('bad', [])
+
+
 class CallChainTest(unittest.TestCase):
     """A chain of three services, A calls B calls C: the caller's deadline and its trace
     travel along with the calls that the rules make."""
