@@ -3239,6 +3239,7 @@ class Microservice:
         self.request_timeout = request_timeout
         self.max_workers = max_workers
         self.stats = {'connections': 0}   # connections accepted since creation
+        self._reporting = None          # the pid that writes this listener's metrics
         self.max_body = max_body
         self._tokens = {}
         for rule, value in _token_table('Microservice(%r)' % (name,), token).items():
@@ -3379,11 +3380,21 @@ class Microservice:
                 'uptime_s': round(self._metrics.uptime(), 3)}
 
     def metrics(self) -> bytes:
-        """The Prometheus text that GET /_mc/metrics answers, as bytes."""
+        """The Prometheus text that GET /_mc/metrics answers, as bytes: this process's
+        counters; under `serve --workers N`, those of every worker, each with its own
+        `worker` label (a scrape reaches one worker, and answers for the service)."""
+        text = self.metrics_text()
+        folder = os.environ.get(_METRICS_DIR_ENV)
+        if not folder:
+            return text
+        _write_metrics(folder, text)
+        return _merge_metrics(folder)
+
+    def metrics_text(self) -> bytes:
+        """This process's counters alone, as Prometheus text."""
         server = self._server
-        connections = None
-        if server is not None:
-            connections = (len(server.connections), self.stats['connections'])
+        connections = None if server is None else (len(server.connections),
+                                                   self.stats['connections'])
         return self._metrics.prometheus(self.name, connections)
 
     def _admin(self, method, path, headers, body):
@@ -3909,6 +3920,9 @@ class Microservice:
         wsgiref: `gunicorn app1:Micro` serves the same rules with the same answers, since
         both this and the built-in server call handle().  The Microservice itself is
         this application too (calling it is calling wsgi)."""
+        if self._reporting != os.getpid():      # each worker of a WSGI server, once
+            self._reporting = os.getpid()
+            _report_metrics(self)
         headers = {key[5:].replace('_', '-').lower(): value
                    for key, value in environ.items() if key.startswith('HTTP_')}
         for key in ('CONTENT_TYPE', 'CONTENT_LENGTH'):
@@ -4462,6 +4476,10 @@ class Friend:
 
     lastMessage: Any
     lastreply: Optional[_Reply]
+    address: str
+    _rules: Dict[str, Dict[str, Any]]
+    _aside_until: float
+    _refusals: int
 
     def __init__(self, name: str, address: Union[str, Sequence[str]],
                  token: Union[str, Mapping[str, str], None] = None,
@@ -8688,6 +8706,90 @@ def _py_mtimes(directory):
     return found
 
 
+# -- the metrics of a service of several workers --
+#
+# Each worker writes its counters, as Prometheus text, to a file of its own in a folder the
+# supervisor made (every second, and when scraped); a scrape merges the files of the
+# workers alive, labelling each series with its worker's pid.
+
+_METRICS_DIR_ENV = 'MCONNECTOR_METRICS_DIR'
+_METRICS_EVERY = 1.0
+
+
+def _write_metrics(folder, text):
+    path = os.path.join(folder, '%d.prom' % os.getpid())
+    try:
+        with open(path + '.tmp', 'wb') as f:
+            f.write(text)
+        os.replace(path + '.tmp', path)         # readers see a whole file, old or new
+    except OSError as exc:
+        log.debug('metrics: cannot write %s: %s', path, exc)
+
+
+def _merge_metrics(folder):
+    """The files of `folder` as one exposition: each family's HELP and TYPE once, then the
+    series of every worker, with worker="pid"."""
+    families, order = {}, []
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        names = []
+    for name in names:
+        if not name.endswith('.prom'):
+            continue
+        pid = name[:-5]
+        if not pid.isdigit() or (int(pid) != os.getpid() and not _process_alive(int(pid))):
+            continue
+        try:
+            with open(os.path.join(folder, name), 'rb') as f:
+                lines = f.read().decode('utf-8').splitlines()
+        except OSError:
+            continue
+        current = None
+        for line in lines:
+            if line.startswith('# HELP ') or line.startswith('# TYPE '):
+                current = line.split(' ', 3)[2]
+                if current not in families:
+                    families[current] = ([], [])
+                    order.append(current)
+                if line not in families[current][0]:
+                    families[current][0].append(line)
+            elif line and current is not None:
+                metric, brace, rest = line.partition('{')
+                labelled = '%s{worker="%s",%s' % (metric, pid, rest) if brace else \
+                    '%s{worker="%s"} %s' % (metric.split(' ')[0], pid, line.split(' ', 1)[1])
+                families[current][1].append(labelled)
+    out = []
+    for family in order:
+        heads, samples = families[family]
+        out += heads + samples
+    return ('\n'.join(out) + '\n').encode('utf-8')
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _report_metrics(service):
+    """In a worker: write the counters every _METRICS_EVERY seconds, for the scrapes that
+    reach the other workers."""
+    folder = os.environ.get(_METRICS_DIR_ENV)
+    if not folder:
+        return
+
+    def report():
+        while True:
+            _write_metrics(folder, service.metrics_text())
+            time.sleep(_METRICS_EVERY)
+    threading.Thread(target=report, name='mconnector-metrics', daemon=True).start()
+
+
 # -- serve --workers, serve --debug --
 
 def _serve_supervised(options, reload):
@@ -8758,23 +8860,33 @@ def _serve_workers(options, host, port, grace, tls):
     # The same `serve` options, with the address resolved: the last --host and --port win.
     command, env = _module_command(options.argv + ['--host', host, '--port', str(port)]
                                    + listen)
+    import shutil
+    import tempfile
+    env[_METRICS_DIR_ENV] = metrics = tempfile.mkdtemp(prefix='mconnector-metrics-')
     quick_deaths = 0
-    with _Supervisor(options.target, grace) as supervisor, sock:
-        while True:
-            while len(supervisor.children) < options.workers:
-                supervisor.start(command, fds, env)
-            worker = supervisor.wait()
-            if worker is None:
-                return 0
-            code = worker.returncode
-            quick = time.monotonic() - worker.started < _QUICK_DEATH
-            quick_deaths = quick_deaths + 1 if quick else 0
-            if code == _EXIT_BOOT_FAILED or quick_deaths >= _MAX_QUICK_DEATHS:
-                log.error('%s: worker %d could not start (it %s): giving up, the reason is '
-                          'above', options.target, worker.pid, _exit_status(code))
-                return 1
-            log.warning('%s: worker %d %s: starting another', options.target, worker.pid,
-                        _exit_status(code))
+    try:
+        with _Supervisor(options.target, grace) as supervisor, sock:
+            while True:
+                while len(supervisor.children) < options.workers:
+                    supervisor.start(command, fds, env)
+                worker = supervisor.wait()
+                if worker is None:
+                    return 0
+                try:    # its counters leave the service's with it
+                    os.unlink(os.path.join(metrics, '%d.prom' % worker.pid))
+                except OSError:
+                    pass
+                code = worker.returncode
+                quick = time.monotonic() - worker.started < _QUICK_DEATH
+                quick_deaths = quick_deaths + 1 if quick else 0
+                if code == _EXIT_BOOT_FAILED or quick_deaths >= _MAX_QUICK_DEATHS:
+                    log.error('%s: worker %d could not start (it %s): giving up, the reason is '
+                              'above', options.target, worker.pid, _exit_status(code))
+                    return 1
+                log.warning('%s: worker %d %s: starting another', options.target, worker.pid,
+                            _exit_status(code))
+    finally:
+        shutil.rmtree(metrics, ignore_errors=True)
 
 
 def _serve_worker(options):
@@ -8802,6 +8914,8 @@ def _serve_worker(options):
     _watch()
     if options.grace is not None:
         services[0].grace = options.grace
+    services[0]._reporting = os.getpid()
+    _report_metrics(services[0])
     services[0].run(sock=sock, debug=True if options.debug else None, reload=False,
                     certfile=options.certfile, keyfile=options.keyfile, cafile=options.cafile)
     return 0

@@ -6199,6 +6199,37 @@ class SupervisionTest(unittest.TestCase):
                                  len(pids - {None}) >= count, 10), serve.output())
         return pids - {None}
 
+    def test_one_scrape_of_a_service_of_workers_counts_them_all(self):
+        import re
+        import tempfile
+        folder = tempfile.mkdtemp()
+        self.addCleanup(__import__('shutil').rmtree, folder, True)
+        proc = ServeProcess(self, folder, 'examples/app1.py', '--host', '127.0.0.1', '--port',
+                            '0', '--workers', '2')
+        url = proc.url()
+        def hello():
+            try:
+                with Friend('once', url, retries=0) as friend:    # a new connection each:
+                    return friend.send('/helloworld', 'x')        # the kernel spreads them
+            except mconnector.Unreachable:
+                return None                 # the workers are still starting
+        self.assertTrue(wait_for(hello, 10))
+        for _ in range(19):
+            self.assertEqual(hello(), 'Welcome x')
+
+        def scrape():
+            with Friend('ops', url) as ops:
+                text = ops._call('GET', '/_mc/metrics', b'', None)
+            calls = sum(value for key, value in metric_values(text).items()
+                        if key.startswith('mconnector_requests_total{')
+                        and 'rule="/helloworld"' in key)
+            return calls, set(re.findall(r'worker="(\d+)"', text)), text
+        self.assertTrue(wait_for(lambda: scrape()[:2][0] == 20 and len(scrape()[1]) == 2, 10),
+                        scrape()[2][:2000])
+        calls, workers, text = scrape()
+        self.assertEqual(text.count('# TYPE mconnector_requests_total counter'), 1)
+        proc.terminate()
+
     def test_a_signed_call_replayed_to_every_worker_runs_once(self):
         self.app = self.write_app(PID_APP.replace(
             "Microservice('procs')", "Microservice('procs', secretKey='k3y')"))
