@@ -2309,7 +2309,7 @@ class MistakesTest(unittest.TestCase):
                     self.assertEqual((got, type(got)), (value, type(value)))
         # A 0.3.7 sender, which sends no X-MConnector, gets the body 0.3.7 listeners sent
         # (and unwraps it as it did); an mconnector sender is told not to.
-        for header, mode in ((b'', None), (b'X-MConnector: 1.1.0\r\n', b'dict')):
+        for header, mode in ((b'', None), (b'X-MConnector: 1.2.0\r\n', b'dict')):
             reply = raw_request(self.M.port, b'POST /d HTTP/1.1\r\nHost: x\r\nContent-Length: '
                                              b'10\r\nContent-Type: application/json\r\n'
                                              b'%sConnection: close\r\n\r\n{"x": [5]}' % header)
