@@ -72,17 +72,15 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     # For type checkers only (mypy and pyright take TYPE_CHECKING for true): the
     # decorators return the function they got, so a TypeVar keeps its signature on every
-    # Python; ParamSpec (the pools' submit()) and Self come from typing_extensions where
-    # typing lacks them (type checkers ship its stubs: nothing is installed).
+    # Python.  ParamSpec (the pools' submit()) and Self are typing's own from 3.11 on; a
+    # check for an older Python sees them as Any (the module tells mypy to ignore its
+    # insides), so nothing beyond the standard library is named.
     import asyncio
     import concurrent.futures
     import ssl
     from typing import (Any, AsyncIterator, Callable, Dict, Iterable, Iterator, List, Literal,
                         Mapping, Optional, Sequence, Tuple, TypeVar, Union)
-    if sys.version_info >= (3, 11):
-        from typing import ParamSpec, Self
-    else:
-        from typing_extensions import ParamSpec, Self
+    from typing import ParamSpec, Self
     F = TypeVar('F', bound=Callable[..., Any])
     T = TypeVar('T')
     C = TypeVar('C', bound=type)
