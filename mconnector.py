@@ -2616,7 +2616,6 @@ def _ws_check_response(head, key, target, subprotocols=None):
 # 6. Listener: Microservice
 # ###########################################################################################
 
-_MODES = ('reply', 'json', 'dict', 'stream', 'raw')
 _ALL_RULES = '*'          # the token key that guards every rule
 _SEND_KEYS = frozenset(['args', 'kwargs', 'token', 'types'])     # of a friend.send() body
 _JSON_KINDS = {list: 'an array', str: 'a string', int: 'a number', float: 'a number',
