@@ -4422,6 +4422,16 @@ def _rule_path(rule):
     return rule if rule[:1] == '/' or rule == _ALL_RULES else '/' + rule
 
 
+def _is_ip_address(host):
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+        except (OSError, ValueError):
+            continue
+        return True
+    return False
+
+
 def _connection_is_stale(sock):
     # A keep-alive connection the listener closed (idle timeout, restart) reads as EOF.
     # Finding that out before writing means no request is ever re-sent after it may have
@@ -4451,6 +4461,10 @@ class Friend:
     """A sender: calls the rules of a listener at `address` like local functions.
 
     Friend(name, address, token=None, ruleMethods=None, timeout=30.0, retries=2)
+
+    `address` may also be a list of the URLs of a service's instances, and a host name with
+    several addresses is as many instances: calls spread over them, and one refused at
+    connect time moves to the next (see the README, "Several instances").
 
     `token` is {rule: token} (or one string for every rule); `ruleMethods` is
     {rule: 'GET'|'PUT'|...} (POST otherwise).  Connections are kept alive and reused, so
@@ -4489,26 +4503,24 @@ class Friend:
         from urllib.parse import urlsplit
         self.name = name
         self._members = None
+        self._looked_up = None      # when a host name's addresses were last looked up
+        self._turn = itertools.count()
+        self.set_aside = set_aside
+        options = dict(token=token, ruleMethods=ruleMethods, timeout=timeout,
+                       secretKey=secretKey, cafile=cafile, verify=verify,
+                       ssl_context=ssl_context, certfile=certfile, keyfile=keyfile,
+                       backoff=backoff, max_reply=max_reply, headers=headers)
         if not isinstance(address, str):
             # Several instances of one service: a Friend of each, which this one picks from.
             addresses = list(address)
             if not addresses or not all(isinstance(a, str) for a in addresses):
                 raise ValueError('Friend(%r): the address is a URL, or a list of URLs of the '
                                  'instances of one service, got %r' % (name, address))
-            options = dict(token=token, ruleMethods=ruleMethods, timeout=timeout,
-                           secretKey=secretKey, cafile=cafile, verify=verify,
-                           ssl_context=ssl_context, certfile=certfile, keyfile=keyfile,
-                           backoff=backoff, max_reply=max_reply, headers=headers)
-            members = [Friend(name, one, retries=0, **options) for one in addresses]
             Friend.__init__(self, name, addresses[0], retries=retries, **options)
-            for member in members:      # rules and tokens set on this Friend count for all
-                member._rules = self._rules
-                member._aside_until = 0.0
-                member._refusals = 0
-            self._members = members
-            self._turn = itertools.count()
-            self.set_aside = set_aside
-            self.address = ', '.join(member.address for member in members)
+            self._looked_up = None
+            self._members = [self._instance(Friend(name, one, retries=0, **options))
+                             for one in addresses]
+            self.address = ', '.join(member.address for member in self._members)
             return
         given = address
         if '://' not in address:
@@ -4527,6 +4539,9 @@ class Friend:
         # The 0.3.7 README's own example sends to http://0.0.0.0:5000, the listener's
         # bind-all address; Linux connects that to this host, Windows and macOS refuse it.
         self._connect_host = {'0.0.0.0': '127.0.0.1', '::': '::1'}.get(self._host, self._host)
+        if not _is_ip_address(self._connect_host):
+            self._looked_up = float('-inf')
+            self._options = options
         self._port = port or (443 if parts.scheme == 'https' else 80)
         self._prefix = parts.path.rstrip('/')
         self._host_header = host_header(self._host, self._port, parts.scheme == 'https')
@@ -4788,11 +4803,76 @@ class Friend:
             self._ssl = context
         return self._ssl
 
-    def _member(self, tried):
+    # -- several instances ----------------------------------------------------------------
+
+    # A host name is looked up again this often, so that instances added to (or removed
+    # from) a name's records are called (or left) within this many seconds.
+    resolve_every = 30.0
+
+    def _instance(self, member):
+        """`member`, a Friend of one instance, made part of this one: rules and tokens set
+        on this Friend count for all."""
+        member._rules = self._rules
+        member._aside_until = 0.0
+        member._refusals = 0
+        member._looked_up = None
+        return member
+
+    def _resolve(self, infos):
+        """Take the addresses that getaddrinfo gave for the host name as its instances.  A
+        name with several addresses of one family is several instances, one per address
+        (each connecting to its address, with the name in Host and for TLS); a name with at
+        most one address per family (localhost: 127.0.0.1 and ::1) stays one instance, whose
+        connections try its addresses in turn.  Instances that stay keep their state."""
+        families = {}
+        for family, _, _, _, sockaddr in infos:
+            found = families.setdefault(family, [])
+            if sockaddr[0] not in found:
+                found.append(sockaddr[0])
+        addresses = next((found for found in families.values() if len(found) > 1), None)
+        old = {member._connect_host: member for member in self._members or ()}
+        if addresses is None:
+            self._members = None
+        else:
+            members = []
+            for address in addresses:
+                member = old.pop(address, None)
+                if member is None:
+                    member = self._instance(Friend(self.name, self.address, retries=0,
+                                                   **self._options))
+                    member._connect_host = address
+                    log.info('%s: %s is at %s', self.name, self.address, address)
+                members.append(member)
+            self._members = members
+        for member in old.values():
+            member.close()
+
+    def _resolve_due(self):
+        return (self._looked_up is not None
+                and time.monotonic() - self._looked_up >= self.resolve_every)
+
+    def _lookup(self):
+        self._looked_up = time.monotonic()      # first, so that one thread looks up
+        try:
+            infos = socket.getaddrinfo(self._connect_host, self._port, type=socket.SOCK_STREAM)
+        except OSError:         # the call reports it, as Unreachable
+            return
+        self._resolve(infos)
+
+    async def _lookup_async(self):
+        import asyncio
+        self._looked_up = time.monotonic()
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                self._connect_host, self._port, type=socket.SOCK_STREAM)
+        except OSError:
+            return
+        self._resolve(infos)
+
+    def _member(self, members, tried):
         """The next instance to call, round robin: one not set aside, else (all are) the
         one whose time aside ends first.  One whose time aside has passed is asked for its
         /_mc/health before it takes calls again."""
-        members = self._members
         now = time.monotonic()
         start = next(self._turn)
         for i in range(len(members)):
@@ -4821,14 +4901,14 @@ class Friend:
             log.warning('%s: %s refuses calls: set aside for %ss', self.name, member.address,
                         self.set_aside)
 
-    def _spread(self, method, rule, body, headers):
+    def _spread(self, members, method, rule, body, headers):
         """For a Friend of several instances: the call on one of them, moved to the next
         when it cannot have reached the function (refused: safe for any rule); `retries`
         more rounds over them all, after `backoff`, when every one refused."""
         error = None
         for round_ in range(self.retries + 1):
             tried = []
-            member = self._member(tried)
+            member = self._member(members, tried)
             while member is not None:
                 try:
                     reply = member._exchange(method, rule, body, headers)
@@ -4836,7 +4916,7 @@ class Friend:
                     error = exc
                     self._refused(member)
                     tried.append(member)
-                    member = self._member(tried)
+                    member = self._member(members, tried)
                     continue
                 member._refusals = 0
                 return reply
@@ -4844,13 +4924,13 @@ class Friend:
                 time.sleep(min(2.0, self.backoff * 2 ** round_))
         raise error
 
-    async def _spread_async(self, method, rule, body, headers):
+    async def _spread_async(self, members, method, rule, body, headers):
         """_spread() for the asyncio senders."""
         import asyncio
         error = None
         for round_ in range(self.retries + 1):
             tried = []
-            member = self._member(tried)
+            member = self._member(members, tried)
             while member is not None:
                 try:
                     reply = await member._exchange_async(method, rule, body, headers)
@@ -4858,7 +4938,7 @@ class Friend:
                     error = exc
                     self._refused(member)
                     tried.append(member)
-                    member = self._member(tried)
+                    member = self._member(members, tried)
                     continue
                 member._refusals = 0
                 return reply
@@ -4867,8 +4947,11 @@ class Friend:
         raise error
 
     def _exchange(self, method, rule, body, headers):
-        if self._members is not None:
-            return self._spread(method, rule, body, headers)
+        if self._resolve_due():
+            self._lookup()
+        members = self._members         # once: a lookup in another thread may change it
+        if members is not None:
+            return self._spread(members, method, rule, body, headers)
         tries = _Tries(self, method, rule, body, headers)
         while True:
             try:
@@ -4879,8 +4962,11 @@ class Friend:
 
     async def _exchange_async(self, method, rule, body, headers):
         import asyncio
-        if self._members is not None:
-            return await self._spread_async(method, rule, body, headers)
+        if self._resolve_due():
+            await self._lookup_async()
+        members = self._members
+        if members is not None:
+            return await self._spread_async(members, method, rule, body, headers)
         tries = _Tries(self, method, rule, body, headers)
         while True:
             try:
@@ -5058,6 +5144,7 @@ class TestClient(Friend):
     def __init__(self, service: Microservice, remote_address: Peer = ('127.0.0.1', None),
                  **options: Any) -> None:
         super().__init__(options.pop('name', 'test'), service.url, **options)
+        self._looked_up = None      # no network: the service answers in this process
         self.service = service
         self.remote_address = remote_address
 

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import unittest
+import unittest.mock
 
 import mconnector
 from mconnector import Friend, Microservice
@@ -3891,6 +3892,87 @@ class SeveralInstancesTest(unittest.TestCase):
                 friend.send('/who', 1)
         with self.assertRaises(ValueError):
             Friend('bad', [])
+
+
+class HostNameOfSeveralAddressesTest(unittest.TestCase):
+    """A host name whose records list three addresses (as a DNS name of a service's instances
+    does) is three instances for Friend.  The machine's resolver cannot be given such a name
+    here, so getaddrinfo answers for the name 'svc.test' alone and asks the real one for
+    everything else; the listeners, connections and calls are real."""
+
+    def setUp(self):
+        self.records = []
+        real = socket.getaddrinfo
+
+        def getaddrinfo(host, port, *args, **kwargs):
+            if host == 'svc.test':
+                return [(socket.AF_INET, socket.SOCK_STREAM, 6, '', (ip, port))
+                        for ip in self.records]
+            return real(host, port, *args, **kwargs)
+        patcher = unittest.mock.patch('socket.getaddrinfo', getaddrinfo)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def instance(self, ip, port):
+        M = Microservice(ip)
+        M.calls = []
+
+        @M.typing('/who')
+        def who(x):
+            M.calls.append(x)
+            return ip
+        try:
+            M.start(port=port, host=ip)
+        except MConnectorError as exc:
+            self.skipTest('cannot listen on %s here: %s' % (ip, exc))
+        self.addCleanup(M.stop, 0)
+        return M
+
+    def test_calls_spread_over_the_addresses_of_a_name_and_follow_its_records(self):
+        first = self.instance('127.0.0.1', 0)
+        port = first.port
+        instances = [first] + [self.instance('127.0.0.%d' % n, port) for n in (2, 3)]
+        self.records = ['127.0.0.1', '127.0.0.2', '127.0.0.3']
+        friend = Friend('svc', 'http://svc.test:%d' % port, set_aside=0.2, retries=0)
+        with friend:
+            answers = [friend.send('/who', i) for i in range(30)]
+            self.assertEqual([len(M.calls) for M in instances], [10, 10, 10])
+            instances[1].stop(0)
+            with self.assertLogs('mconnector', 'WARNING'):
+                answers = [friend.send('/who', i) for i in range(30, 60)]
+            self.assertNotIn('127.0.0.2', answers)
+            back = self.instance('127.0.0.2', port)
+            deadline = time.monotonic() + 5
+            while not back.calls and time.monotonic() < deadline:
+                friend.send('/who', 'again')
+            self.assertTrue(back.calls, 'the restarted instance never got a call')
+            # The records change: the name's instances follow at the next lookup.
+            self.records = ['127.0.0.1', '127.0.0.3']
+            friend.resolve_every = 0.0
+            calls_before = len(back.calls)
+            answers = {friend.send('/who', 'later') for _ in range(10)}
+            self.assertEqual(answers, {'127.0.0.1', '127.0.0.3'})
+            self.assertEqual(len(back.calls), calls_before)
+        runs = [x for M in instances + [back] for x in M.calls if isinstance(x, int)]
+        self.assertEqual(sorted(runs), list(range(60)))     # each call ran once
+
+    def test_the_asyncio_senders_follow_the_name_too(self):
+        import asyncio
+        first = self.instance('127.0.0.1', 0)
+        self.instance('127.0.0.2', first.port)
+        self.records = ['127.0.0.1', '127.0.0.2']
+        friend = mconnector.AsyncFriend('svc', 'http://svc.test:%d' % first.port)
+
+        async def main():
+            async with friend:
+                return [await friend.send('/who', i) for i in range(4)]
+        self.assertEqual(sorted(asyncio.run(main())), ['127.0.0.1'] * 2 + ['127.0.0.2'] * 2)
+
+    def test_a_name_with_one_address_per_family_stays_one_instance(self):
+        M = self.instance('127.0.0.1', 0)
+        with Friend('local', 'http://localhost:%d' % M.port, retries=0) as friend:
+            self.assertEqual([friend.send('/who', i) for i in range(3)], ['127.0.0.1'] * 3)
+            self.assertIsNone(friend._members)
 
 
 class CallChainTest(unittest.TestCase):
