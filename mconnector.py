@@ -4516,7 +4516,8 @@ class Friend:
             if not addresses or not all(isinstance(a, str) for a in addresses):
                 raise ValueError('Friend(%r): the address is a URL, or a list of URLs of the '
                                  'instances of one service, got %r' % (name, address))
-            Friend.__init__(self, name, addresses[0], retries=retries, **options)
+            Friend.__init__(self, name, addresses[0], retries=retries, set_aside=set_aside,
+                            **options)
             self._looked_up = None
             self._members = [self._instance(Friend(name, one, retries=0, **options))
                              for one in addresses]
@@ -6242,7 +6243,9 @@ class _Server:
             if now >= deadline:
                 break
             self._run_once(min(deadline, now + _TICK))
-        cut = sum(1 for conn in self.connections if conn.busy())
+        # A worker waiting for a caller's next request (_HTTPSession._hold) holds none.
+        cut = sum(1 for conn in self.connections
+                  if conn.busy() and not getattr(conn.session, 'holding', False))
         for conn in list(self.connections):
             conn.close()
         while self._calls:          # what the closing scheduled (ends of handlers)

@@ -3726,6 +3726,20 @@ class GracefulStopTest(unittest.TestCase):
         with self.assertRaises(mconnector.NetworkError):
             answer.result(5)
 
+    def test_a_stop_right_after_an_answer_cuts_nothing_short(self):
+        # The caller's connection is idle (kept alive) once it has its answer, even while
+        # the worker that answered still waits a moment for the next request.
+        for _ in range(20):
+            M = Microservice('quick')
+            M.typing('/echo')(lambda x: x)
+            M.start(port=0, host='127.0.0.1')
+            with Friend('quick', M.url) as friend:
+                self.assertEqual(friend.send('/echo', 1), 1)
+                with self.assertLogs('mconnector', 'INFO') as logs:
+                    M.stop(0)
+            self.assertEqual([r.levelname for r in logs.records], ['INFO'], logs.output)
+            self.assertIn('quick: stopped', logs.output[0])
+
     SCRIPT = '''
 import os, sys
 sys.path.insert(0, %r)
