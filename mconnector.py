@@ -6243,9 +6243,10 @@ class _Server:
             if now >= deadline:
                 break
             self._run_once(min(deadline, now + _TICK))
-        # A worker waiting for a caller's next request (_HTTPSession._hold) holds none.
-        cut = sum(1 for conn in self.connections
-                  if conn.busy() and not getattr(conn.session, 'holding', False))
+        # A connection whose answer is all sent holds no request, even while the worker
+        # that wrote it waits for the next one (_HTTPSession._hold).
+        cut = sum(1 for conn in self.connections if conn.busy() and
+                  (conn.out or not getattr(conn.session, 'answered', False)))
         for conn in list(self.connections):
             conn.close()
         while self._calls:          # what the closing scheduled (ends of handlers)
@@ -6589,6 +6590,7 @@ class _HTTPSession:
         self.stream = None              # the iterator of a streamed answer
         self.producing = False          # a worker is taking the stream's next batch
         self.holding = False            # a worker waits for the next request (_hold)
+        self.answered = False           # the answer written by a worker is all sent
         self.status = None
         self.begun = 0.0
         service.stats['connections'] += 1
@@ -6637,6 +6639,7 @@ class _HTTPSession:
                 return
             else:
                 self.head = event
+                self.answered = False
                 self.begun = time.perf_counter()
                 if self.started is None:
                     self._begin()
@@ -6686,6 +6689,7 @@ class _HTTPSession:
             http.close_after_response()
         data = http.send_response(response.status, response.headers, response.body)
         self.status = response.status
+        self.answered = True            # before the peer can have it and ask for a stop
         try:
             sent = conn.sock.send(data)
         except (BlockingIOError, InterruptedError):
@@ -6695,6 +6699,7 @@ class _HTTPSession:
             return False
         conn.sent += sent
         if sent < len(data):            # the rest when the peer takes it; then _done
+            self.answered = False
             server.call_soon(conn.write, data[sent:])
             return False
         if not http.keep_alive or server.stopping:
@@ -6737,6 +6742,7 @@ class _HTTPSession:
                 return ()
             if type(event) is RequestHead:
                 self.head = event
+                self.answered = False
                 self.begun = time.perf_counter()
             elif type(event) is bytes:
                 parts.append(event)
@@ -6770,11 +6776,13 @@ class _HTTPSession:
         body = response.body
         if isinstance(body, (bytes, bytearray)):
             conn.write(http.send_response(response.status, response.headers, body))
+            self.answered = True
             return
         conn.write(http.send_response(response.status, response.headers, None))
         if not http.sends_body:
             _close_stream(body)
             conn.write(http.send_end())
+            self.answered = True
             return
         self.stream = iter(body)
         self.producing = True
@@ -6813,6 +6821,7 @@ class _HTTPSession:
         if end:
             self.stream = None
             data += http.send_end()
+            self.answered = True
         conn.write(data)
 
     def flushed(self):
