@@ -5230,6 +5230,9 @@ def _keep_alive_timeout(hint):
     return int(match.group(1)) if match else None
 
 
+_TIMEOUT_SLACK = 0.001      # how far a socket operation's timeout may be from the time left
+
+
 def _remaining(deadline):
     """Seconds left until `deadline` (time.monotonic()); socket.timeout once it passed."""
     left = deadline - time.monotonic()
@@ -5246,7 +5249,7 @@ class _ClientConnection:
     """
 
     __slots__ = ('host', 'port', 'context', 'sock', 'http', 'server_hostname', 'reuse_until',
-                 'max_reply', 'head', 'parts', 'sent')
+                 'max_reply', 'head', 'parts', 'sent', 'timeout')
 
     def __init__(self, host, port, context=None, server_hostname=None, max_reply=MAX_BODY):
         self.host = host
@@ -5260,6 +5263,7 @@ class _ClientConnection:
         self.head = None            # of the reply being read, and its body so far
         self.parts = []
         self.sent = False           # the request being sent is all written
+        self.timeout = None         # what the socket was last given by settimeout()
 
     def reusable(self):
         """False once the listener may be closing this connection as idle."""
@@ -5279,16 +5283,26 @@ class _ClientConnection:
                 raise
             self.sock = sock
             self.http = HTTPConnection(client=True, max_body=self.max_reply)
-        self.sock.settimeout(_remaining(deadline))
+            self.timeout = None
+        self._time_left(deadline)
         self.sock.sendall(self.http.send_request(method, target, headers, body))
         self.sent = True
+
+    def _time_left(self, deadline):
+        """Give the socket's next operation the time left until `deadline`.  Each
+        settimeout() is a system call: within _TIMEOUT_SLACK of what the socket has, it is
+        left as it is (a sequential caller's calls all have about the same time left)."""
+        left = _remaining(deadline)
+        if self.timeout is None or abs(self.timeout - left) > _TIMEOUT_SLACK:
+            self.sock.settimeout(left)
+            self.timeout = left
 
     def receive(self, deadline):
         """Read one reply before `deadline`: (_Reply, keep_alive).  Raises HTTPError for a
         reply the core refuses, OSError for the network, socket.timeout at the deadline."""
         reply = self._reply()
         while reply is None:
-            self.sock.settimeout(_remaining(deadline))
+            self._time_left(deadline)
             self.http.receive_data(self.sock.recv(65536))
             reply = self._reply()
         return reply
