@@ -703,17 +703,28 @@ def from_wire(data: Any, notes: Optional[List[Any]] = None) -> Any:
     return root[0]
 
 
-# Made once: json.dumps() with any option builds a new encoder at every call.
-_ENCODER = json.JSONEncoder(allow_nan=False)
-_SORTED_ENCODER = json.JSONEncoder(allow_nan=False, sort_keys=True)
+def _wire_encoder(sort_keys):
+    """JSONEncoder(allow_nan=False, sort_keys=...).encode, for values that to_wire() made.
+    Its C encoder is made once here, where JSONEncoder.encode() makes one at every call
+    (most of its cost for a small value); without the cycle check, which needs a dict of
+    its own per call: to_wire() has refused cycles already."""
+    make = json.encoder.c_make_encoder
+    if make is None:        # a json without its C part
+        return json.JSONEncoder(allow_nan=False, sort_keys=sort_keys).encode
+    encode = make(None, json.JSONEncoder().default, json.encoder.encode_basestring_ascii,
+                  None, ': ', ', ', sort_keys, False, False)
+    return lambda value: ''.join(encode(value, 0))
+
+
+_to_json = _wire_encoder(False)
+_to_sorted_json = _wire_encoder(True)
 
 
 def dumps(value: Any, notes: Optional[List[Any]] = None, sort_keys: bool = False) -> bytes:
     """JSON text (as bytes) of `value` converted by to_wire()."""
     data = to_wire(value, notes)
     try:
-        encoder = _SORTED_ENCODER if sort_keys else _ENCODER
-        return encoder.encode(data).encode('utf-8')
+        return (_to_sorted_json if sort_keys else _to_json)(data).encode('utf-8')
     except (TypeError, ValueError) as exc:
         raise CodecError('cannot encode value: %s' % exc) from None
 
@@ -4610,7 +4621,7 @@ class Friend:
         if notes:
             payload['types'] = notes
         try:
-            body = _ENCODER.encode(payload).encode('utf-8')
+            body = _to_json(payload).encode('utf-8')
         except (TypeError, ValueError) as exc:
             raise CodecError('cannot encode the arguments: %s' % exc) from None
         return self._method(rule), rule, body, token

@@ -14,7 +14,8 @@ each way) the rows are:
                      installed; the row is skipped otherwise)
 
 Columns: microseconds per call (wall, one connection kept alive, calls one after another),
-the sender's own CPU per call (this process's user + system time), and the ratios the goals
+the sender's own CPU per call (this process's user + system time), the listener's (from
+/proc: coarse, clock ticks of 10 ms over the round), and the ratios the goals
 name: mconnector / floor (goal: at most 2.0x for the short string) and Pyro5 / mconnector
 (goal: at least 1.5x).  Rows take turns within each round; the median of the rounds is shown.
 Compare ratios within one run: the machine is shared and noisy.
@@ -174,12 +175,20 @@ def pyro_caller(uri, text):
     return call
 
 
-def measure(call, n):
-    """(wall us, this process's CPU us) per call over n calls."""
-    cpu, wall = time.process_time(), time.perf_counter()
+def process_cpu(pid):
+    """User + system seconds of another process so far."""
+    with open('/proc/%d/stat' % pid) as stat:
+        fields = stat.read().rsplit(')', 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+
+
+def measure(call, pid, n):
+    """(wall us, this process's CPU us, the listener's CPU us) per call over n calls."""
+    other, cpu, wall = process_cpu(pid), time.process_time(), time.perf_counter()
     for _ in range(n):
         call()
-    return ((time.perf_counter() - wall) / n * 1e6, (time.process_time() - cpu) / n * 1e6)
+    return ((time.perf_counter() - wall) / n * 1e6, (time.process_time() - cpu) / n * 1e6,
+            (process_cpu(pid) - other) / n * 1e6)
 
 
 def main():
@@ -201,18 +210,18 @@ def main():
         rows = {}           # (size, row name) -> call
         for size, text in SIZES:
             request, response = capture(int(mc_port), text)
-            rows[size, 'raw TCP floor'] = raw_caller(int(raw_port), request, response)
-            rows[size, 'mconnector'] = mconnector_caller(int(mc_port), text)
+            rows[size, 'raw TCP floor'] = raw_caller(int(raw_port), request, response), raw.pid
+            rows[size, 'mconnector'] = mconnector_caller(int(mc_port), text), mc.pid
             if uri:
-                rows[size, 'Pyro5 %s' % Pyro5.__version__] = pyro_caller(uri, text)
+                rows[size, 'Pyro5 %s' % Pyro5.__version__] = pyro_caller(uri, text), pyro.pid
         results = {key: [] for key in rows}
-        for key, call in rows.items():
+        for key, (call, pid) in rows.items():
             for _ in range(20):
                 call()
         for _ in range(options.rounds):
-            for key, call in rows.items():
+            for key, (call, pid) in rows.items():
                 n = max(CALLS[key[0]] // (10 if options.quick else 1), 5)
-                results[key].append(measure(call, n))
+                results[key].append(measure(call, pid, n))
     finally:
         for proc in procs:
             proc.stdin.close()
@@ -220,17 +229,17 @@ def main():
 
     def median(values):
         return sorted(values)[len(values) // 2]
-    print('%-7s %-16s %10s %12s %14s %14s' % ('size', 'row', 'us/call', 'sender CPU',
-                                              'vs floor', 'Pyro5/mconn'))
+    print('%-7s %-16s %10s %12s %14s %10s %12s' % ('size', 'row', 'us/call', 'sender CPU',
+                                                    'listener CPU', 'vs floor', 'Pyro5/mconn'))
     for size, _ in SIZES:
-        cells = {name: (median([w for w, _ in r]), median([c for _, c in r]))
+        cells = {name: [median([m[i] for m in r]) for i in range(3)]
                  for (s, name), r in results.items() if s == size}
         floor = cells['raw TCP floor'][0]
         mine = cells['mconnector'][0]
-        for name, (wall, cpu) in cells.items():
-            other = ('%13.2fx' % (wall / mine)) if name.startswith('Pyro5') else ''
-            print('%-7s %-16s %10.0f %12.0f %13.2fx %14s' % (size, name, wall, cpu,
-                                                           wall / floor, other))
+        for name, (wall, cpu, listener) in cells.items():
+            other = ('%11.2fx' % (wall / mine)) if name.startswith('Pyro5') else ''
+            print('%-7s %-16s %10.0f %12.0f %14.0f %9.2fx %12s' % (
+                size, name, wall, cpu, listener, wall / floor, other))
         if not any(name.startswith('Pyro5') for name in cells):
             print('%-7s %-16s %10s' % (size, 'Pyro5', 'not installed'))
     print('(median of %d rounds; goals: mconnector at most 2.0x the floor for the small call,'
