@@ -1682,10 +1682,18 @@ def _http_date():
     return _date_cache[1]
 
 
+_STATUS_LINES = {}          # status -> its status line and our Server line, for the known ones
+
+
 def _head_bytes(status, headers, length, keep_alive, chunked):
-    lines = [b'HTTP/1.1 %d %s\r\nServer: mconnector/%s\r\nDate: %s\r\n' % (
-        status, _STATUS_TEXT.get(status, 'Unknown').encode('ascii'),
-        __version__.encode('ascii'), _http_date())]
+    start = _STATUS_LINES.get(status)
+    if start is None:
+        start = b'HTTP/1.1 %d %s\r\nServer: mconnector/%s\r\n' % (
+            status, _STATUS_TEXT.get(status, 'Unknown').encode('ascii'),
+            __version__.encode('ascii'))
+        if status in _STATUS_TEXT:
+            _STATUS_LINES[status] = start
+    lines = [start, b'Date: %s\r\n' % _http_date()]
     for name, value in headers:
         lines.append(b'%s: %s\r\n' % (name.encode('ascii'), value.encode('latin-1')))
     if chunked:

@@ -1,6 +1,6 @@
 """One call's cost against its floor: mconnector, a raw TCP ping-pong of the same bytes, Pyro5.
 
-    python bench/bench_floor.py [--rounds R] [--quick]
+    python bench/bench_floor.py [--rounds R] [--quick] [--against OTHER/mconnector.py]
 
 For each size (a short string, then 10 KB, 100 KB and 1 MB strings, echoed: the same size
 each way) the rows are:
@@ -12,6 +12,8 @@ each way) the rows are:
   mconnector         Friend(...).send('/echo', s) to a Microservice rule in its own process
   Pyro5              a proxy calling an exposed echo method in its own process (when Pyro5 is
                      installed; the row is skipped otherwise)
+  mconnector at ...  with --against: another mconnector.py (an earlier version, say), its
+                     listener called by its own Friend, in the same rounds
 
 Columns: microseconds per call (wall, one connection kept alive, calls one after another),
 the sender's own CPU per call (this process's user + system time), the listener's (from
@@ -97,10 +99,10 @@ sys.stdin.read()
 '''
 
 
-def start(code):
+def start(code, folder=ROOT):
     proc = subprocess.Popen([sys.executable, '-c', code], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, cwd=ROOT,
-                            env=dict(os.environ, PYTHONPATH=ROOT))
+                            stdout=subprocess.PIPE, text=True, cwd=folder,
+                            env=dict(os.environ, PYTHONPATH=folder))
     return proc, proc.stdout.readline().strip()
 
 
@@ -158,8 +160,8 @@ def raw_caller(port, request, response):
     return call
 
 
-def mconnector_caller(port, text):
-    friend = mconnector.Friend('bench', 'http://127.0.0.1:%d' % port)
+def mconnector_caller(port, text, module=mconnector):
+    friend = module.Friend('bench', 'http://127.0.0.1:%d' % port)
 
     def call():
         assert friend.send('/echo', text) is not None
@@ -195,12 +197,23 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--rounds', type=int, default=7)
     parser.add_argument('--quick', action='store_true', help='a tenth of the calls')
+    parser.add_argument('--against', metavar='PATH', help='another mconnector.py')
     options = parser.parse_args()
+    other = None
+    if options.against:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location('mconnector_against', options.against)
+        other = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(other)
     procs = []
     try:
         mc, mc_port = start(MCONNECTOR)
         raw, raw_port = start(RAW)
         procs += [mc, raw]
+        if other is not None:
+            against, against_port = start(MCONNECTOR,
+                                          os.path.dirname(os.path.abspath(options.against)))
+            procs.append(against)
         try:
             import Pyro5.api  # noqa: F401
             pyro, uri = start(PYRO5)
@@ -212,6 +225,9 @@ def main():
             request, response = capture(int(mc_port), text)
             rows[size, 'raw TCP floor'] = raw_caller(int(raw_port), request, response), raw.pid
             rows[size, 'mconnector'] = mconnector_caller(int(mc_port), text), mc.pid
+            if other is not None:
+                rows[size, 'mconnector at --against'] = mconnector_caller(
+                    int(against_port), text, other), against.pid
             if uri:
                 rows[size, 'Pyro5 %s' % Pyro5.__version__] = pyro_caller(uri, text), pyro.pid
         results = {key: [] for key in rows}
@@ -229,7 +245,7 @@ def main():
 
     def median(values):
         return sorted(values)[len(values) // 2]
-    print('%-7s %-16s %10s %12s %14s %10s %12s' % ('size', 'row', 'us/call', 'sender CPU',
+    print('%-7s %-23s %10s %12s %14s %10s %12s' % ('size', 'row', 'us/call', 'sender CPU',
                                                     'listener CPU', 'vs floor', 'Pyro5/mconn'))
     for size, _ in SIZES:
         cells = {name: [median([m[i] for m in r]) for i in range(3)]
@@ -238,10 +254,10 @@ def main():
         mine = cells['mconnector'][0]
         for name, (wall, cpu, listener) in cells.items():
             other = ('%11.2fx' % (wall / mine)) if name.startswith('Pyro5') else ''
-            print('%-7s %-16s %10.0f %12.0f %14.0f %9.2fx %12s' % (
+            print('%-7s %-23s %10.0f %12.0f %14.0f %9.2fx %12s' % (
                 size, name, wall, cpu, listener, wall / floor, other))
         if not any(name.startswith('Pyro5') for name in cells):
-            print('%-7s %-16s %10s' % (size, 'Pyro5', 'not installed'))
+            print('%-7s %-23s %10s' % (size, 'Pyro5', 'not installed'))
     print('(median of %d rounds; goals: mconnector at most 2.0x the floor for the small call,'
           ' Pyro5/mconnector at least 1.5x at every size)' % options.rounds)
 
