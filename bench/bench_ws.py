@@ -7,10 +7,12 @@
   1 MB one way 1,000,000-byte binary messages sent back to back (60 a round); the server
                answers once at the end of the round, MB/s
 
-The server runs in its own process, as a user's does: a client and a server in one process
+The server runs in its own process, as a user's does.  In one process a client and a server
 take turns on one GIL, and mconnector masks and unmasks in Python (where the websockets
-package has C), so that setup halves mconnector's one-way figure.  The row "mconnector,
-one process" keeps that setup, to show the difference in the same run.
+package has C): there a one-way stream costs the sum of both sides' CPU time, where two
+processes on two free cores take the larger of the two.  The row "mconnector, one process"
+keeps that setup for comparison (on a machine whose cores are busy with other work the two
+setups come out alike: then both sides take turns anyway).
 
 When the `websockets` package is installed (with its C speed-ups), its synchronous server
 and client are measured the same way (compression off), and each client against the other
