@@ -703,17 +703,28 @@ def from_wire(data: Any, notes: Optional[List[Any]] = None) -> Any:
     return root[0]
 
 
-# Made once: json.dumps() with any option builds a new encoder at every call.
-_ENCODER = json.JSONEncoder(allow_nan=False)
-_SORTED_ENCODER = json.JSONEncoder(allow_nan=False, sort_keys=True)
+def _wire_encoder(sort_keys):
+    """JSONEncoder(allow_nan=False, sort_keys=...).encode, for values that to_wire() made.
+    Its C encoder is made once here, where JSONEncoder.encode() makes one at every call
+    (most of its cost for a small value); without the cycle check, which needs a dict of
+    its own per call: to_wire() has refused cycles already."""
+    make = json.encoder.c_make_encoder
+    if make is None:        # a json without its C part
+        return json.JSONEncoder(allow_nan=False, sort_keys=sort_keys).encode
+    encode = make(None, json.JSONEncoder().default, json.encoder.encode_basestring_ascii,
+                  None, ': ', ', ', sort_keys, False, False)
+    return lambda value: ''.join(encode(value, 0))
+
+
+_to_json = _wire_encoder(False)
+_to_sorted_json = _wire_encoder(True)
 
 
 def dumps(value: Any, notes: Optional[List[Any]] = None, sort_keys: bool = False) -> bytes:
     """JSON text (as bytes) of `value` converted by to_wire()."""
     data = to_wire(value, notes)
     try:
-        encoder = _SORTED_ENCODER if sort_keys else _ENCODER
-        return encoder.encode(data).encode('utf-8')
+        return (_to_sorted_json if sort_keys else _to_json)(data).encode('utf-8')
     except (TypeError, ValueError) as exc:
         raise CodecError('cannot encode value: %s' % exc) from None
 
@@ -1671,10 +1682,18 @@ def _http_date():
     return _date_cache[1]
 
 
+_STATUS_LINES = {}          # status -> its status line and our Server line, for the known ones
+
+
 def _head_bytes(status, headers, length, keep_alive, chunked):
-    lines = [b'HTTP/1.1 %d %s\r\nServer: mconnector/%s\r\nDate: %s\r\n' % (
-        status, _STATUS_TEXT.get(status, 'Unknown').encode('ascii'),
-        __version__.encode('ascii'), _http_date())]
+    start = _STATUS_LINES.get(status)
+    if start is None:
+        start = b'HTTP/1.1 %d %s\r\nServer: mconnector/%s\r\n' % (
+            status, _STATUS_TEXT.get(status, 'Unknown').encode('ascii'),
+            __version__.encode('ascii'))
+        if status in _STATUS_TEXT:
+            _STATUS_LINES[status] = start
+    lines = [start, b'Date: %s\r\n' % _http_date()]
     for name, value in headers:
         lines.append(b'%s: %s\r\n' % (name.encode('ascii'), value.encode('latin-1')))
     if chunked:
@@ -4626,7 +4645,7 @@ class Friend:
         if notes:
             payload['types'] = notes
         try:
-            body = _ENCODER.encode(payload).encode('utf-8')
+            body = _to_json(payload).encode('utf-8')
         except (TypeError, ValueError) as exc:
             raise CodecError('cannot encode the arguments: %s' % exc) from None
         return self._method(rule), rule, body, token
@@ -5318,6 +5337,9 @@ def _keep_alive_timeout(hint):
     return int(match.group(1)) if match else None
 
 
+_TIMEOUT_SLACK = 0.001      # how far a socket operation's timeout may be from the time left
+
+
 def _remaining(deadline):
     """Seconds left until `deadline` (time.monotonic()); socket.timeout once it passed."""
     left = deadline - time.monotonic()
@@ -5334,7 +5356,7 @@ class _ClientConnection:
     """
 
     __slots__ = ('host', 'port', 'context', 'sock', 'http', 'server_hostname', 'reuse_until',
-                 'max_reply', 'head', 'parts', 'sent')
+                 'max_reply', 'head', 'parts', 'sent', 'timeout')
 
     def __init__(self, host, port, context=None, server_hostname=None, max_reply=MAX_BODY):
         self.host = host
@@ -5348,6 +5370,7 @@ class _ClientConnection:
         self.head = None            # of the reply being read, and its body so far
         self.parts = []
         self.sent = False           # the request being sent is all written
+        self.timeout = None         # what the socket was last given by settimeout()
 
     def reusable(self):
         """False once the listener may be closing this connection as idle."""
@@ -5367,16 +5390,26 @@ class _ClientConnection:
                 raise
             self.sock = sock
             self.http = HTTPConnection(client=True, max_body=self.max_reply)
-        self.sock.settimeout(_remaining(deadline))
+            self.timeout = None
+        self._time_left(deadline)
         self.sock.sendall(self.http.send_request(method, target, headers, body))
         self.sent = True
+
+    def _time_left(self, deadline):
+        """Give the socket's next operation the time left until `deadline`.  Each
+        settimeout() is a system call: within _TIMEOUT_SLACK of what the socket has, it is
+        left as it is (a sequential caller's calls all have about the same time left)."""
+        left = _remaining(deadline)
+        if self.timeout is None or abs(self.timeout - left) > _TIMEOUT_SLACK:
+            self.sock.settimeout(left)
+            self.timeout = left
 
     def receive(self, deadline):
         """Read one reply before `deadline`: (_Reply, keep_alive).  Raises HTTPError for a
         reply the core refuses, OSError for the network, socket.timeout at the deadline."""
         reply = self._reply()
         while reply is None:
-            self.sock.settimeout(_remaining(deadline))
+            self._time_left(deadline)
             self.http.receive_data(self.sock.recv(65536))
             reply = self._reply()
         return reply
