@@ -5760,6 +5760,142 @@ class WebSocketSignedHandshakeTest(unittest.TestCase):
             self.assertEqual(ws.recv(5), 'still serving')
 
 
+OFFER = b'Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n'
+
+
+def compression_server(test, **options):
+    """A SocketServer with an echo route and a render route that tells what it negotiated."""
+    sk = mconnector.SocketServer('deflate', close_timeout=2, **options)
+    sk.router('/echo')(lambda message: message)
+
+    @sk.render('/seen')
+    def seen(ws, message):
+        ws.send('%s %s' % (ws.compression, ws.headers.get('sec-websocket-extensions')))
+        for message in ws:
+            ws.send(message)
+    sk.run(host='127.0.0.1', port=0)
+    test.addCleanup(sk.stop)
+    return sk
+
+
+def read_frame(sock, data=b''):
+    """(first byte, payload, rest) of one unmasked frame from a raw socket."""
+    while True:
+        if len(data) >= 2:
+            n, pos = data[1] & 0x7F, 2
+            if n == 126 and len(data) >= 4:
+                n, pos = int.from_bytes(data[2:4], 'big'), 4
+            elif n == 127 and len(data) >= 10:
+                n, pos = int.from_bytes(data[2:10], 'big'), 10
+            if n < 126 or pos > 2:
+                if len(data) >= pos + n:
+                    return data[0], data[pos:pos + n], data[pos + n:]
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError('closed before a whole frame')
+        data += chunk
+
+
+class WebSocketCompressionTest(unittest.TestCase):
+    def test_socket_client_and_server_negotiate_and_compress_both_ways(self):
+        sk = compression_server(self)
+        with mconnector.SocketClient('127.0.0.1:%d' % sk.port, '/seen') as ws:
+            self.assertEqual(ws.compression, 'deflate')
+            ws.send('hello')
+            self.assertEqual(ws.recv(5), 'deflate permessage-deflate; server_max_window_bits=12; '
+                                         'client_max_window_bits=12, permessage-deflate; '
+                                         'client_max_window_bits=12')
+            for message in ('é' * 40000, b'\x00\x01' * 30000, 'small', b'', os.urandom(5000),
+                            '{"k": 1}' * 1000):
+                ws.send(message)
+                self.assertEqual(ws.recv(5), message)
+
+    def test_either_side_can_turn_it_off(self):
+        for server, client in (({'compression': None}, {}), ({}, {'compression': None})):
+            sk = compression_server(self, **server)
+            with mconnector.SocketClient('127.0.0.1:%d' % sk.port, '/seen', **client) as ws:
+                self.assertIsNone(ws.compression)
+                ws.send('hello')
+                expected = 'None None' if client else (
+                    'None permessage-deflate; server_max_window_bits=12; client_max_window_bits=12, '
+                    'permessage-deflate; client_max_window_bits=12')
+                self.assertEqual(ws.recv(5), expected)
+                ws.send('x' * 10000)
+                self.assertEqual(ws.recv(5), 'x' * 10000)
+
+    def test_a_client_that_offers_nothing_gets_the_same_bytes_as_before(self):
+        heads = []
+        for options in ({}, {'compression': None}):
+            sk = compression_server(self, **options)
+            sock, head, rest = raw_handshake(sk.port)
+            heads.append(head)
+            sock.sendall(ws_frame(OP.TEXT, b'x' * 1000))
+            first, payload, rest = read_frame(sock, rest)
+            self.assertEqual((first, payload), (0x81, b'x' * 1000))     # no RSV1
+            sock.close()
+        self.assertEqual(heads[0], heads[1])
+        self.assertNotIn(b'Extensions', heads[0])
+
+    def test_compressed_frames_on_the_wire(self):
+        sk = compression_server(self)
+        sock, head, rest = raw_handshake(sk.port, extra=OFFER)
+        self.addCleanup(sock.close)
+        self.assertIn(b'\r\nSec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=12; '
+                      b'client_max_window_bits=12', head)
+        import zlib
+        c = zlib.compressobj(6, zlib.DEFLATED, -12)
+        d = zlib.decompressobj(-12)
+        for message in (b'compress me ' * 100, b'compress me ' * 100):
+            sock.sendall(ws_frame(OP.TEXT, deflated(message, compressor=c), rsv=0x40))
+            first, payload, rest = read_frame(sock, rest)
+            self.assertEqual(first, 0xC1)
+            self.assertLess(len(payload), 100)
+            self.assertEqual(inflated(payload, d), message)
+        sock.sendall(ws_frame(OP.TEXT, b'not compressed'))
+        self.assertEqual(read_frame(sock, rest)[:2], (0x81, b'not compressed'))
+
+    def test_a_bomb_is_refused_with_1009_and_the_server_keeps_serving(self):
+        sk = compression_server(self, max_size=100000)
+        sock, head, rest = raw_handshake(sk.port, extra=OFFER)
+        sock.sendall(ws_frame(OP.BINARY, deflated(b'\x00' * 10 ** 7), rsv=0x40))
+        first, payload, rest = read_frame(sock, rest)
+        self.assertEqual((first & 0x0F, int.from_bytes(payload[:2], 'big')), (OP.CLOSE, 1009))
+        sock.close()
+        with mconnector.SocketClient('127.0.0.1:%d' % sk.port, '/echo') as ws:
+            ws.send('y' * 90000)
+            self.assertEqual(ws.recv(5), 'y' * 90000)
+
+    def test_the_websockets_package_as_client_and_as_server(self):
+        # The websockets package is an optional peer: looked for, and skipped without it.
+        import importlib.util
+        if importlib.util.find_spec('websockets') is None:
+            self.skipTest('the websockets package is not installed')
+        sync_client = importlib.import_module('websockets.sync.client')
+        sync_server = importlib.import_module('websockets.sync.server')
+        sk = compression_server(self)
+        with sync_client.connect('ws://127.0.0.1:%d/seen' % sk.port, open_timeout=5) as ws:
+            self.assertEqual([type(e).__name__ for e in ws.protocol.extensions],
+                             ['PerMessageDeflate'])
+            ws.send('hello')
+            self.assertTrue(ws.recv(5).startswith('deflate permessage-deflate'))
+            for message in ('é' * 40000, b'\x00\x01' * 30000, 'small', '{"k": 1}' * 1000):
+                ws.send(message)
+                self.assertEqual(ws.recv(5), message)
+
+        def echo(connection):
+            for message in connection:
+                connection.send(message)
+        server = sync_server.serve(echo, '127.0.0.1', 0)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self.addCleanup(server.shutdown)
+        port = server.socket.getsockname()[1]
+        with mconnector.SocketClient('127.0.0.1:%d' % port, '/') as ws:
+            self.assertEqual(ws.compression, 'deflate')
+            for message in ('é' * 40000, b'\x00\x01' * 30000, 'small', '{"k": 1}' * 1000):
+                ws.send(message)
+                self.assertEqual(ws.recv(5), message)
+
+
 class WebSocketProcessTest(unittest.TestCase):
     """The 0.3.7 tutorial's ways of running a server, in a real process, ended with a real
     SIGINT."""
