@@ -5896,6 +5896,78 @@ class WebSocketCompressionTest(unittest.TestCase):
                 self.assertEqual(ws.recv(5), message)
 
 
+BROWSER_PAGE = '''<!doctype html><title>deflate</title><script>
+const big = JSON.stringify(Array.from({length: 500}, (_, i) => ({id: i, name: "item " + i})));
+const ws = new WebSocket("ws://127.0.0.1:%d/browser");
+ws.binaryType = "arraybuffer";
+const got = [];
+ws.onopen = () => { ws.send(big); ws.send("small"); ws.send(new Uint8Array(5000).fill(7)); };
+ws.onmessage = (event) => {
+  got.push(event.data);
+  if (got.length < 3) return;
+  const ok = got[0] === big && got[1] === "small" && got[2].byteLength === 5000
+             && new Uint8Array(got[2]).every((b) => b === 7);
+  ws.send("result:" + (ok ? "echoed" : "mismatch") + ";" + ws.extensions);
+};
+</script>'''
+
+
+class WebSocketBrowserCompressionTest(unittest.TestCase):
+    """Headless Chromium (when /usr/bin/chromium exists) talks permessage-deflate with a
+    SocketServer, on a page that a Microservice serves."""
+
+    CHROMIUM = '/usr/bin/chromium'
+
+    def test_chromium_negotiates_and_exchanges_compressed_messages(self):
+        if not os.path.exists(self.CHROMIUM):
+            self.skipTest('no %s' % self.CHROMIUM)
+        import shutil
+        import signal
+        import tempfile
+        seen = queue.Queue()
+        sk = mconnector.SocketServer('browser', close_timeout=2)
+
+        @sk.render('/browser')
+        def browser(ws, message):
+            seen.put((ws.compression, ws.headers.get('sec-websocket-extensions')))
+            while not (isinstance(message, str) and message.startswith('result:')):
+                ws.send(message)
+                message = ws.recv(30)
+            seen.put(message)
+        sk.run(host='127.0.0.1', port=0)
+        self.addCleanup(sk.stop)
+        M = Microservice('page')
+        M.app.route('/page')(lambda: BROWSER_PAGE % sk.port)       # raw: the page as text/html
+        Service.start(self, M)
+        profile = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, profile, True)
+        chromium = subprocess.Popen(
+            [self.CHROMIUM, '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic',
+             '--no-first-run', '--disable-background-networking', '--disable-component-update',
+             '--disable-sync', '--user-data-dir=' + profile, M.url + '/page'],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+        def stop_chromium():
+            try:
+                os.killpg(chromium.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            chromium.wait(10)
+        self.addCleanup(stop_chromium)
+        deadline = time.monotonic() + 90
+        results = []
+        while len(results) < 2:
+            try:
+                results.append(seen.get(timeout=max(0.1, deadline - time.monotonic())))
+            except queue.Empty:
+                self.fail('no answer from chromium within 90 s (exit status %s)' % chromium.poll())
+        compression, offer = results[0]
+        self.assertEqual(compression, 'deflate')
+        self.assertIn('permessage-deflate', offer)
+        self.assertEqual(results[1], 'result:echoed;permessage-deflate; server_max_window_bits=12; '
+                                     'client_max_window_bits=12')
+
+
 class WebSocketProcessTest(unittest.TestCase):
     """The 0.3.7 tutorial's ways of running a server, in a real process, ended with a real
     SIGINT."""
