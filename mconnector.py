@@ -1979,10 +1979,11 @@ _WS_PING_INTERVAL = 20.0        # keep-alive: a ping every 20 s, as the websocke
 _WS_PING_TIMEOUT = 20.0         # ... and a peer that has not answered it 20 s later is dropped
 _WS_RECV_SIZE = 262144          # one recv_into() takes up to 256 KiB
 _WS_WRITE_TIMEOUT = 60.0        # a peer that takes no byte for a minute is gone
-# permessage-deflate: LZ77 windows of 4 KiB and zlib's memLevel 5 (the websockets package's
-# defaults) keep a compressing connection near 40 KiB instead of zlib's 256 KiB and more;
-# messages under 64 bytes go uncompressed (deflate saves next to nothing on them, and a
-# connection that sends only those never allocates a compressor).
+# permessage-deflate: LZ77 windows of 4 KiB and zlib's memLevel 5, the websockets package's
+# defaults.  zlib's compressor takes (1 << (windowBits + 2)) + (1 << (memLevel + 9)) bytes
+# (zconf.h): 32 KiB with these, 256 KiB with zlib's own defaults.  Messages under 64 bytes
+# go uncompressed: deflate saves next to nothing on them, and a connection that sends only
+# those never allocates a compressor.
 _WS_DEFLATE_WINDOW_BITS = 12
 _WS_DEFLATE_MEM_LEVEL = 5
 _WS_COMPRESS_MIN_SIZE = 64

@@ -7,9 +7,10 @@
   1 MB one way 1,000,000-byte binary messages sent back to back; the server answers once
                at the end, MB/s
 
-When the `websockets` package is installed (with its C speed-ups), its synchronous server
-and client are measured the same way for comparison (compression off); otherwise that row
-is skipped.  Each figure is the best of three runs.
+Compression is off on both sides (the frames' own costs are measured; see
+bench_ws_deflate.py for what permessage-deflate costs).  When the `websockets` package is
+installed (with its C speed-ups), its synchronous server and client are measured the same
+way for comparison; otherwise that row is skipped.  Each figure is the best of three runs.
 """
 
 import os
@@ -67,11 +68,12 @@ def measure(send, recv, quick):
 
 
 def bench_ours(quick):
-    sk = mconnector.SocketServer('bench', max_size=2 * MB)
+    sk = mconnector.SocketServer('bench', max_size=2 * MB, compression=None)
     sk.add_route('/echo', handle)
     sk.run(port=0)
     try:
-        with mconnector.SocketClient('127.0.0.1:%d' % sk.port, '/echo', max_size=2 * MB) as c:
+        with mconnector.SocketClient('127.0.0.1:%d' % sk.port, '/echo', max_size=2 * MB,
+                                     compression=None) as c:
             return measure(c.send, c.recv, quick)
     finally:
         sk.stop()
