@@ -24,7 +24,8 @@ Map of this file, each section using only those before it:
   3. Routing         rule patterns such as /item/<id:int>, shared by HTTP and websockets
   4. HTTP core       sans-I/O HTTP/1.1 in both roles (HTTPConnection: framing, keep-alive,
                      every limit), request signing (secretKey), Response
-  5. WebSocket core  sans-I/O RFC 6455: handshake, frames, the connection state machine
+  5. WebSocket core  sans-I/O RFC 6455: handshake, frames, the connection state machine,
+                     permessage-deflate (RFC 7692)
   6. Listener        Microservice: decorators, dispatch (no I/O), mconnector.request (the
                      call a rule answers), /_mc/ health, rules and metrics, the WSGI entry
   7. WebSocket app   SocketServer: routes and handlers
