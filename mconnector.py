@@ -2616,8 +2616,8 @@ def _ws_check_request(head, subprotocols=(), origins=None, compression=None):
     The subprotocol chosen is the first of `subprotocols` (the server's preference) that the
     client offered, or None.  With compression='deflate', the first acceptable
     permessage-deflate offer is accepted (see _ws_deflate_accept).  Raises HandshakeError:
-    400 for anything that is not a valid upgrade, 426 (with Sec-WebSocket-Version: 13) for another protocol version, 403 for an
-    Origin not in `origins` (when `origins` is given)."""
+    400 for anything that is not a valid upgrade, 426 (with Sec-WebSocket-Version: 13) for
+    another protocol version, 403 for an Origin not in `origins` (when `origins` is given)."""
     method, target, version, headers = head.method, head.target, head.version, head.headers
     path = target.partition('?')[0] or None
     if method != 'GET':
