@@ -5333,6 +5333,26 @@ class RFC7692Section7CompressedFramesTest(WsServerSide):
             self.assertEqual(inflated(a, d), message)
             self.assertEqual(inflated(b, d if not same else None), message)
 
+    def test_hostile_compressed_frames_end_in_a_close_code_never_an_exception(self):
+        rng = random.Random(7692)
+        good = deflated(b'{"a": [1, 2, 3]} ' * 50)
+        for i in range(300):
+            p = self.proto(max_size=rng.choice([100, 5000, 2 ** 20]))
+            data = bytearray(good)
+            for _ in range(rng.randint(0, 4)):
+                data[rng.randrange(len(data))] = rng.getrandbits(8)
+            data = bytes(data[:rng.randint(0, len(data))]) if i % 3 else os.urandom(60)
+            cut = rng.randint(0, len(data))
+            opcode = rng.choice([OP.TEXT, OP.BINARY])
+            frames = [ws_frame(opcode, data[:cut], fin=False, rsv=0x40),
+                      ws_frame(OP.CONTINUATION, data[cut:], rsv=rng.choice([0, 0, 0x40]))]
+            events = self.feed(p, *frames)
+            for kind, value in events:
+                self.assertIn(kind, (OP.TEXT, OP.BINARY, OP.CLOSE))
+                if kind == OP.CLOSE:
+                    self.assertIn(value[0], (1002, 1007, 1009))
+            self.assertTrue(p.data_to_send() or events)
+
     def test_an_8_bit_window_is_kept_by_what_the_server_sends(self):
         import zlib
         rng = random.Random(7692)
