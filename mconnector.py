@@ -24,7 +24,8 @@ Map of this file, each section using only those before it:
   3. Routing         rule patterns such as /item/<id:int>, shared by HTTP and websockets
   4. HTTP core       sans-I/O HTTP/1.1 in both roles (HTTPConnection: framing, keep-alive,
                      every limit), request signing (secretKey), Response
-  5. WebSocket core  sans-I/O RFC 6455: handshake, frames, the connection state machine
+  5. WebSocket core  sans-I/O RFC 6455: handshake, frames, the connection state machine,
+                     permessage-deflate (RFC 7692)
   6. Listener        Microservice: decorators, dispatch (no I/O), mconnector.request (the
                      call a rule answers), /_mc/ health, rules and metrics, the WSGI entry
   7. WebSocket app   SocketServer: routes and handlers
@@ -1980,10 +1981,11 @@ class Response:
 
 # RFC 6455 without a socket in sight.  Three layers, all on bytes:
 #   - the opening handshake: an HTTP head in, a checked request (or an HTTP error) out, and the
-#     client's mirror image of it;
+#     client's mirror image of it, with the negotiation of permessage-deflate (RFC 7692);
 #   - frames: _ws_frame() builds one, WebSocketProtocol parses them as bytes arrive;
 #   - WebSocketProtocol, the connection's state machine: feed it with receive_data(), then take
-#     events() for the application and data_to_send() for the wire.
+#     events() for the application and data_to_send() for the wire.  It compresses and
+#     inflates messages itself when the handshake negotiated permessage-deflate.
 # Sockets and threads come in later sections; the tests drive it with hand-built bytes.
 
 
@@ -1997,6 +1999,15 @@ _WS_PING_INTERVAL = 20.0        # keep-alive: a ping every 20 s, as the websocke
 _WS_PING_TIMEOUT = 20.0         # ... and a peer that has not answered it 20 s later is dropped
 _WS_RECV_SIZE = 262144          # one recv_into() takes up to 256 KiB
 _WS_WRITE_TIMEOUT = 60.0        # a peer that takes no byte for a minute is gone
+# permessage-deflate: LZ77 windows of 4 KiB and zlib's memLevel 5, the websockets package's
+# defaults.  zlib's compressor takes (1 << (windowBits + 2)) + (1 << (memLevel + 9)) bytes
+# (zconf.h): 32 KiB with these, 256 KiB with zlib's own defaults.  Messages under 64 bytes
+# go uncompressed: deflate saves next to nothing on them, and a connection that sends only
+# those never allocates a compressor.
+_WS_DEFLATE_WINDOW_BITS = 12
+_WS_DEFLATE_MEM_LEVEL = 5
+_WS_COMPRESS_MIN_SIZE = 64
+_WS_DEFLATE_TAIL = b'\x00\x00\xff\xff'   # RFC 7692 7.2.1: the end of a sync flush, not sent
 
 
 def _ws_max_frames(max_size):
@@ -2158,11 +2169,12 @@ def _ws_mask(data, key):
     return bytes(out)
 
 
-def _ws_frame(opcode, payload=b'', fin=True, mask_key=None):
+def _ws_frame(opcode, payload=b'', fin=True, mask_key=None, rsv1=False):
     """One frame as bytes: header, then the payload (masked with `mask_key` when given; clients
-    MUST mask every frame, servers MUST NOT, RFC 6455 5.1)."""
+    MUST mask every frame, servers MUST NOT, RFC 6455 5.1).  `rsv1` marks the first frame of
+    a compressed message (RFC 7692 6)."""
     n = len(payload)
-    first = (0x80 if fin else 0) | opcode
+    first = (0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode
     mask_bit = 0x80 if mask_key is not None else 0
     if n < 126:
         head = bytes((first, mask_bit | n))
@@ -2212,11 +2224,17 @@ class WebSocketProtocol:
     in one place (_receive): WebSocketProtocolError 1002, invalid UTF-8 1007, PayloadTooBig
     1009, anything else 1011 (logged, no details to the peer).  Once CLOSED, input is ignored.
     send() raises ConnectionClosed once a close frame was sent or received.
+
+    `deflate` holds the permessage-deflate parameters the opening handshake negotiated (see
+    _ws_deflate_accept and _ws_deflate_check_answer), None for none.  With them, send()
+    compresses every message of 64 bytes or more (RSV1 set), and compressed messages from
+    the peer are inflated, uncompressed ones taken as they are.  A compressed message is
+    held to max_size as it inflates, so a small frame cannot expand past it (1009).
     """
 
     def __init__(self, client: bool = False, max_size: Optional[int] = _WS_MAX_SIZE,
                  max_frame_size: Optional[int] = None,
-                 max_frames: Optional[int] = None) -> None:
+                 max_frames: Optional[int] = None, deflate: Optional[_WsDeflate] = None) -> None:
         self.client = client
         self.max_size = max_size
         self.max_frame_size = max_size if max_frame_size is None else max_frame_size
@@ -2236,6 +2254,10 @@ class WebSocketProtocol:
         self._frag_size = 0
         self._frag_frames = 0
         self._decoder = None            # incremental UTF-8 check of a fragmented text
+        self.deflate = deflate
+        self._deflater = None           # zlib objects, made when first needed
+        self._inflater = None
+        self._frag_compressed = False   # the fragmented message being assembled is compressed
 
     # -- input --------------------------------------------------------------------------------
 
@@ -2324,6 +2346,8 @@ class WebSocketProtocol:
                 else:
                     payload = bytes(view[pos + head:pos + total])
             pos += total
+            if first & 0x40 or self._frag_compressed and not opcode:
+                payload = self._inflate(payload, opcode, fin)
             self._frame(opcode, fin, payload)
             if opcode < 8 and fin:
                 self._need = 2
@@ -2336,7 +2360,12 @@ class WebSocketProtocol:
 
     def _check_header(self, first, opcode, fin, masked, client, length):
         if first & 0x70:
-            raise WebSocketProtocolError('reserved bits set, but no extension was negotiated')
+            if first & 0x30 or self.deflate is None:
+                raise WebSocketProtocolError('reserved bits set, but no extension was negotiated')
+            if not 1 <= opcode <= 2:
+                # RFC 7692 6: RSV1 marks the first frame of a compressed data message only.
+                raise WebSocketProtocolError('RSV1 set on a %s frame' % (
+                    'continuation' if opcode == Opcode.CONTINUATION else 'control'))
         if opcode >= 8:
             if opcode > 10:
                 raise WebSocketProtocolError('unknown opcode %d' % opcode)
@@ -2410,6 +2439,56 @@ class WebSocketProtocol:
         else:
             self._receive_close(payload)
 
+    def _inflate(self, payload, opcode, fin):
+        """The payload of a compressed message's frame, inflated (RFC 7692 7.2.2), never
+        more than what max_size leaves for this message."""
+        import zlib
+        inflater = self._inflater
+        if inflater is None:
+            bits = self.deflate.server_max_window_bits if self.client else \
+                self.deflate.client_max_window_bits
+            inflater = self._inflater = zlib.decompressobj(-bits)
+        if opcode:
+            self._frag_compressed = not fin
+        elif fin:
+            self._frag_compressed = False
+        # zlib stops at max_length bytes of output: one byte over the room left proves the
+        # message too big before more memory is spent on it.  (max_length=0 is no limit.)
+        room = None if self.max_size is None else self.max_size - (0 if opcode else self._frag_size)
+        limit = 0 if room is None else room + 1
+        try:
+            data = inflater.decompress(payload, limit)
+            if fin and (room is None or len(data) <= room):
+                limit = 0 if room is None else room + 1 - len(data)
+                data += inflater.decompress(_WS_DEFLATE_TAIL, limit)
+        except zlib.error as exc:
+            raise WebSocketProtocolError('compressed data that does not inflate: %s' % exc) from None
+        if room is not None and len(data) > room:
+            raise PayloadTooBig(self.max_size - room + len(data), self.max_size)
+        if fin and (inflater.eof or (self.deflate.client_no_context_takeover if not self.client
+                                     else self.deflate.server_no_context_takeover)):
+            # The peer resets its window after each message (or ended its stream with a
+            # final block): so does the inflater, and its memory goes until the next one.
+            self._inflater = None
+        return data
+
+    def _compress(self, payload):
+        import zlib
+        deflater = self._deflater
+        if deflater is None:
+            bits = self.deflate.client_max_window_bits if self.client else \
+                self.deflate.server_max_window_bits
+            # zlib refuses an 8-bit window for raw deflate and makes it 9; that is safe: its
+            # matches reach back at most 512 - 262 bytes, inside a 256-byte window.
+            deflater = self._deflater = zlib.compressobj(
+                zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -max(bits, 9), _WS_DEFLATE_MEM_LEVEL)
+        data = deflater.compress(payload) + deflater.flush(zlib.Z_SYNC_FLUSH)
+        if self.deflate.client_no_context_takeover if self.client else \
+                self.deflate.server_no_context_takeover:
+            self._deflater = None
+        # A sync flush ends with an empty stored block, whose last 4 bytes are not sent.
+        return data[:-4] if data.endswith(_WS_DEFLATE_TAIL) else data
+
     def _start_fragments(self, opcode, first_part, size):
         self._frag_opcode = opcode
         self._frag_parts = [first_part]
@@ -2451,6 +2530,10 @@ class WebSocketProtocol:
             raise TypeError('a websocket message is str or bytes, not %s' % type(message).__name__)
         if self.close_sent is not None or self.state is WebSocketState.CLOSED:
             raise ConnectionClosed(self.close_rcvd, self.close_sent)
+        if self.deflate is not None and len(payload) >= _WS_COMPRESS_MIN_SIZE:
+            self._out.append(_ws_frame(opcode, self._compress(payload), mask_key=self._mask_key(),
+                                       rsv1=True))
+            return
         self._out.append(_ws_frame(opcode, payload, mask_key=self._mask_key()))
 
     def ping(self, payload: bytes = b'') -> None:
@@ -2528,11 +2611,12 @@ def _ws_head(data, client=False):
 
 
 class _WsRequest:
-    """A checked opening handshake, as the server saw it."""
+    """A checked opening handshake, as the server saw it; `deflate` holds the
+    permessage-deflate parameters accepted, or None."""
 
-    __slots__ = ('target', 'path', 'query', 'headers', 'key', 'subprotocol', 'origin')
+    __slots__ = ('target', 'path', 'query', 'headers', 'key', 'subprotocol', 'origin', 'deflate')
 
-    def __init__(self, target, headers, key, subprotocol):
+    def __init__(self, target, headers, key, subprotocol, deflate=None):
         from urllib.parse import unquote
         self.target = target
         raw_path, _, self.query = target.partition('?')
@@ -2541,16 +2625,18 @@ class _WsRequest:
         self.key = key
         self.subprotocol = subprotocol
         self.origin = headers.get('origin')
+        self.deflate = deflate
 
 
-def _ws_check_request(head, subprotocols=(), origins=None):
+def _ws_check_request(head, subprotocols=(), origins=None, compression=None):
     """Check a client's opening handshake (RFC 6455 4.2.1), a RequestHead from the HTTP
     core, and return a _WsRequest.
 
     The subprotocol chosen is the first of `subprotocols` (the server's preference) that the
-    client offered, or None.  Raises HandshakeError: 400 for anything that is not a valid
-    upgrade, 426 (with Sec-WebSocket-Version: 13) for another protocol version, 403 for an
-    Origin not in `origins` (when `origins` is given)."""
+    client offered, or None.  With compression='deflate', the first acceptable
+    permessage-deflate offer is accepted (see _ws_deflate_accept).  Raises HandshakeError:
+    400 for anything that is not a valid upgrade, 426 (with Sec-WebSocket-Version: 13) for
+    another protocol version, 403 for an Origin not in `origins` (when `origins` is given)."""
     method, target, version, headers = head.method, head.target, head.version, head.headers
     path = target.partition('?')[0] or None
     if method != 'GET':
@@ -2578,15 +2664,20 @@ def _ws_check_request(head, subprotocols=(), origins=None):
         raise HandshakeError(403, 'origin not allowed', path)
     offered = [t.strip() for t in headers.get('sec-websocket-protocol', '').split(',')]
     chosen = next((p for p in subprotocols or () if p in offered), None)
-    return _WsRequest(target, headers, key, chosen)
+    deflate = None
+    if compression == 'deflate' and 'sec-websocket-extensions' in headers:
+        deflate = _ws_deflate_accept(headers['sec-websocket-extensions'])
+    return _WsRequest(target, headers, key, chosen, deflate)
 
 
 def _ws_accept_response(request):
-    """The 101 answer to a checked request, as bytes (no extension is ever accepted)."""
+    """The 101 answer to a checked request, as bytes."""
     lines = ['HTTP/1.1 101 Switching Protocols', 'Upgrade: websocket', 'Connection: Upgrade',
              'Sec-WebSocket-Accept: ' + _ws_accept(request.key)]
     if request.subprotocol:
         lines.append('Sec-WebSocket-Protocol: ' + request.subprotocol)
+    if request.deflate is not None:
+        lines.append('Sec-WebSocket-Extensions: ' + request.deflate.response())
     return ('\r\n'.join(lines) + '\r\n\r\n').encode('latin-1')
 
 
@@ -2597,22 +2688,26 @@ def _ws_error_response(error):
     return _closing_response(error.status, headers, body)
 
 
-def _ws_client_headers(host, key, subprotocols=None, origin=None, headers=None):
+def _ws_client_headers(host, key, subprotocols=None, origin=None, headers=None,
+                       compression=None):
     """The header fields of the client's opening handshake."""
     fields = [('Host', host), ('Upgrade', 'websocket'), ('Connection', 'Upgrade'),
               ('Sec-WebSocket-Key', key), ('Sec-WebSocket-Version', _WS_VERSION)]
     if subprotocols:
         fields.append(('Sec-WebSocket-Protocol', ', '.join(subprotocols)))
+    if compression == 'deflate':
+        fields.append(('Sec-WebSocket-Extensions', _WS_DEFLATE_OFFER))
     if origin:
         fields.append(('Origin', origin))
     return fields + list((headers or {}).items())
 
 
-def _ws_check_response(head, key, target, subprotocols=None):
+def _ws_check_response(head, key, target, subprotocols=None, compression=None):
     """Check the server's answer to our handshake (RFC 6455 4.1), a ResponseHead from the
-    HTTP core, and return the subprotocol it chose, or None.  Raises HandshakeError naming
-    `target` and the status when the server refused, or when its 101 is not a valid
-    websocket answer."""
+    HTTP core, and return (the subprotocol it chose or None, the permessage-deflate
+    parameters it accepted or None).  Raises HandshakeError naming `target` and the status
+    when the server refused, or when its 101 is not a valid websocket answer (an extension
+    we did not offer, an invalid permessage-deflate answer among them)."""
     path = target.partition('?')[0]
     status, reason, headers = head.status, head.reason, head.headers
     if status != 101:
@@ -2623,12 +2718,172 @@ def _ws_check_response(head, key, target, subprotocols=None):
         raise HandshakeError(status, 'answer without Connection: Upgrade', path)
     if headers.get('sec-websocket-accept', '').strip() != _ws_accept(key):
         raise HandshakeError(status, 'wrong Sec-WebSocket-Accept', path)
-    if headers.get('sec-websocket-extensions'):
-        raise HandshakeError(status, 'the server chose an extension we did not offer', path)
+    deflate = None
+    if headers.get('sec-websocket-extensions', '').strip():
+        if compression != 'deflate':
+            raise HandshakeError(status, 'the server chose an extension we did not offer', path)
+        try:
+            deflate = _ws_deflate_check_answer(headers['sec-websocket-extensions'])
+        except ValueError as exc:
+            raise HandshakeError(status, str(exc), path) from None
     chosen = headers.get('sec-websocket-protocol', '').strip() or None
     if chosen is not None and chosen not in (subprotocols or ()):
         raise HandshakeError(status, 'the server chose a subprotocol we did not offer', path)
-    return chosen
+    return chosen, deflate
+
+
+# -- permessage-deflate negotiation (RFC 7692 section 7.1) ---------------------------------------
+
+# Sec-WebSocket-Extensions (RFC 6455 9.1): extension *( ";" param [ "=" (token | quoted) ] ),
+# comma-separated; a quoted value must be a token once unquoted.
+_WS_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_WS_EXT_ELEMENT = re.compile(r'((?:[^,"]|"(?:[^"\\]|\\.)*"?)*)(,|\Z)')
+_WS_EXT_NAME = re.compile(r'[ \t]*(%s)[ \t]*' % _WS_TOKEN)
+_WS_EXT_PARAM = re.compile(r';[ \t]*(%s)(?:[ \t]*=[ \t]*(%s|"(?:[^"\\]|\\.)*"))?[ \t]*'
+                           % (_WS_TOKEN, _WS_TOKEN))
+_WS_TOKEN_ONLY = re.compile(_WS_TOKEN + r'\Z')
+_WS_WINDOW_BITS = re.compile(r'(?:[89]|1[0-5])\Z')      # no leading zeros (RFC 7692 7.1.2)
+_WS_DEFLATE_PARAMS = ('server_no_context_takeover', 'client_no_context_takeover',
+                      'server_max_window_bits', 'client_max_window_bits')
+# Our window asked for first; then the same without it, for servers that cannot limit theirs.
+_WS_DEFLATE_OFFER = ('permessage-deflate; server_max_window_bits=%d; client_max_window_bits=%d, '
+                     'permessage-deflate; client_max_window_bits=%d'
+                     % ((_WS_DEFLATE_WINDOW_BITS,) * 3))
+
+
+def _ws_check_compression(compression):
+    if compression not in ('deflate', None):
+        raise ValueError("compression is 'deflate' or None, not %r" % (compression,))
+
+
+def _ws_parse_extensions(value):
+    """A Sec-WebSocket-Extensions value -> [(name, [(param, value or None), ...]), ...], in
+    order.  An element that breaks the grammar comes as (None, []): it is declined (or
+    refused) on its own, without the elements around it being lost."""
+    elements = []
+    pos = 0
+    while True:
+        match = _WS_EXT_ELEMENT.match(value, pos)
+        text = match.group(1)
+        if text.strip(' \t'):
+            elements.append(_ws_parse_extension(text))
+        if not match.group(2):
+            return elements
+        pos = match.end()
+
+
+def _ws_parse_extension(text):
+    match = _WS_EXT_NAME.match(text)
+    if match is None:
+        return None, []
+    name, pos, params = match.group(1), match.end(), []
+    while pos < len(text):
+        match = _WS_EXT_PARAM.match(text, pos)
+        if match is None:
+            return None, []
+        param, arg = match.group(1, 2)
+        if arg is not None and arg.startswith('"'):
+            arg = re.sub(r'\\(.)', r'\1', arg[1:-1])
+            if not _WS_TOKEN_ONLY.match(arg):
+                return None, []
+        params.append((param, arg))
+        pos = match.end()
+    return name, params
+
+
+class _WsDeflate:
+    """The permessage-deflate parameters of one connection (RFC 7692 7.1): whether each side
+    resets its LZ77 window after every message, and the window each side compresses with
+    (base-2 logarithm, 8 to 15)."""
+
+    __slots__ = ('server_no_context_takeover', 'client_no_context_takeover',
+                 'server_max_window_bits', 'client_max_window_bits')
+
+    def __init__(self, server_no_context_takeover=False, client_no_context_takeover=False,
+                 server_max_window_bits=15, client_max_window_bits=15):
+        self.server_no_context_takeover = server_no_context_takeover
+        self.client_no_context_takeover = client_no_context_takeover
+        self.server_max_window_bits = server_max_window_bits
+        self.client_max_window_bits = client_max_window_bits
+
+    def response(self):
+        """The server's Sec-WebSocket-Extensions value that accepts these parameters."""
+        text = 'permessage-deflate'
+        if self.server_no_context_takeover:
+            text += '; server_no_context_takeover'
+        if self.client_no_context_takeover:
+            text += '; client_no_context_takeover'
+        text += '; server_max_window_bits=%d' % self.server_max_window_bits
+        if self.client_max_window_bits < 15:    # under 15 only when the client offered it
+            text += '; client_max_window_bits=%d' % self.client_max_window_bits
+        return text
+
+    def __repr__(self):
+        return '_WsDeflate(%s)' % ', '.join('%s=%r' % (name, getattr(self, name))
+                                            for name in self.__slots__)
+
+
+def _ws_deflate_params(params, response):
+    """The parameters of one permessage-deflate element as a dict, checked as RFC 7692 7.1
+    says (names it defines, each once, the right values); ValueError says what is wrong.
+    client_max_window_bits without a value (allowed in an offer only) is None."""
+    found = {}
+    for name, value in params:
+        if name not in _WS_DEFLATE_PARAMS:
+            raise ValueError('unknown permessage-deflate parameter %r' % name[:40])
+        if name in found:
+            raise ValueError('permessage-deflate parameter %s given twice' % name)
+        if name.endswith('takeover'):
+            if value is not None:
+                raise ValueError('permessage-deflate parameter %s takes no value' % name)
+            found[name] = True
+        elif value is None:
+            if response or name == 'server_max_window_bits':
+                raise ValueError('permessage-deflate parameter %s needs a value' % name)
+            found[name] = None
+        elif not _WS_WINDOW_BITS.match(value):
+            raise ValueError('invalid permessage-deflate %s=%s' % (name, value[:20]))
+        else:
+            found[name] = int(value)
+    return found
+
+
+def _ws_deflate_accept(value, window_bits=_WS_DEFLATE_WINDOW_BITS):
+    """The server's side: the parameters that accept the first acceptable permessage-deflate
+    offer of a Sec-WebSocket-Extensions value, or None.  An offer with a parameter RFC 7692
+    does not define, a duplicate or an invalid value is declined, and the next one looked at
+    (RFC 7692 5).  Both windows are held to `window_bits` where the offer lets us choose:
+    ours always, the client's when it offered client_max_window_bits."""
+    for name, params in _ws_parse_extensions(value):
+        if name != 'permessage-deflate':
+            continue
+        try:
+            offer = _ws_deflate_params(params, response=False)
+        except ValueError:
+            continue
+        client_bits = 15
+        if 'client_max_window_bits' in offer:
+            client_bits = min(offer['client_max_window_bits'] or 15, window_bits)
+        return _WsDeflate('server_no_context_takeover' in offer,
+                          'client_no_context_takeover' in offer,
+                          min(offer.get('server_max_window_bits', 15), window_bits), client_bits)
+    return None
+
+
+def _ws_deflate_check_answer(value):
+    """The client's side: the parameters of the server's Sec-WebSocket-Extensions answer to
+    _WS_DEFLATE_OFFER.  Raises ValueError (the connection fails, RFC 7692 5) for anything but
+    one valid permessage-deflate element."""
+    elements = _ws_parse_extensions(value)
+    if len(elements) != 1 or elements[0][0] != 'permessage-deflate':
+        raise ValueError('the server chose an extension we did not offer')
+    answer = _ws_deflate_params(elements[0][1], response=True)
+    # Our offers promise a window of at most _WS_DEFLATE_WINDOW_BITS: a larger value in the
+    # answer only permits what we do anyway.
+    return _WsDeflate('server_no_context_takeover' in answer,
+                      'client_no_context_takeover' in answer,
+                      answer.get('server_max_window_bits', 15),
+                      min(answer.get('client_max_window_bits', 15), _WS_DEFLATE_WINDOW_BITS))
 
 
 # ###########################################################################################
@@ -4216,8 +4471,9 @@ class SocketServer:
     `max_frame_size` (default: max_size), `max_frames` (frames of one message, empty ones
     included: one per 64 bytes of max_size, at least 1024), `handshake_timeout` (10 s),
     `ping_interval` and `ping_timeout` (20 s each; None turns keep-alive off),
-    `close_timeout` (10 s), `nonce_store` (where the nonces of signed handshakes are kept,
-    as for a Microservice),
+    `close_timeout` (10 s), `compression` ('deflate', the default: accept a client's
+    permessage-deflate offer, RFC 7692; None: decline every extension), `nonce_store`
+    (where the nonces of signed handshakes are kept, as for a Microservice),
     `ssl_context` (serve wss://), `secretKey` (handshakes must be signed, as calls to a
     Microservice with a secretKey are: 401 otherwise), `max_workers` (handlers written with
     `def` that run at once, 64; `async def` ones run on the asyncio loop and take none).
@@ -4236,8 +4492,11 @@ class SocketServer:
                  close_timeout: float = _WS_CLOSE_TIMEOUT,
                  ssl_context: Optional[ssl.SSLContext] = None, secretKey: Optional[str] = None,
                  max_workers: int = 64,
-                 trusted_proxies: Union[str, Iterable[str], None] = None) -> None:
+                 trusted_proxies: Union[str, Iterable[str], None] = None,
+                 compression: Optional[str] = 'deflate') -> None:
+        _ws_check_compression(compression)
         self.name = name
+        self.compression = compression
         self.trusted_proxies = trusted_proxies
         self._trusted = _trusted_proxies(trusted_proxies)
         self.secretKey = secretKey
@@ -5613,6 +5872,11 @@ class _WebSocketBase:
     def close_reason(self) -> Optional[str]:
         return None if self._closed is None else self._closed.reason
 
+    @property
+    def compression(self) -> Optional[str]:
+        """'deflate' when the handshake negotiated permessage-deflate, else None."""
+        return None if self._proto.deflate is None else 'deflate'
+
     def __iter__(self) -> Iterator[Message]:
         while True:
             try:
@@ -5647,7 +5911,7 @@ class WebSocket(_WebSocketBase):
 
     send, ping and close may be called from any thread, also while another one waits in
     recv(); one thread receives at a time.  Attributes: path, query, headers, origin,
-    subprotocol, remote_address, closed, close_code, close_reason.
+    subprotocol, compression, remote_address, closed, close_code, close_reason.
     """
 
     def __init__(self, sock: socket.socket, protocol: WebSocketProtocol, *, path: str = '/',
@@ -5984,7 +6248,9 @@ def _ws_split_url(url):
 def _ws_connect(url, *, timeout=_WS_HANDSHAKE_TIMEOUT, subprotocols=None, origin=None,
                 headers=None, ssl_context=None, max_size=_WS_MAX_SIZE, max_frame_size=None,
                 max_frames=None, ping_interval=_WS_PING_INTERVAL,
-                ping_timeout=_WS_PING_TIMEOUT, close_timeout=_WS_CLOSE_TIMEOUT, secretKey=None):
+                ping_timeout=_WS_PING_TIMEOUT, close_timeout=_WS_CLOSE_TIMEOUT, secretKey=None,
+                compression='deflate'):
+    _ws_check_compression(compression)
     secure, host, port, target, host_field = _ws_split_url(url)
     deadline = time.monotonic() + timeout
     try:
@@ -6001,14 +6267,14 @@ def _ws_connect(url, *, timeout=_WS_HANDSHAKE_TIMEOUT, subprotocols=None, origin
             sock = context.wrap_socket(sock, server_hostname=host)
         key = base64.b64encode(os.urandom(16)).decode('ascii')
         http = HTTPConnection(client=True, max_head=_WS_MAX_HEAD)
-        fields = _ws_client_headers(host_field, key, subprotocols, origin, headers)
+        fields = _ws_client_headers(host_field, key, subprotocols, origin, headers, compression)
         if secretKey:
             fields += sign_request(secretKey, 'GET', target, b'', headers=fields)
         sock.sendall(http.send_request('GET', target, fields))
         head = _ws_read_head(sock, http, deadline)
         if head is CLOSED:
             raise ConnectionResetError('the server closed the connection during the handshake')
-        chosen = _ws_check_response(head, key, target, subprotocols)
+        chosen, deflate = _ws_check_response(head, key, target, subprotocols, compression)
         leftover = http.trailing_data[0]
     except HTTPError as exc:
         sock.close()
@@ -6025,7 +6291,7 @@ def _ws_connect(url, *, timeout=_WS_HANDSHAKE_TIMEOUT, subprotocols=None, origin
         raise
     from urllib.parse import unquote
     raw_path, _, query = target.partition('?')
-    protocol = WebSocketProtocol(True, max_size, max_frame_size, max_frames)
+    protocol = WebSocketProtocol(True, max_size, max_frame_size, max_frames, deflate)
     return WebSocket(sock, protocol, path=unquote(raw_path), query=query, subprotocol=chosen,
                      remote_address=sock.getpeername()[:2], leftover=leftover,
                      ping_interval=ping_interval, ping_timeout=ping_timeout,
@@ -6039,7 +6305,8 @@ def SocketClient(host: str = 'localhost:8765', url: str = '/', **options: Any) -
     '/', is appended to it).  Options: timeout (for the TCP connection and the handshake,
     10 s), subprotocols, origin, headers (extra request headers), ssl_context (for wss://),
     max_size, max_frame_size, max_frames, ping_interval, ping_timeout, close_timeout,
-    secretKey (sign the handshake for a SocketServer that has one).
+    secretKey (sign the handshake for a SocketServer that has one), compression ('deflate',
+    the default: offer permessage-deflate, RFC 7692; None: offer no extension).
 
     Raises Unreachable when nothing accepts the TCP connection, HandshakeError when the
     server refuses the upgrade (.status, e.g. 404, and .path), WebSocketTimeout when the
@@ -6949,7 +7216,7 @@ class _WsHandshake:
             if head is CLOSED:
                 conn.close()
                 return
-            request = _ws_check_request(head, app.subprotocols, app.origins)
+            request = _ws_check_request(head, app.subprotocols, app.origins, app.compression)
             if app.secretKey:
                 try:
                     verify_request(app.secretKey, 'GET', request.target, request.headers, b'',
@@ -7018,7 +7285,8 @@ class _ServerWebSocket(_WebSocketBase):
         self.subprotocol = request.subprotocol
         self.remote_address = conn.address[:2]
         self.close_timeout = app.close_timeout
-        self._proto = WebSocketProtocol(False, app.max_size, app.max_frame_size, app.max_frames)
+        self._proto = WebSocketProtocol(False, app.max_size, app.max_frame_size, app.max_frames,
+                                        request.deflate)
         self._cond = threading.Condition()      # guards what both sides touch
         self._messages = collections.deque()
         self._closed = None                     # the ConnectionClosed to raise, once closed

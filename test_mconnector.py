@@ -5135,13 +5135,332 @@ class RFC6455Section4HandshakeTest(unittest.TestCase):
               'Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n').encode()
         def check(data, target):
             return WS._ws_check_response(WS._ws_head(data, client=True), self.KEY, target)
-        self.assertIsNone(check(ok, '/x'))
+        self.assertEqual(check(ok, '/x'), (None, None))
         with self.assertRaises(mconnector.HandshakeError):
             check(ok.replace(b's3p', b'xxx'), '/x')
         with self.assertRaises(mconnector.HandshakeError) as cm:
             check(b'HTTP/1.1 404 Not Found\r\n\r\n', '/x?q=1')
         self.assertEqual((cm.exception.status, cm.exception.path), (404, '/x'))
         self.assertIn('/x', str(cm.exception))
+
+
+# -- permessage-deflate (RFC 7692) ----------------------------------------------------------------
+
+def deflated(data, compressor=None, wbits=-12):
+    """`data` compressed as RFC 7692 7.2.1 says: raw deflate, sync flush, tail removed."""
+    import zlib
+    c = compressor or zlib.compressobj(6, zlib.DEFLATED, wbits)
+    out = c.compress(data) + c.flush(zlib.Z_SYNC_FLUSH)
+    assert out.endswith(b'\x00\x00\xff\xff')
+    return out[:-4]
+
+
+def inflated(data, decompressor=None, wbits=-15):
+    import zlib
+    d = decompressor or zlib.decompressobj(wbits)
+    return d.decompress(data + b'\x00\x00\xff\xff')
+
+
+def deflate_params(offer='permessage-deflate; client_max_window_bits'):
+    return WS._ws_deflate_accept(offer)
+
+
+class RFC7692Section7NegotiationTest(unittest.TestCase):
+    KEY = 'dGhlIHNhbXBsZSBub25jZQ=='
+    ANSWER = ('HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n'
+              'Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n')
+
+    def request(self, *extensions):
+        lines = ['GET /chat HTTP/1.1', 'Host: h', 'Upgrade: websocket', 'Connection: Upgrade',
+                 'Sec-WebSocket-Key: ' + self.KEY, 'Sec-WebSocket-Version: 13']
+        lines += ['Sec-WebSocket-Extensions: ' + e for e in extensions]
+        return WS._ws_head(('\r\n'.join(lines) + '\r\n\r\n').encode())
+
+    def accepted(self, *extensions, compression='deflate'):
+        request = WS._ws_check_request(self.request(*extensions), compression=compression)
+        head = WS._ws_accept_response(request)
+        found = re.findall(rb'Sec-WebSocket-Extensions: ([^\r]*)\r\n', head)
+        return found[0].decode() if found else None
+
+    def test_a_browsers_offer_gets_small_windows_on_both_sides(self):
+        self.assertEqual(self.accepted('permessage-deflate; client_max_window_bits'),
+                         'permessage-deflate; server_max_window_bits=12; client_max_window_bits=12')
+
+    def test_no_offer_or_compression_off_answers_as_before(self):
+        plain = WS._ws_accept_response(WS._ws_check_request(self.request()))
+        self.assertEqual(WS._ws_accept_response(
+            WS._ws_check_request(self.request(), compression='deflate')), plain)
+        self.assertEqual(WS._ws_accept_response(WS._ws_check_request(
+            self.request('permessage-deflate'), compression=None)), plain)
+        self.assertNotIn(b'Extensions', plain)
+        self.assertIsNone(self.accepted('x-webkit-deflate-frame', 'foo; a=1'))
+
+    def test_parameters_as_offered(self):
+        for offer, answer in (
+                ('permessage-deflate', 'permessage-deflate; server_max_window_bits=12'),
+                ('permessage-deflate; server_max_window_bits=8',
+                 'permessage-deflate; server_max_window_bits=8'),
+                ('permessage-deflate; server_max_window_bits=15; client_max_window_bits=9',
+                 'permessage-deflate; server_max_window_bits=12; client_max_window_bits=9'),
+                ('permessage-deflate; client_max_window_bits="10"',
+                 'permessage-deflate; server_max_window_bits=12; client_max_window_bits=10'),
+                ('permessage-deflate ;server_no_context_takeover ; client_no_context_takeover',
+                 'permessage-deflate; server_no_context_takeover; client_no_context_takeover; '
+                 'server_max_window_bits=12')):
+            self.assertEqual(self.accepted(offer), answer, offer)
+
+    def test_the_first_acceptable_of_several_offers_in_one_or_several_headers(self):
+        offers = ('x-webkit-deflate-frame, permessage-deflate; server_max_window_bits=16, '
+                  'permessage-deflate; server_no_context_takeover, permessage-deflate')
+        answer = 'permessage-deflate; server_no_context_takeover; server_max_window_bits=12'
+        self.assertEqual(self.accepted(offers), answer)
+        self.assertEqual(self.accepted('foo', 'permessage-deflate; bar',
+                                       'permessage-deflate; server_no_context_takeover',
+                                       'permessage-deflate'), answer)
+
+    def test_invalid_offers_are_declined(self):
+        for offer in ('permessage-deflate; unknown', 'permessage-deflate; unknown=1',
+                      'permessage-deflate; server_no_context_takeover; server_no_context_takeover',
+                      'permessage-deflate; client_max_window_bits=10; client_max_window_bits',
+                      'permessage-deflate; server_no_context_takeover=1',
+                      'permessage-deflate; client_no_context_takeover="x"',
+                      'permessage-deflate; server_max_window_bits',
+                      'permessage-deflate; server_max_window_bits=7',
+                      'permessage-deflate; server_max_window_bits=16',
+                      'permessage-deflate; server_max_window_bits=010',
+                      'permessage-deflate; client_max_window_bits=abc',
+                      'permessage-deflate; client_max_window_bits="1 0"',
+                      'permessage-deflate;', 'permessage-deflate;; server_no_context_takeover',
+                      'permessage-deflate server_no_context_takeover', '"permessage-deflate"',
+                      'permessage-deflate; a="b, permessage-deflate"'):
+            self.assertIsNone(self.accepted(offer), offer)
+            self.assertIsNotNone(self.accepted(offer + ', permessage-deflate'), offer)
+        # An open quote runs to the end of the header: nothing after it is an offer.
+        self.assertIsNone(self.accepted('permessage-deflate; client_max_window_bits="10, '
+                                        'permessage-deflate'))
+
+    def test_the_client_offers_and_checks_the_answer(self):
+        fields = dict(WS._ws_client_headers('h', self.KEY, compression='deflate'))
+        self.assertEqual(fields['Sec-WebSocket-Extensions'],
+                         'permessage-deflate; server_max_window_bits=12; client_max_window_bits=12, '
+                         'permessage-deflate; client_max_window_bits=12')
+        self.assertNotIn('Sec-WebSocket-Extensions', dict(WS._ws_client_headers('h', self.KEY)))
+
+        def check(extensions, compression='deflate'):
+            data = self.ANSWER + ''.join('Sec-WebSocket-Extensions: %s\r\n' % e for e in extensions)
+            head = WS._ws_head((data + '\r\n').encode(), client=True)
+            return WS._ws_check_response(head, self.KEY, '/x', compression=compression)[1]
+        self.assertIsNone(check([]))
+        params = check(['permessage-deflate; server_max_window_bits=10; client_max_window_bits=9'])
+        self.assertEqual((params.server_max_window_bits, params.client_max_window_bits,
+                          params.server_no_context_takeover, params.client_no_context_takeover),
+                         (10, 9, False, False))
+        params = check(['permessage-deflate; server_no_context_takeover; client_no_context_takeover'])
+        self.assertEqual((params.server_max_window_bits, params.client_max_window_bits,
+                          params.server_no_context_takeover, params.client_no_context_takeover),
+                         (15, 12, True, True))
+        for bad in (['permessage-deflate; client_max_window_bits'],
+                    ['permessage-deflate; server_max_window_bits=7'],
+                    ['permessage-deflate; server_max_window_bits=9; server_max_window_bits=9'],
+                    ['permessage-deflate; x=1'], ['permessage-deflate;'],
+                    ['permessage-deflate', 'permessage-deflate'], ['x-webkit-deflate-frame'],
+                    ['permessage-deflate, foo']):
+            with self.assertRaises(mconnector.HandshakeError, msg=bad) as cm:
+                check(bad)
+            self.assertEqual(cm.exception.status, 101)
+        with self.assertRaises(mconnector.HandshakeError) as cm:
+            check(['permessage-deflate'], compression=None)
+        self.assertIn('extension we did not offer', str(cm.exception))
+        with self.assertRaises(ValueError):
+            mconnector.SocketServer(compression='gzip')
+
+
+class RFC7692Section7CompressedFramesTest(WsServerSide):
+    def proto(self, offer='permessage-deflate; client_max_window_bits', **kwargs):
+        return mconnector.WebSocketProtocol(client=False, deflate=deflate_params(offer), **kwargs)
+
+    def test_compressed_text_and_binary_from_the_client(self):
+        p = self.proto()
+        text = 'héllo wörld ' * 50
+        events = self.feed(p, ws_frame(OP.TEXT, deflated(text.encode()), rsv=0x40),
+                           ws_frame(OP.BINARY, deflated(b'\x00\xff' * 500), rsv=0x40),
+                           ws_frame(OP.TEXT, b'\x00', rsv=0x40))      # RFC 7692 7.2.3.6: empty
+        self.assertEqual(events, [(OP.TEXT, text), (OP.BINARY, b'\x00\xff' * 500), (OP.TEXT, '')])
+
+    def test_the_server_compresses_what_pays_and_sends_small_messages_as_they_are(self):
+        p = self.proto()
+        p.send('x' * 1000)
+        p.send(b'tiny')
+        first = p.data_to_send()
+        frames = parse_server_frames(first)
+        self.assertEqual([(fin, op) for fin, op, _ in frames], [(True, OP.TEXT), (True, OP.BINARY)])
+        self.assertEqual(first[0], 0xC1)                        # FIN, RSV1, text
+        self.assertLess(len(frames[0][2]), 100)
+        self.assertEqual(inflated(frames[0][2], wbits=-12), b'x' * 1000)
+        self.assertEqual(frames[1][2], b'tiny')
+        self.assertEqual(first[len(first) - 6], 0x82)           # FIN, no RSV1, binary
+        p = mconnector.WebSocketProtocol()
+        p.send('x' * 1000)
+        self.assertEqual(p.data_to_send()[0], 0x81)             # not negotiated: never
+
+    def test_the_client_side_masks_compressed_frames_and_inflates_the_servers(self):
+        params = WS._ws_deflate_check_answer('permessage-deflate; server_max_window_bits=10')
+        p = mconnector.WebSocketProtocol(client=True, deflate=params)
+        p.send('y' * 500)
+        out = p.data_to_send()
+        self.assertEqual((out[0], out[1] & 0x80), (0xC1, 0x80))
+        n = out[1] & 0x7F
+        self.assertEqual(inflated(WS._ws_mask(out[6:6 + n], out[2:6])), b'y' * 500)
+        p.receive_data(ws_frame(OP.BINARY, deflated(b'z' * 3000, wbits=-10), mask=None, rsv=0x40))
+        self.assertEqual(all_events(p), [(OP.BINARY, b'z' * 3000)])
+
+    def test_fragmented_compressed_message_rsv1_on_the_first_frame_only(self):
+        p = self.proto()
+        data = deflated('fragments, fragments and fragments'.encode() * 30)
+        a, b = len(data) // 3, 2 * len(data) // 3
+        events = self.feed(p, ws_frame(OP.TEXT, data[:a], fin=False, rsv=0x40),
+                           ws_frame(OP.PING, b'p'),
+                           ws_frame(OP.CONTINUATION, data[a:b], fin=False),
+                           ws_frame(OP.CONTINUATION, data[b:]))
+        self.assertEqual(events, [(OP.PING, b'p'),
+                                  (OP.TEXT, 'fragments, fragments and fragments' * 30)])
+
+    def test_rsv1_where_it_may_not_be_is_1002(self):
+        data = deflated(b'abc' * 30)
+        for frames in ([ws_frame(OP.TEXT, data[:5], fin=False, rsv=0x40),
+                        ws_frame(OP.CONTINUATION, data[5:], rsv=0x40)],
+                       [ws_frame(OP.BINARY, data[:5], fin=False),
+                        ws_frame(OP.CONTINUATION, data[5:], rsv=0x40)],
+                       [ws_frame(OP.PING, b'', rsv=0x40)], [ws_frame(OP.CLOSE, b'', rsv=0x40)],
+                       [ws_frame(OP.TEXT, data, rsv=0x60)], [ws_frame(OP.TEXT, data, rsv=0x10)]):
+            p = self.proto()
+            self.feed(p, *frames)
+            self.assertClosedWith(p, 1002)
+        p = mconnector.WebSocketProtocol()                      # no extension negotiated
+        self.feed(p, ws_frame(OP.TEXT, data, rsv=0x40))
+        self.assertClosedWith(p, 1002)
+
+    def test_data_that_does_not_inflate_is_1002(self):
+        p = self.proto()
+        self.feed(p, ws_frame(OP.BINARY, b'\xff\xff\xff\xff garbage', rsv=0x40))
+        self.assertClosedWith(p, 1002)
+
+    def test_a_small_frame_that_inflates_past_max_size_is_1009_before_the_memory_is_spent(self):
+        bomb = deflated(b'\x00' * 1000000)
+        self.assertLess(len(bomb), 1100)
+        p = self.proto(max_size=100000)
+        self.assertEqual(self.feed(p, ws_frame(OP.BINARY, bomb, rsv=0x40)),
+                         [(OP.CLOSE, (1009, 'message of 100001 bytes over the limit of 100000'))])
+        self.assertClosedWith(p, 1009)
+        # 200 MB of zeros in 200 KB: inflating it whole would take 200 MB.
+        import tracemalloc
+        bomb = deflated(b'\x00' * 200 * 10 ** 6)
+        p = self.proto()
+        tracemalloc.start()
+        try:
+            self.feed(p, ws_frame(OP.BINARY, bomb, rsv=0x40))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        self.assertClosedWith(p, 1009)
+        self.assertLess(peak, 8 * 2 ** 20)
+
+    def test_many_small_compressed_fragments_are_held_to_max_size_and_max_frames(self):
+        import zlib
+        c = zlib.compressobj(6, zlib.DEFLATED, -12)
+        # Fragments of one deflate stream, each flushed (the tail is cut from the last only).
+        parts = [c.compress(b'\x00' * 65536) + c.flush(zlib.Z_SYNC_FLUSH) for _ in range(20)]
+        self.assertTrue(all(len(part) < 300 for part in parts))
+        p = self.proto(max_size=2 ** 20)
+        self.feed(p, ws_frame(OP.BINARY, parts[0], fin=False, rsv=0x40),
+                  *[ws_frame(OP.CONTINUATION, part, fin=False) for part in parts[1:]])
+        self.assertClosedWith(p, 1009)          # the 17th fragment passes 1 MiB
+        p = self.proto(max_frames=50)
+        empty = ws_frame(OP.CONTINUATION, b'', fin=False)
+        self.feed(p, ws_frame(OP.BINARY, parts[0][:10], fin=False, rsv=0x40), *[empty] * 60)
+        self.assertClosedWith(p, 1009)
+
+    def test_compressed_and_uncompressed_messages_mixed(self):
+        import zlib
+        c = zlib.compressobj(6, zlib.DEFLATED, -12)
+        p = self.proto()
+        events = self.feed(p, ws_frame(OP.TEXT, deflated(b'one ' * 40, compressor=c), rsv=0x40),
+                           ws_frame(OP.TEXT, b'plain'),
+                           ws_frame(OP.TEXT, deflated(b'one ' * 40, compressor=c), rsv=0x40),
+                           ws_frame(OP.BINARY, b'\x01\x02'))
+        self.assertEqual(events, [(OP.TEXT, 'one ' * 40), (OP.TEXT, 'plain'),
+                                  (OP.TEXT, 'one ' * 40), (OP.BINARY, b'\x01\x02')])
+        p.send('x' * 200)
+        p.send('x')
+        p.send('x' * 200)
+        frames = parse_server_frames(p.data_to_send())
+        d = zlib.decompressobj(-12)
+        self.assertEqual([inflated(frames[0][2], d), frames[1][2], inflated(frames[2][2], d)],
+                         [b'x' * 200, b'x', b'x' * 200])
+
+    def test_context_takeover_and_its_reset(self):
+        import zlib
+        message = ('{"user": "alice", "action": "typing", "room": 42}' * 3).encode()
+        c = zlib.compressobj(6, zlib.DEFLATED, -12)
+        first, second = deflated(message, compressor=c), deflated(message, compressor=c)
+        self.assertLess(len(second), len(first) // 2)     # it refers back to the first
+        p = self.proto()
+        self.assertEqual(self.feed(p, ws_frame(OP.TEXT, first, rsv=0x40),
+                                   ws_frame(OP.TEXT, second, rsv=0x40)),
+                         [(OP.TEXT, message.decode())] * 2)
+        # client_no_context_takeover: the server's window starts empty at every message,
+        # so a message that refers back cannot be read.
+        p = self.proto('permessage-deflate; client_no_context_takeover')
+        self.assertEqual(self.feed(p, ws_frame(OP.TEXT, first, rsv=0x40),
+                                   ws_frame(OP.TEXT, first, rsv=0x40)),
+                         [(OP.TEXT, message.decode())] * 2)
+        self.feed(p, ws_frame(OP.TEXT, first, rsv=0x40), ws_frame(OP.TEXT, second, rsv=0x40))
+        self.assertClosedWith(p, 1002)
+        # Ours: with takeover the second copy is smaller; server_no_context_takeover sends
+        # the same bytes twice.
+        for offer, same in (('permessage-deflate', False),
+                            ('permessage-deflate; server_no_context_takeover', True)):
+            p = self.proto(offer)
+            p.send(message)
+            p.send(message)
+            (_, _, a), (_, _, b) = parse_server_frames(p.data_to_send())
+            self.assertEqual(a == b, same, offer)
+            d = zlib.decompressobj(-12)
+            self.assertEqual(inflated(a, d), message)
+            self.assertEqual(inflated(b, d if not same else None), message)
+
+    def test_hostile_compressed_frames_end_in_a_close_code_never_an_exception(self):
+        rng = random.Random(7692)
+        good = deflated(b'{"a": [1, 2, 3]} ' * 50)
+        for i in range(300):
+            p = self.proto(max_size=rng.choice([100, 5000, 2 ** 20]))
+            data = bytearray(good)
+            for _ in range(rng.randint(0, 4)):
+                data[rng.randrange(len(data))] = rng.getrandbits(8)
+            data = bytes(data[:rng.randint(0, len(data))]) if i % 3 else os.urandom(60)
+            cut = rng.randint(0, len(data))
+            opcode = rng.choice([OP.TEXT, OP.BINARY])
+            frames = [ws_frame(opcode, data[:cut], fin=False, rsv=0x40),
+                      ws_frame(OP.CONTINUATION, data[cut:], rsv=rng.choice([0, 0, 0x40]))]
+            events = self.feed(p, *frames)
+            for kind, value in events:
+                self.assertIn(kind, (OP.TEXT, OP.BINARY, OP.CLOSE))
+                if kind == OP.CLOSE:
+                    self.assertIn(value[0], (1002, 1007, 1009))
+            self.assertTrue(p.data_to_send() or events)
+
+    def test_an_8_bit_window_is_kept_by_what_the_server_sends(self):
+        import zlib
+        rng = random.Random(7692)
+        words = [bytes(rng.choice(b'abcdefgh') for _ in range(rng.randint(1, 12)))
+                 for _ in range(50)]
+        p = self.proto('permessage-deflate; server_max_window_bits=8')
+        d = zlib.decompressobj(-8)
+        for _ in range(50):
+            message = b' '.join(rng.choice(words) for _ in range(rng.randint(20, 400)))
+            p.send(message)
+            (_, _, payload), = parse_server_frames(p.data_to_send())
+            self.assertEqual(inflated(payload, d), message)
 
 
 # -- live server ------------------------------------------------------------------------------
@@ -5555,6 +5874,214 @@ class WebSocketSignedHandshakeTest(unittest.TestCase):
         with mconnector.SocketClient('127.0.0.1:%d' % sk.port, '/echo', secretKey='k3y') as ws:
             ws.send('still serving')
             self.assertEqual(ws.recv(5), 'still serving')
+
+
+OFFER = b'Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n'
+
+
+def compression_server(test, **options):
+    """A SocketServer with an echo route and a render route that tells what it negotiated."""
+    sk = mconnector.SocketServer('deflate', close_timeout=2, **options)
+    sk.router('/echo')(lambda message: message)
+
+    @sk.render('/seen')
+    def seen(ws, message):
+        ws.send('%s %s' % (ws.compression, ws.headers.get('sec-websocket-extensions')))
+        for message in ws:
+            ws.send(message)
+    sk.run(host='127.0.0.1', port=0)
+    test.addCleanup(sk.stop)
+    return sk
+
+
+def read_frame(sock, data=b''):
+    """(first byte, payload, rest) of one unmasked frame from a raw socket."""
+    while True:
+        if len(data) >= 2:
+            n, pos = data[1] & 0x7F, 2
+            if n == 126 and len(data) >= 4:
+                n, pos = int.from_bytes(data[2:4], 'big'), 4
+            elif n == 127 and len(data) >= 10:
+                n, pos = int.from_bytes(data[2:10], 'big'), 10
+            if n < 126 or pos > 2:
+                if len(data) >= pos + n:
+                    return data[0], data[pos:pos + n], data[pos + n:]
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError('closed before a whole frame')
+        data += chunk
+
+
+class WebSocketCompressionTest(unittest.TestCase):
+    def test_socket_client_and_server_negotiate_and_compress_both_ways(self):
+        sk = compression_server(self)
+        with mconnector.SocketClient('127.0.0.1:%d' % sk.port, '/seen') as ws:
+            self.assertEqual(ws.compression, 'deflate')
+            ws.send('hello')
+            self.assertEqual(ws.recv(5), 'deflate permessage-deflate; server_max_window_bits=12; '
+                                         'client_max_window_bits=12, permessage-deflate; '
+                                         'client_max_window_bits=12')
+            for message in ('é' * 40000, b'\x00\x01' * 30000, 'small', b'', os.urandom(5000),
+                            '{"k": 1}' * 1000):
+                ws.send(message)
+                self.assertEqual(ws.recv(5), message)
+
+    def test_either_side_can_turn_it_off(self):
+        for server, client in (({'compression': None}, {}), ({}, {'compression': None})):
+            sk = compression_server(self, **server)
+            with mconnector.SocketClient('127.0.0.1:%d' % sk.port, '/seen', **client) as ws:
+                self.assertIsNone(ws.compression)
+                ws.send('hello')
+                expected = 'None None' if client else (
+                    'None permessage-deflate; server_max_window_bits=12; client_max_window_bits=12, '
+                    'permessage-deflate; client_max_window_bits=12')
+                self.assertEqual(ws.recv(5), expected)
+                ws.send('x' * 10000)
+                self.assertEqual(ws.recv(5), 'x' * 10000)
+
+    def test_a_client_that_offers_nothing_gets_the_same_bytes_as_before(self):
+        heads = []
+        for options in ({}, {'compression': None}):
+            sk = compression_server(self, **options)
+            sock, head, rest = raw_handshake(sk.port)
+            heads.append(head)
+            sock.sendall(ws_frame(OP.TEXT, b'x' * 1000))
+            first, payload, rest = read_frame(sock, rest)
+            self.assertEqual((first, payload), (0x81, b'x' * 1000))     # no RSV1
+            sock.close()
+        self.assertEqual(heads[0], heads[1])
+        self.assertNotIn(b'Extensions', heads[0])
+
+    def test_compressed_frames_on_the_wire(self):
+        sk = compression_server(self)
+        sock, head, rest = raw_handshake(sk.port, extra=OFFER)
+        self.addCleanup(sock.close)
+        self.assertIn(b'\r\nSec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=12; '
+                      b'client_max_window_bits=12', head)
+        import zlib
+        c = zlib.compressobj(6, zlib.DEFLATED, -12)
+        d = zlib.decompressobj(-12)
+        for message in (b'compress me ' * 100, b'compress me ' * 100):
+            sock.sendall(ws_frame(OP.TEXT, deflated(message, compressor=c), rsv=0x40))
+            first, payload, rest = read_frame(sock, rest)
+            self.assertEqual(first, 0xC1)
+            self.assertLess(len(payload), 100)
+            self.assertEqual(inflated(payload, d), message)
+        sock.sendall(ws_frame(OP.TEXT, b'not compressed'))
+        self.assertEqual(read_frame(sock, rest)[:2], (0x81, b'not compressed'))
+
+    def test_a_bomb_is_refused_with_1009_and_the_server_keeps_serving(self):
+        sk = compression_server(self, max_size=100000)
+        sock, head, rest = raw_handshake(sk.port, extra=OFFER)
+        sock.sendall(ws_frame(OP.BINARY, deflated(b'\x00' * 10 ** 7), rsv=0x40))
+        first, payload, rest = read_frame(sock, rest)
+        self.assertEqual((first & 0x0F, int.from_bytes(payload[:2], 'big')), (OP.CLOSE, 1009))
+        sock.close()
+        with mconnector.SocketClient('127.0.0.1:%d' % sk.port, '/echo') as ws:
+            ws.send('y' * 90000)
+            self.assertEqual(ws.recv(5), 'y' * 90000)
+
+    def test_the_websockets_package_as_client_and_as_server(self):
+        # The websockets package is an optional peer: looked for, and skipped without it.
+        import importlib.util
+        if importlib.util.find_spec('websockets') is None:
+            self.skipTest('the websockets package is not installed')
+        sync_client = importlib.import_module('websockets.sync.client')
+        sync_server = importlib.import_module('websockets.sync.server')
+        sk = compression_server(self)
+        with sync_client.connect('ws://127.0.0.1:%d/seen' % sk.port, open_timeout=5) as ws:
+            self.assertEqual([type(e).__name__ for e in ws.protocol.extensions],
+                             ['PerMessageDeflate'])
+            ws.send('hello')
+            self.assertTrue(ws.recv(5).startswith('deflate permessage-deflate'))
+            for message in ('é' * 40000, b'\x00\x01' * 30000, 'small', '{"k": 1}' * 1000):
+                ws.send(message)
+                self.assertEqual(ws.recv(5), message)
+
+        def echo(connection):
+            for message in connection:
+                connection.send(message)
+        server = sync_server.serve(echo, '127.0.0.1', 0)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self.addCleanup(server.shutdown)
+        port = server.socket.getsockname()[1]
+        with mconnector.SocketClient('127.0.0.1:%d' % port, '/') as ws:
+            self.assertEqual(ws.compression, 'deflate')
+            for message in ('é' * 40000, b'\x00\x01' * 30000, 'small', '{"k": 1}' * 1000):
+                ws.send(message)
+                self.assertEqual(ws.recv(5), message)
+
+
+BROWSER_PAGE = '''<!doctype html><title>deflate</title><script>
+const big = JSON.stringify(Array.from({length: 500}, (_, i) => ({id: i, name: "item " + i})));
+const ws = new WebSocket("ws://127.0.0.1:%d/browser");
+ws.binaryType = "arraybuffer";
+const got = [];
+ws.onopen = () => { ws.send(big); ws.send("small"); ws.send(new Uint8Array(5000).fill(7)); };
+ws.onmessage = (event) => {
+  got.push(event.data);
+  if (got.length < 3) return;
+  const ok = got[0] === big && got[1] === "small" && got[2].byteLength === 5000
+             && new Uint8Array(got[2]).every((b) => b === 7);
+  ws.send("result:" + (ok ? "echoed" : "mismatch") + ";" + ws.extensions);
+};
+</script>'''
+
+
+class WebSocketBrowserCompressionTest(unittest.TestCase):
+    """Headless Chromium (when /usr/bin/chromium exists) talks permessage-deflate with a
+    SocketServer, on a page that a Microservice serves."""
+
+    CHROMIUM = '/usr/bin/chromium'
+
+    def test_chromium_negotiates_and_exchanges_compressed_messages(self):
+        if not os.path.exists(self.CHROMIUM):
+            self.skipTest('no %s' % self.CHROMIUM)
+        import shutil
+        import signal
+        import tempfile
+        seen = queue.Queue()
+        sk = mconnector.SocketServer('browser', close_timeout=2)
+
+        @sk.render('/browser')
+        def browser(ws, message):
+            seen.put((ws.compression, ws.headers.get('sec-websocket-extensions')))
+            while not (isinstance(message, str) and message.startswith('result:')):
+                ws.send(message)
+                message = ws.recv(30)
+            seen.put(message)
+        sk.run(host='127.0.0.1', port=0)
+        self.addCleanup(sk.stop)
+        M = Microservice('page')
+        M.app.route('/page')(lambda: BROWSER_PAGE % sk.port)       # raw: the page as text/html
+        Service.start(self, M)
+        profile = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, profile, True)
+        chromium = subprocess.Popen(
+            [self.CHROMIUM, '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic',
+             '--no-first-run', '--disable-background-networking', '--disable-component-update',
+             '--disable-sync', '--user-data-dir=' + profile, M.url + '/page'],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+        def stop_chromium():
+            try:
+                os.killpg(chromium.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            chromium.wait(10)
+        self.addCleanup(stop_chromium)
+        deadline = time.monotonic() + 90
+        results = []
+        while len(results) < 2:
+            try:
+                results.append(seen.get(timeout=max(0.1, deadline - time.monotonic())))
+            except queue.Empty:
+                self.fail('no answer from chromium within 90 s (exit status %s)' % chromium.poll())
+        compression, offer = results[0]
+        self.assertEqual(compression, 'deflate')
+        self.assertIn('permessage-deflate', offer)
+        self.assertEqual(results[1], 'result:echoed;permessage-deflate; server_max_window_bits=12; '
+                                     'client_max_window_bits=12')
 
 
 class WebSocketProcessTest(unittest.TestCase):

@@ -14,10 +14,11 @@ processes on two free cores take the larger of the two.  The row "mconnector, on
 keeps that setup for comparison (on a machine whose cores are busy with other work the two
 setups come out alike: then both sides take turns anyway).
 
-When the `websockets` package is installed (with its C speed-ups), its synchronous server
-and client are measured the same way (compression off), and each client against the other
-server, which tells which side limits a figure; otherwise those rows are skipped.  Each
-figure is the best of three rounds.
+Compression is off on both sides: the frames' own costs are measured (bench_ws_deflate.py
+measures what permessage-deflate costs).  When the `websockets` package is installed (with
+its C speed-ups), its synchronous server and client are measured the same way, and each
+client against the other server, which tells which side limits a figure; otherwise those
+rows are skipped.  Each figure is the best of three rounds.
 """
 
 import os
@@ -50,7 +51,7 @@ exec(HANDLE)
 SERVERS = {
     'mconnector': HANDLE + r'''
 import sys, mconnector
-sk = mconnector.SocketServer('bench', max_size=2000000)
+sk = mconnector.SocketServer('bench', max_size=2000000, compression=None)
 sk.add_route('/echo', handle)
 sk.run(port=0)
 print(sk.port, flush=True)
@@ -83,7 +84,8 @@ def start_server(kind):
 def client(kind, port):
     """A client of that kind for the server on `port`, as a context manager."""
     if kind == 'mconnector':
-        return mconnector.SocketClient('127.0.0.1:%d' % port, '/echo', max_size=2 * MB)
+        return mconnector.SocketClient('127.0.0.1:%d' % port, '/echo', max_size=2 * MB,
+                                       compression=None)
     from websockets.sync.client import connect
     return connect('ws://127.0.0.1:%d/echo' % port, compression=None, max_size=2 * MB)
 
@@ -122,11 +124,12 @@ def measure(send, recv, quick):
 
 def in_one_process(quick):
     """mconnector's client and server in this one process (the setup to avoid)."""
-    sk = mconnector.SocketServer('bench', max_size=2 * MB)
+    sk = mconnector.SocketServer('bench', max_size=2 * MB, compression=None)
     sk.add_route('/echo', handle)
     sk.run(port=0)
     try:
-        with mconnector.SocketClient('127.0.0.1:%d' % sk.port, '/echo', max_size=2 * MB) as c:
+        with mconnector.SocketClient('127.0.0.1:%d' % sk.port, '/echo', max_size=2 * MB,
+                                       compression=None) as c:
             return measure(c.send, c.recv, quick)
     finally:
         sk.stop()
