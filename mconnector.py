@@ -7037,6 +7037,10 @@ class _ServerWebSocket(_WebSocketBase):
         self._hard = app._write_hard_limit
         conn.low_water = self._low
         self._drainers = 0                      # threads in send() or drain() waiting for room
+        # Set by the loop once a write leaves more than write_limit waiting, cleared when
+        # the queue is down to the low-water mark: what broadcast() goes by.  (conn.out,
+        # read from another thread, may still hold bytes the kernel took a moment ago.)
+        self._behind = False
         # Where each write queued in conn.out ends (counted as conn.sent counts), so that
         # a peer cast off keeps whole frames only: the loop's thread alone touches it.
         self._marks = collections.deque()
@@ -7130,6 +7134,7 @@ class _ServerWebSocket(_WebSocketBase):
                 self._pong_deadline = now + self.app.ping_timeout
 
     def flushed(self):
+        self._behind = False
         # (Read without the lock: a waiter counts itself, under it, before it looks at the
         # queue, so either it sees the queue short already or this sees it waiting.)
         if self._drainers or self._wakers:
@@ -7188,6 +7193,8 @@ class _ServerWebSocket(_WebSocketBase):
             return
         conn.write(data)
         if conn.out:
+            if len(conn.out) > self._high:
+                self._behind = True
             marks = self._marks
             while marks and marks[0] <= conn.sent:
                 marks.popleft()
@@ -7368,9 +7375,9 @@ class _ServerWebSocket(_WebSocketBase):
     def drain(self, timeout: Optional[float] = None) -> None:
         """Wait until what is queued for the peer is down to the low-water mark (a quarter
         of write_limit), for a handler that streams and wants to know the peer keeps up.
-        Returns at once when it is.  Raises ConnectionClosed when the connection is closed
-        with more than that still queued, WebSocketTimeout after `timeout` seconds (the
-        connection stays usable)."""
+        Returns at once when it is.  Raises ConnectionClosed once the connection is closed
+        (also when that happens while waiting), WebSocketTimeout after `timeout` seconds
+        (the connection stays usable)."""
         with self._cond:
             self._wait_for_room(None if timeout is None else time.monotonic() + timeout)
 
@@ -7378,9 +7385,11 @@ class _ServerWebSocket(_WebSocketBase):
         # (with _cond held)
         self._drainers += 1
         try:
-            while self.buffered > self._low:
+            while True:
                 if self._closed is not None:
                     raise self._closed
+                if self.buffered <= self._low:
+                    return
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise WebSocketTimeout('the peer did not take its data in time')
@@ -7395,13 +7404,15 @@ class _ServerWebSocket(_WebSocketBase):
         return len(self.conn.out) + (sum(map(len, pending)) if pending else 0)
 
     def _offer(self, frame):
-        """From any thread, for a broadcast: queue `frame` unless closing (None) or more
-        than write_limit is queued already (False).  True: queued, and the caller has the
-        flush to schedule; 1: queued, a flush is scheduled already."""
+        """From any thread, for a broadcast: queue `frame` unless closing (None) or behind
+        (False: over write_limit, and not yet down to the low-water mark; or more than
+        write_limit queued that the loop has not taken yet).  True: queued, and the caller
+        has the flush to schedule; 1: queued, a flush is scheduled already."""
         with self._cond:
             if self._closed is not None or self._proto.state is not WebSocketState.OPEN:
                 return None
-            if self.buffered > self._high:
+            pending = self._proto._out
+            if self._behind or (pending and sum(map(len, pending)) > self._high):
                 return False
             self._proto.send_frame(frame)
             if self._flushing:
@@ -7523,10 +7534,10 @@ class _AsyncWebSocket:
         while True:
             future = loop.create_future()
             with ws._cond:
-                if ws.buffered <= ws._low:
-                    return
                 if ws._closed is not None:
                     raise ws._closed
+                if ws.buffered <= ws._low:
+                    return
                 ws._wakers.append(future)
             remaining = None if deadline is None else deadline - loop.time()
             try:
