@@ -4243,6 +4243,8 @@ class SocketServer:
     `def` that run at once, 64; `async def` ones run on the asyncio loop and take none).
 
     Connections wait in the serving shell's selector loop: an idle one costs no thread.
+    broadcast() sends one message to many of them without waiting; a handler's send()
+    waits while its peer is over write_limit, and drain() waits for it to catch up.
     """
 
     def __init__(self, name: Optional[str] = None, *,
@@ -5653,7 +5655,12 @@ class WebSocket(_WebSocketBase):
 
     send, ping and close may be called from any thread, also while another one waits in
     recv(); one thread receives at a time.  Attributes: path, query, headers, origin,
-    subprotocol, remote_address, closed, close_code, close_reason.
+    subprotocol, remote_address, closed, close_code, close_reason.  (The server's side
+    also has drain() and buffered: it queues what it sends, this side does not.)
+
+    send() writes to the socket in the calling thread: nothing is queued in the process,
+    and a server that does not read makes it block, for 60 s at most in all (then the
+    connection is dropped and it raises ConnectionClosed, 1006).
     """
 
     def __init__(self, sock: socket.socket, protocol: WebSocketProtocol, *, path: str = '/',
