@@ -4359,16 +4359,16 @@ class SocketServer:
             ws = given._ws if isinstance(given, _AsyncWebSocket) else given
             if path is not None and ws.path != path and ws.request.rule != path:
                 continue
-            queued = ws._offer(frame)
-            if queued:
-                sent += 1
-                if queued is True:
-                    flushes.setdefault(ws.conn.server, []).append(ws)
-            elif queued is False:
+            offered = ws._offer(frame)
+            if offered == 'behind':
                 behind.append(given)
                 if slow == 'close':
                     ws.conn.server.call_soon(ws._cast_off, CloseCode.TRY_AGAIN_LATER,
                                              'too slow: messages were left out')
+            elif offered is not None:
+                sent += 1
+                if offered == 'flush':
+                    flushes.setdefault(ws.conn.server, []).append(ws)
         for server, batch in flushes.items():
             server.call_soon(_ws_flush_all, batch)
         return sent, behind
@@ -7411,21 +7411,21 @@ class _ServerWebSocket(_WebSocketBase):
         return len(self.conn.out) + (sum(map(len, pending)) if pending else 0)
 
     def _offer(self, frame):
-        """From any thread, for a broadcast: queue `frame` unless closing (None) or behind
-        (False: over write_limit, and not yet down to the low-water mark; or more than
-        write_limit queued that the loop has not taken yet).  True: queued, and the caller
-        has the flush to schedule; 1: queued, a flush is scheduled already."""
+        """From any thread, for a broadcast: queue `frame`.  Returns None when closing,
+        'behind' when over write_limit and not yet down to the low-water mark (or with more
+        than write_limit queued that the loop has not taken yet), 'flush' when queued and
+        the caller is to schedule the flush, 'queued' when one is scheduled already."""
         with self._cond:
             if self._closed is not None or self._proto.state is not WebSocketState.OPEN:
                 return None
             pending = self._proto._out
             if self._behind or (pending and sum(map(len, pending)) > self._high):
-                return False
+                return 'behind'
             self._proto.send_frame(frame)
             if self._flushing:
-                return 1
+                return 'queued'
             self._flushing = True
-            return True
+            return 'flush'
 
     def ping(self, data: Optional[bytes] = None) -> threading.Event:
         """Send a ping; return a threading.Event that is set when its pong arrives.

@@ -5804,6 +5804,28 @@ class WebSocketFlowControlTest(unittest.TestCase):
         slow.close()
         self.assertEqual(reports.get(timeout=5), 1006)
 
+    def test_an_async_router_waits_for_its_slow_peer_without_blocking_the_loop(self):
+        sk = self.start()
+
+        @sk.router('/big-async')
+        async def big(message):
+            return b'a' * 8000000                       # more than the kernel takes for it
+
+        @sk.router('/echo-async')
+        async def echo(message):
+            return message
+        slow, rest = slow_handshake(sk.port, '/big-async')
+        self.addCleanup(slow.close)
+        slow.sendall(ws_frame(OP.TEXT, b'go'))
+        self.on(sk, '/big-async', 1)
+        (ws,) = [ws for ws in list(sk.connections) if ws.path == '/big-async']
+        self.assertTrue(wait_for(lambda: ws.buffered > 65536))     # its answer waits
+        with mconnector.SocketClient('127.0.0.1:%d' % sk.port, '/echo-async') as c:
+            for n in range(3):                          # the asyncio loop serves on
+                c.send('ping %d' % n)
+                self.assertEqual(c.recv(5), 'ping %d' % n)
+        self.assertEqual(ServerFrames(slow, rest).next(), (True, OP.BINARY, b'a' * 8000000))
+
     def test_limits_are_checked(self):
         sk = mconnector.SocketServer('limits')
         self.assertEqual((sk.write_limit, sk.write_hard_limit), (65536, 4 * 2 ** 20))
