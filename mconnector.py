@@ -4329,8 +4329,9 @@ class SocketServer:
         """Send `message` to every open connection (on `path` when given: a connection's
         path, such as '/chat/7', or the rule it came by, such as '/chat/<room:int>'), or to
         the given `connections` (the objects handlers get).  Returns (sent, behind): how
-        many connections it was queued to, and the list of those left out for having more
-        than write_limit queued already.
+        many connections it was queued to, and the list of those left out for being behind
+        (a write left more than write_limit queued for them, and they are not yet down to
+        the low-water mark).
 
         str goes as a text message, bytes-like as binary, any other value as JSON text (as
         a router handler's return value does).  The frame is built once and the same bytes

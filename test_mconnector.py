@@ -5504,14 +5504,14 @@ class WebSocketBroadcastTest(unittest.TestCase):
 
         @sk.render('/pick')
         def pick(ws, message):
-            cls.chosen.put(ws)
+            cls.chosen.put((message, ws))
             for message in ws:
                 pass
 
         @sk.render('/chat')
         async def chat(ws, message):
             while True:
-                sk.broadcast('%s says %s' % (message, 'hi'), path='/chat')   # no await
+                sk.broadcast(message + ' says hi', path='/chat')     # no await
                 message = await ws.recv()
 
         @sk.router('/shout')
@@ -5557,15 +5557,14 @@ class WebSocketBroadcastTest(unittest.TestCase):
         for c in two:
             self.assertEqual(c.recv(5), 'for every room')       # room 1's never came
         picked = self.clients('/pick', 2)
-        for c in picked:
-            c.send('me')
-        chosen = self.chosen.get(timeout=5)
-        self.assertEqual(self.sk.broadcast('just you', connections=[chosen]), (1, []))
-        self.sk.broadcast('everyone', path='/pick')
-        replies = sorted([picked[0].recv(5), picked[1].recv(5)])
-        self.assertIn(replies, (['everyone', 'just you'], ['everyone', 'everyone']))
-        got = [c for c in picked if replies == ['everyone', 'just you']]
-        self.assertEqual(len(got), 2)
+        for n, c in enumerate(picked):
+            c.send('client %d' % n)
+        chosen = dict(self.chosen.get(timeout=5) for _ in picked)
+        self.assertEqual(self.sk.broadcast('just you', connections=[chosen['client 0']]),
+                         (1, []))
+        self.assertEqual(self.sk.broadcast('everyone', path='/pick'), (2, []))
+        self.assertEqual([picked[0].recv(5), picked[0].recv(5)], ['just you', 'everyone'])
+        self.assertEqual(picked[1].recv(5), 'everyone')
         with self.assertRaises(ValueError):
             self.sk.broadcast('x', slow='wait')
 
@@ -5586,23 +5585,29 @@ class WebSocketBroadcastTest(unittest.TestCase):
         self.assertTrue(wait_for(lambda: self.open_on('/room/9') == 5))
         stop = threading.Event()
         failures = []
+        churned = []
 
         def churn():
             try:
                 while not stop.is_set():
-                    c = mconnector.SocketClient('127.0.0.1:%d' % self.port, '/room/9')
+                    churned.append(1)
                     if random.random() < 0.5:
-                        c.close()
-                    else:
-                        c._abort()          # gone without a closing handshake
+                        mconnector.SocketClient('127.0.0.1:%d' % self.port, '/room/9').close()
+                    else:                   # gone without a closing handshake
+                        sock, head, rest = raw_handshake(self.port, '/room/9')
+                        sock.close()
             except Exception as exc:        # (reported below)
                 failures.append(exc)
         churners = [threading.Thread(target=churn) for _ in range(3)]
         for t in churners:
             t.start()
-        try:
-            for i in range(300):
-                sent, behind = self.sk.broadcast('m%d' % i, path='/room/9')
+        count = 0
+        deadline = time.monotonic() + 30
+        try:            # until 50 connections have come and gone meanwhile
+            while ((len(churned) < 50 or count < 300) and count < 20000
+                   and time.monotonic() < deadline):
+                sent, behind = self.sk.broadcast('m%d' % count, path='/room/9')
+                count += 1
                 self.assertGreaterEqual(sent, 5)
                 self.assertEqual(behind, [])
         finally:
@@ -5610,8 +5615,9 @@ class WebSocketBroadcastTest(unittest.TestCase):
             for t in churners:
                 t.join(10)
         self.assertEqual(failures, [])
+        self.assertGreaterEqual(len(churned), 50)
         for c in steady:
-            self.assertEqual([c.recv(5) for _ in range(300)], ['m%d' % i for i in range(300)])
+            self.assertEqual([c.recv(5) for _ in range(count)], ['m%d' % i for i in range(count)])
 
 
 class WebSocketFlowControlTest(unittest.TestCase):
