@@ -7051,9 +7051,10 @@ class _ServerWebSocket(_WebSocketBase):
         self._behind = False
         # Where each write queued in conn.out ends (counted as conn.sent counts), so that
         # a peer cast off keeps whole frames only: the loop's thread alone touches it.
-        self._marks = collections.deque()
+        # Made when first needed (an empty deque is 600 bytes; most peers never lag).
+        self._marks = None
         if conn.out:                            # the 101 answer, not taken yet
-            self._marks.append(conn.sent + len(conn.out))
+            self._marks = collections.deque((conn.sent + len(conn.out),))
         app.connections.add(self)
 
     # -- from the loop ------------------------------------------------------------------------
@@ -7160,7 +7161,7 @@ class _ServerWebSocket(_WebSocketBase):
         self._set_closed()
         self.app.connections.discard(self)
         self.conn.out = bytearray()         # what a lost peer never took is freed at once
-        self._marks.clear()
+        self._marks = None
         with self._cond:
             self._proto.data_to_send()
         if self._task is not None:
@@ -7204,6 +7205,9 @@ class _ServerWebSocket(_WebSocketBase):
             if len(conn.out) > self._high:
                 self._behind = True
             marks = self._marks
+            if marks is None:
+                import collections
+                marks = self._marks = collections.deque()
             while marks and marks[0] <= conn.sent:
                 marks.popleft()
             marks.append(conn.sent + len(conn.out))
@@ -7220,12 +7224,12 @@ class _ServerWebSocket(_WebSocketBase):
             self._proto.fail(code, reason)
             self._proto.events()
             close = self._proto.data_to_send()
-        marks = self._marks
-        while marks and marks[0] <= conn.sent:
-            marks.popleft()
-        if marks:
-            del conn.out[marks[0] - conn.sent:]
-            marks.clear()
+        marks = self._marks or ()
+        for end in marks:
+            if end > conn.sent:
+                del conn.out[end - conn.sent:]
+                break
+        self._marks = None
         conn.write(close)
         self._set_closed()
         conn.finish()
