@@ -4343,7 +4343,8 @@ class SocketServer:
         (slow='skip'), or closed with 1013, try again later (slow='close'): what it had
         queued is dropped.  Call it from any thread, a handler's (an `async def` one too:
         no await) or yours; connections that open or close meanwhile get it or are
-        left out, nothing else.  Raises ValueError for another `slow`."""
+        left out, nothing else.  Raises ValueError for another `slow`, TypeError for
+        a connection that is not this server's kind (a client's, say)."""
         if slow not in _WS_SLOW:
             raise ValueError("slow is 'skip' or 'close', not %r" % (slow,))
         message = _ws_reply(message)
@@ -4358,6 +4359,9 @@ class SocketServer:
         flushes = {}                    # serving shell -> the connections it is to flush
         for given in targets:
             ws = given._ws if isinstance(given, _AsyncWebSocket) else given
+            if not isinstance(ws, _ServerWebSocket):
+                raise TypeError("broadcast() sends on the server's connections (what its "
+                                'handlers get), not on %r' % (given,))
             if path is not None and ws.path != path and ws.request.rule != path:
                 continue
             offered = ws._offer(frame)
@@ -7502,7 +7506,7 @@ def _ws_wake(future):
 
 class _AsyncWebSocket:
     """What an `async def` render handler gets: the connection, with awaitable recv, send,
-    ping and close.  Nothing here blocks the asyncio loop or uses an executor."""
+    drain, ping and close.  Nothing here blocks the asyncio loop or uses an executor."""
 
     def __init__(self, ws: _ServerWebSocket) -> None:
         self._ws = ws

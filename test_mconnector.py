@@ -5567,6 +5567,9 @@ class WebSocketBroadcastTest(unittest.TestCase):
         self.assertEqual(picked[1].recv(5), 'everyone')
         with self.assertRaises(ValueError):
             self.sk.broadcast('x', slow='wait')
+        with self.assertRaises(TypeError) as caught:        # a client's side, by mistake
+            self.sk.broadcast('x', connections=picked)
+        self.assertIn("server's connections", str(caught.exception))
 
     def test_from_async_and_plain_handlers(self):
         clients = self.clients('/chat', 4)
