@@ -4237,7 +4237,8 @@ class SocketServer:
     `close_timeout` (10 s), `nonce_store` (where the nonces of signed handshakes are kept,
     as for a Microservice), `write_limit` (bytes queued for a peer over which send() waits
     and broadcast() leaves it out, 64 KiB; or a (high, low) pair, low default a quarter),
-    `write_hard_limit` (a peer that lets more than this wait is closed with 1008, 4 MiB),
+    `write_hard_limit` (a peer that lets more than this wait behind the message it is
+    taking is closed with 1008, 4 MiB),
     `ssl_context` (serve wss://), `secretKey` (handshakes must be signed, as calls to a
     Microservice with a secretKey are: 401 otherwise), `max_workers` (handlers written with
     `def` that run at once, 64; `async def` ones run on the asyncio loop and take none).
@@ -4309,9 +4310,10 @@ class SocketServer:
 
     @property
     def write_hard_limit(self) -> int:
-        """Bytes a peer may leave waiting: a connection that has more than this queued when
-        more is queued for it is closed with 1008 and what it left is dropped.  At least
-        write_limit.  A change applies to connections opened after it."""
+        """Bytes a peer may leave waiting: a connection that has more than this queued behind
+        the message it is taking, when more is queued for it, is closed with 1008 and what it
+        left is dropped.  At least write_limit.  A change applies to connections opened
+        after it."""
         return self._write_hard_limit
 
     @write_hard_limit.setter
@@ -7195,11 +7197,12 @@ class _ServerWebSocket(_WebSocketBase):
 
     def _write(self, data):
         """In the loop: queue whole frames on the connection, unless it has more than
-        write_hard_limit bytes waiting already: then the peer is cast off (1008)."""
+        write_hard_limit bytes waiting already behind the write the peer is taking (one big
+        message is no reason): then the peer is cast off (1008)."""
         conn = self.conn
         if not data or conn.closed:
             return
-        if len(conn.out) > self._hard:
+        if len(conn.out) > self._hard and self._queued_behind_head() > self._hard:
             log.info('websocket %s: %s lets over %d bytes wait, closing it (1008)',
                      self.path, conn.address[0], self._hard)
             self._cast_off(CloseCode.POLICY_VIOLATION, 'too much data left unread')
@@ -7215,6 +7218,14 @@ class _ServerWebSocket(_WebSocketBase):
             while marks and marks[0] <= conn.sent:
                 marks.popleft()
             marks.append(conn.sent + len(conn.out))
+
+    def _queued_behind_head(self):
+        """In the loop: the bytes queued behind the write the peer is in the middle of."""
+        conn = self.conn
+        for end in self._marks or ():
+            if end > conn.sent:
+                return conn.sent + len(conn.out) - end
+        return 0
 
     def _cast_off(self, code, reason):
         """In the loop: close a peer that falls behind.  What waits for it is dropped (the

@@ -5761,6 +5761,27 @@ class WebSocketFlowControlTest(unittest.TestCase):
         kind, left = reports.get(timeout=5)
         self.assertLessEqual(left, 16384)
 
+    def test_one_message_over_the_hard_limit_is_no_reason_to_close(self):
+        sk = self.start(write_limit=16384, write_hard_limit=65536)
+        reports = queue.Queue()
+        big = b'h' * 8000000
+
+        def sender(ws, message):
+            reports.put(ws)
+            ws.send(big)                                # waits for the peer to take it
+            reports.put('sent')
+            ws.recv()
+        slow, rest = self.big_sender(sk, sender)
+        ws = reports.get(timeout=5)
+        self.assertTrue(wait_for(lambda: ws.buffered > 65536))
+        slow.sendall(ws_frame(OP.PING, b'are you there') * 20)     # pongs queue behind it
+        frames = ServerFrames(slow, rest)
+        self.assertEqual(frames.next(), (True, OP.BINARY, big))
+        self.assertEqual([frames.next() for _ in range(20)],
+                         [(True, OP.PONG, b'are you there')] * 20)
+        self.assertEqual(reports.get(timeout=5), 'sent')
+        self.assertFalse(ws.closed)
+
     def drain_test(self, make_handler):
         sk = self.start(write_limit=(16 * 2 ** 20, 65536), write_hard_limit=32 * 2 ** 20)
         reports = queue.Queue()
