@@ -2536,6 +2536,13 @@ class WebSocketProtocol:
             return
         self._out.append(_ws_frame(opcode, payload, mask_key=self._mask_key()))
 
+    def send_frame(self, frame: bytes) -> None:
+        """Queue a whole message frame built already (a server's, by _ws_frame): the same
+        bytes may be queued on many connections.  Raises ConnectionClosed as send() does."""
+        if self.close_sent is not None or self.state is WebSocketState.CLOSED:
+            raise ConnectionClosed(self.close_rcvd, self.close_sent)
+        self._out.append(frame)
+
     def ping(self, payload: bytes = b'') -> None:
         """Queue a ping.  Raises ValueError over 125 bytes, ConnectionClosed when closing."""
         self._control(Opcode.PING, payload)
@@ -4439,6 +4446,36 @@ def _ws_reply(value):
 # Servers started with run(), for the command line's `serve` and the Microservice's run().
 _ws_running = set()
 
+# Flow control.  64 KiB as the websockets package had it (its asyncio side now has 32 KiB),
+# the low-water mark a quarter of it as there.  The hard limit leaves room for a few
+# messages of max_size (1 MiB) on top of write_limit.
+_WS_WRITE_LIMIT = 65536
+_WS_WRITE_HARD_LIMIT = 4 * 2 ** 20
+_WS_SLOW = ('skip', 'close')
+
+
+def _ws_write_marks(limit):
+    """(high, low) water marks from a write_limit: an int (low: a quarter of it) or a
+    (high, low) pair.  Raises ValueError for marks out of order, TypeError for other types."""
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        high, low = limit, limit // 4
+    elif isinstance(limit, tuple) and len(limit) == 2 and all(
+            isinstance(x, int) and not isinstance(x, bool) for x in limit):
+        high, low = limit
+    else:
+        raise TypeError('write_limit is a number of bytes or a (high, low) pair, not %r'
+                        % (limit,))
+    if not 0 <= low <= high:
+        raise ValueError('write_limit (%r): the low-water mark must be from 0 to the high one'
+                         % (limit,))
+    return high, low
+
+
+def _ws_flush_all(connections):
+    """In the loop: hand what a broadcast queued to each connection."""
+    for ws in connections:
+        ws._flush()
+
 
 def _ws_stop_all(timeout=None):
     """Stop every websocket server started with run()."""
@@ -4473,12 +4510,17 @@ class SocketServer:
     `ping_interval` and `ping_timeout` (20 s each; None turns keep-alive off),
     `close_timeout` (10 s), `compression` ('deflate', the default: accept a client's
     permessage-deflate offer, RFC 7692; None: decline every extension), `nonce_store`
-    (where the nonces of signed handshakes are kept, as for a Microservice),
+    (where the nonces of signed handshakes are kept, as for a Microservice), `write_limit`
+    (bytes queued for a peer over which send() waits and broadcast() leaves it out, 64 KiB;
+    or a (high, low) pair, low default a quarter), `write_hard_limit` (a peer that lets more
+    than this wait behind the message it is taking is closed with 1008, 4 MiB),
     `ssl_context` (serve wss://), `secretKey` (handshakes must be signed, as calls to a
     Microservice with a secretKey are: 401 otherwise), `max_workers` (handlers written with
     `def` that run at once, 64; `async def` ones run on the asyncio loop and take none).
 
     Connections wait in the serving shell's selector loop: an idle one costs no thread.
+    broadcast() sends one message to many of them without waiting; a handler's send()
+    waits while its peer is over write_limit, and drain() waits for it to catch up.
     """
 
     def __init__(self, name: Optional[str] = None, *,
@@ -4493,8 +4535,13 @@ class SocketServer:
                  ssl_context: Optional[ssl.SSLContext] = None, secretKey: Optional[str] = None,
                  max_workers: int = 64,
                  trusted_proxies: Union[str, Iterable[str], None] = None,
-                 compression: Optional[str] = 'deflate') -> None:
+                 compression: Optional[str] = 'deflate',
+                 write_limit: Union[int, Tuple[int, int]] = _WS_WRITE_LIMIT,
+                 write_hard_limit: int = _WS_WRITE_HARD_LIMIT) -> None:
         _ws_check_compression(compression)
+        self._write_marks = _ws_write_marks(write_limit)
+        self._write_limit = write_limit
+        self.write_hard_limit = write_hard_limit
         self.name = name
         self.compression = compression
         self.trusted_proxies = trusted_proxies
@@ -4521,6 +4568,95 @@ class SocketServer:
         self._stop_timeout = None
         self._stopped = threading.Event()       # the serving loop has ended
         self._restore_signals = None
+
+    # -- flow control -------------------------------------------------------------------------
+
+    @property
+    def write_limit(self) -> Union[int, Tuple[int, int]]:
+        """Bytes queued for one peer over which send() waits and broadcast() leaves the peer
+        out; an int (the low-water mark, where waiting ends, is a quarter of it) or a
+        (high, low) pair.  A change applies to connections opened after it."""
+        return self._write_limit
+
+    @write_limit.setter
+    def write_limit(self, limit):
+        marks = _ws_write_marks(limit)
+        if marks[0] > getattr(self, '_write_hard_limit', marks[0]):
+            raise ValueError('write_limit %d is over write_hard_limit %d: raise that first'
+                             % (marks[0], self._write_hard_limit))
+        self._write_marks, self._write_limit = marks, limit
+
+    @property
+    def write_hard_limit(self) -> int:
+        """Bytes a peer may leave waiting: a connection that has more than this queued behind
+        the message it is taking, when more is queued for it, is closed with 1008 and what it
+        left is dropped.  At least write_limit.  A change applies to connections opened
+        after it."""
+        return self._write_hard_limit
+
+    @write_hard_limit.setter
+    def write_hard_limit(self, limit):
+        if not isinstance(limit, int) or isinstance(limit, bool):
+            raise TypeError('write_hard_limit is a number of bytes, not %r' % (limit,))
+        if limit < self._write_marks[0]:
+            raise ValueError('write_hard_limit %d is under write_limit %d'
+                             % (limit, self._write_marks[0]))
+        self._write_hard_limit = limit
+
+    def broadcast(self, message: Any, path: Optional[str] = None,
+                  connections: Optional[Iterable[Any]] = None, *,
+                  slow: Literal['skip', 'close'] = 'skip') -> Tuple[int, List[Any]]:
+        """Send `message` to every open connection (on `path` when given: a connection's
+        path, such as '/chat/7', or the rule it came by, such as '/chat/<room:int>'), or to
+        the given `connections` (the objects handlers get).  Returns (sent, behind): how
+        many connections it was queued to, and the list of those left out for being behind
+        (a write left more than write_limit queued for them, and they are not yet down to
+        the low-water mark).
+
+        str goes as a text message, bytes-like as binary, any other value as JSON text (as
+        a router handler's return value does).  The frame is built once and the same bytes
+        are queued to each connection, uncompressed (RFC 7692 lets a sender send any
+        message uncompressed, also where permessage-deflate was agreed).
+
+        It never waits, for the loop or for a slow peer: the connections take the message
+        from the serving loop's thread.  A peer that is behind is skipped
+        (slow='skip'), or closed with 1013, try again later (slow='close'): what it had
+        queued is dropped.  Call it from any thread, a handler's (an `async def` one too:
+        no await) or yours; connections that open or close meanwhile get it or are
+        left out, nothing else.  Raises ValueError for another `slow`, TypeError for
+        a connection that is not this server's kind (a client's, say)."""
+        if slow not in _WS_SLOW:
+            raise ValueError("slow is 'skip' or 'close', not %r" % (slow,))
+        message = _ws_reply(message)
+        if isinstance(message, str):
+            frame = _ws_frame(Opcode.TEXT, message.encode('utf-8'))
+        else:
+            frame = _ws_frame(Opcode.BINARY, message)
+        # A copy taken at once (in C, holding the GIL): the loop adds and removes meanwhile.
+        targets = tuple(self.connections) if connections is None else connections
+        sent = 0
+        behind = []
+        flushes = {}                    # serving shell -> the connections it is to flush
+        for given in targets:
+            ws = given._ws if isinstance(given, _AsyncWebSocket) else given
+            if not isinstance(ws, _ServerWebSocket):
+                raise TypeError("broadcast() sends on the server's connections (what its "
+                                'handlers get), not on %r' % (given,))
+            if path is not None and ws.path != path and ws.request.rule != path:
+                continue
+            offered = ws._offer(frame)
+            if offered == 'behind':
+                behind.append(given)
+                if slow == 'close':
+                    ws.conn.server.call_soon(ws._cast_off, CloseCode.TRY_AGAIN_LATER,
+                                             'too slow: messages were left out')
+            elif offered is not None:
+                sent += 1
+                if offered == 'flush':
+                    flushes.setdefault(ws.conn.server, []).append(ws)
+        for server, batch in flushes.items():
+            server.call_soon(_ws_flush_all, batch)
+        return sent, behind
 
     # -- routes -------------------------------------------------------------------------------
 
@@ -5911,7 +6047,13 @@ class WebSocket(_WebSocketBase):
 
     send, ping and close may be called from any thread, also while another one waits in
     recv(); one thread receives at a time.  Attributes: path, query, headers, origin,
-    subprotocol, compression, remote_address, closed, close_code, close_reason.
+    subprotocol, compression, remote_address, closed, close_code, close_reason.  (The
+    server's side also has drain() and buffered: it queues what it sends, this side does
+    not.)
+
+    send() writes to the socket in the calling thread: nothing is queued in the process,
+    and a server that does not read makes it block, for 60 s at most in all (then the
+    connection is dropped and it raises ConnectionClosed, 1006).
     """
 
     def __init__(self, sock: socket.socket, protocol: WebSocketProtocol, *, path: str = '/',
@@ -6652,6 +6794,7 @@ class _Conn:
         self.lingering = None           # ... then read and drop until this time
         self.progress = time.monotonic()    # of the last write
         self.received = self.sent = 0
+        self.low_water = 0              # the session hears flushed() once `out` is this short
         self.mask = 0
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -6818,15 +6961,15 @@ class _Conn:
             del out[:sent]
             self.sent += sent
             self.progress = time.monotonic()
-        if not out:
-            if self.finishing:
-                self._linger()
-                return
+        if not out and self.finishing:
+            self._linger()
+            return
+        if len(out) <= self.low_water:
             self.server.defer(self._flushed)
         self._update()
 
     def _flushed(self):
-        if not self.out and not self.closed:
+        if len(self.out) <= self.low_water and not self.closed:
             self.session.flushed()
 
     def finish(self):
@@ -7304,6 +7447,21 @@ class _ServerWebSocket(_WebSocketBase):
         now = time.monotonic()
         self._next_ping = now + app.ping_interval if app.ping_interval else None
         self._pong_deadline = None
+        # Flow control: the limits in force when the connection opened.
+        self._high, self._low = app._write_marks
+        self._hard = app._write_hard_limit
+        conn.low_water = self._low
+        self._drainers = 0                      # threads in send() or drain() waiting for room
+        # Set by the loop once a write leaves more than write_limit waiting, cleared when
+        # the queue is down to the low-water mark: what broadcast() goes by.  (conn.out,
+        # read from another thread, may still hold bytes the kernel took a moment ago.)
+        self._behind = False
+        # Where each write queued in conn.out ends (counted as conn.sent counts), so that
+        # a peer cast off keeps whole frames only: the loop's thread alone touches it.
+        # Made when first needed (an empty deque is 600 bytes; most peers never lag).
+        self._marks = None
+        if conn.out:                            # the 101 answer, not taken yet
+            self._marks = collections.deque((conn.sent + len(conn.out),))
         app.connections.add(self)
 
     # -- from the loop ------------------------------------------------------------------------
@@ -7330,7 +7488,7 @@ class _ServerWebSocket(_WebSocketBase):
                 events = self._proto.events()
                 out = self._proto.data_to_send()
                 more = self._proto.pending
-            conn.write(out)
+            self._write(out)
             for opcode, value in events:
                 if opcode == Opcode.TEXT or opcode == Opcode.BINARY:
                     self._deliver(value)
@@ -7392,9 +7550,13 @@ class _ServerWebSocket(_WebSocketBase):
                 self._pong_deadline = now + self.app.ping_timeout
 
     def flushed(self):
-        with self._cond:
-            self._cond.notify_all()     # senders waiting for room
-            self._wake_coroutines()
+        self._behind = False
+        # (Read without the lock: a waiter counts itself, under it, before it looks at the
+        # queue, so either it sees the queue short already or this sees it waiting.)
+        if self._drainers or self._wakers:
+            with self._cond:
+                self._cond.notify_all()     # senders waiting for room
+                self._wake_coroutines()
 
     def stop(self):
         self._start_close(CloseCode.GOING_AWAY, 'server shutting down')
@@ -7405,6 +7567,10 @@ class _ServerWebSocket(_WebSocketBase):
         self._done = True
         self._set_closed()
         self.app.connections.discard(self)
+        self.conn.out = bytearray()         # what a lost peer never took is freed at once
+        self._marks = None
+        with self._cond:
+            self._proto.data_to_send()
         if self._task is not None:
             self._task.cancel()
 
@@ -7428,7 +7594,62 @@ class _ServerWebSocket(_WebSocketBase):
         with self._cond:
             self._flushing = False
             out = self._proto.data_to_send()
-        self.conn.write(out)
+        self._write(out)
+
+    def _write(self, data):
+        """In the loop: queue whole frames on the connection, unless it has more than
+        write_hard_limit bytes waiting already behind the write the peer is taking (one big
+        message is no reason): then the peer is cast off (1008)."""
+        conn = self.conn
+        if not data or conn.closed:
+            return
+        if len(conn.out) > self._hard and self._queued_behind_head() > self._hard:
+            log.info('websocket %s: %s lets over %d bytes wait, closing it (1008)',
+                     self.path, conn.address[0], self._hard)
+            self._cast_off(CloseCode.POLICY_VIOLATION, 'too much data left unread')
+            return
+        conn.write(data)
+        if conn.out:
+            if len(conn.out) > self._high:
+                self._behind = True
+            marks = self._marks
+            if marks is None:
+                import collections
+                marks = self._marks = collections.deque()
+            while marks and marks[0] <= conn.sent:
+                marks.popleft()
+            marks.append(conn.sent + len(conn.out))
+
+    def _queued_behind_head(self):
+        """In the loop: the bytes queued behind the write the peer is in the middle of."""
+        conn = self.conn
+        for end in self._marks or ():
+            if end > conn.sent:
+                return conn.sent + len(conn.out) - end
+        return 0
+
+    def _cast_off(self, code, reason):
+        """In the loop: close a peer that falls behind.  What waits for it is dropped (the
+        frame it is in the middle of excepted), our close frame queued behind, and the TCP
+        connection ended once that is written or close_timeout has passed."""
+        conn = self.conn
+        with self._cond:
+            if conn.closed or self._proto.state is not WebSocketState.OPEN:
+                return
+            self._proto.data_to_send()          # messages not handed to the connection yet
+            self._proto.fail(code, reason)
+            self._proto.events()
+            close = self._proto.data_to_send()
+        marks = self._marks or ()
+        for end in marks:
+            if end > conn.sent:
+                del conn.out[end - conn.sent:]
+                break
+        self._marks = None
+        conn.write(close)
+        self._set_closed()
+        conn.finish()
+        self._close_by = time.monotonic() + self.close_timeout
 
     def _queue_flush(self):
         # (with _cond held) what the protocol has to send goes out from the loop.
@@ -7513,13 +7734,14 @@ class _ServerWebSocket(_WebSocketBase):
             self._took()
 
     async def _route_async(self):
+        connection = _AsyncWebSocket(self)      # its send() waits without blocking the loop
         while True:
             message = self._next_message()
             if message is None:
                 return
             reply = await self._handler(message, *self._args)
             if reply is not None:
-                self.send(_ws_reply(reply))
+                await connection.send(_ws_reply(reply))
             if message == 'exit':
                 self._start_close(CloseCode.NORMAL)
             self._took()
@@ -7566,23 +7788,65 @@ class _ServerWebSocket(_WebSocketBase):
         return message
 
     def send(self, message: Union[str, bytes, bytearray, memoryview]) -> None:
-        """Send a message: str as text, bytes-like as binary.  Waits while more than
-        _HIGH_WATER bytes wait for a slow peer.  Raises ConnectionClosed once closing or
-        closed, TypeError for any other type."""
-        deadline = time.monotonic() + _WS_WRITE_TIMEOUT
+        """Send a message: str as text, bytes-like as binary.  When that leaves more than
+        the server's write_limit queued for the peer, wait (as drain() does) until the
+        peer has taken all but the low-water mark.  Raises ConnectionClosed once closing or
+        closed (also when the connection ends while waiting), TypeError for any other type."""
         with self._cond:
             if self._closed is not None:
                 raise self._closed
             self._proto.send(message)
             self._queue_flush()
-            while self._backlog() > _HIGH_WATER and self._closed is None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._cond.wait(remaining)
+            if self.buffered > self._high:
+                self._wait_for_room(None)
 
-    def _backlog(self):
-        return len(self.conn.out)
+    def drain(self, timeout: Optional[float] = None) -> None:
+        """Wait until what is queued for the peer is down to the low-water mark (a quarter
+        of write_limit), for a handler that streams and wants to know the peer keeps up.
+        Returns at once when it is.  Raises ConnectionClosed once the connection is closed
+        (also when that happens while waiting), WebSocketTimeout after `timeout` seconds
+        (the connection stays usable)."""
+        with self._cond:
+            self._wait_for_room(None if timeout is None else time.monotonic() + timeout)
+
+    def _wait_for_room(self, deadline):
+        # (with _cond held)
+        self._drainers += 1
+        try:
+            while True:
+                if self._closed is not None:
+                    raise self._closed
+                if self.buffered <= self._low:
+                    return
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise WebSocketTimeout('the peer did not take its data in time')
+                self._cond.wait(remaining)
+        finally:
+            self._drainers -= 1
+
+    @property
+    def buffered(self) -> int:
+        """Bytes queued for the peer and not yet handed to the kernel (0 once closed)."""
+        pending = self._proto._out          # (read once: data_to_send() replaces the list)
+        return len(self.conn.out) + (sum(map(len, pending)) if pending else 0)
+
+    def _offer(self, frame):
+        """From any thread, for a broadcast: queue `frame`.  Returns None when closing,
+        'behind' when over write_limit and not yet down to the low-water mark (or with more
+        than write_limit queued that the loop has not taken yet), 'flush' when queued and
+        the caller is to schedule the flush, 'queued' when one is scheduled already."""
+        with self._cond:
+            if self._closed is not None or self._proto.state is not WebSocketState.OPEN:
+                return None
+            pending = self._proto._out
+            if self._behind or (pending and sum(map(len, pending)) > self._high):
+                return 'behind'
+            self._proto.send_frame(frame)
+            if self._flushing:
+                return 'queued'
+            self._flushing = True
+            return 'flush'
 
     def ping(self, data: Optional[bytes] = None) -> threading.Event:
         """Send a ping; return a threading.Event that is set when its pong arrives.
@@ -7643,7 +7907,7 @@ class _ServerWebSocket(_WebSocketBase):
             self._proto.fail(code, reason)
             self._proto.events()
             out = self._proto.data_to_send()
-        self.conn.write(out)
+        self._write(out)
         self._set_closed()
 
 
@@ -7654,7 +7918,7 @@ def _ws_wake(future):
 
 class _AsyncWebSocket:
     """What an `async def` render handler gets: the connection, with awaitable recv, send,
-    ping and close.  Nothing here blocks the asyncio loop or uses an executor."""
+    drain, ping and close.  Nothing here blocks the asyncio loop or uses an executor."""
 
     def __init__(self, ws: _ServerWebSocket) -> None:
         self._ws = ws
@@ -7678,23 +7942,36 @@ class _AsyncWebSocket:
                 raise WebSocketTimeout('no websocket message within %s s' % timeout) from None
 
     async def send(self, message: Union[str, bytes, bytearray, memoryview]) -> None:
-        import asyncio
+        """As the blocking send(): over write_limit, it awaits drain()."""
         ws = self._ws
         with ws._cond:
             if ws._closed is not None:
                 raise ws._closed
             ws._proto.send(message)
             ws._queue_flush()
+            if ws.buffered <= ws._high:
+                return
+        await self.drain()
+
+    async def drain(self, timeout: Optional[float] = None) -> None:
+        """As the blocking drain(), awaited: the asyncio loop runs on meanwhile."""
+        import asyncio
+        ws = self._ws
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + _WS_WRITE_TIMEOUT
-        while ws._backlog() > _HIGH_WATER and ws._closed is None and loop.time() < deadline:
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
             future = loop.create_future()
             with ws._cond:
+                if ws._closed is not None:
+                    raise ws._closed
+                if ws.buffered <= ws._low:
+                    return
                 ws._wakers.append(future)
+            remaining = None if deadline is None else deadline - loop.time()
             try:
-                await asyncio.wait_for(future, deadline - loop.time())
+                await asyncio.wait_for(future, remaining)
             except asyncio.TimeoutError:
-                break
+                raise WebSocketTimeout('the peer did not take its data in time') from None
 
     async def ping(self, data: Optional[bytes] = None) -> threading.Event:
         return self._ws.ping(data)

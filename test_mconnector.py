@@ -5832,6 +5832,467 @@ class WebSocketLimitsTest(unittest.TestCase):
             mconnector.SocketClient('wss://localhost:%d' % sk.port, '/echo')
 
 
+def slow_handshake(port, path='/echo'):
+    """A raw client that reads nothing unless told: a 4 KiB receive buffer (set before it
+    connects, so that the window it offers stays small), the handshake done by hand."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(5)
+    sock.connect(('127.0.0.1', port))
+    sock.sendall(b'GET ' + path.encode() + b' HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n'
+                 b'Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n'
+                 b'Sec-WebSocket-Version: 13\r\n\r\n')
+    data = b''
+    while b'\r\n\r\n' not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    head, _, rest = data.partition(b'\r\n\r\n')
+    assert head.startswith(b'HTTP/1.1 101'), head
+    return sock, rest
+
+
+class ServerFrames:
+    """Reads a server's frames from a raw socket one at a time: (fin, opcode, payload), or
+    None once the stream ends."""
+
+    def __init__(self, sock, data=b''):
+        self.sock = sock
+        self.buf = bytearray(data)
+
+    def _need(self, n):
+        while len(self.buf) < n:
+            try:
+                chunk = self.sock.recv(262144)
+            except ConnectionError:
+                chunk = b''
+            if not chunk:
+                return False
+            self.buf += chunk
+        return True
+
+    def next(self):
+        if not self._need(2):
+            return None
+        n, pos = self.buf[1] & 0x7F, 2
+        if n == 126:
+            if not self._need(4):
+                return None
+            n, pos = int.from_bytes(self.buf[2:4], 'big'), 4
+        elif n == 127:
+            if not self._need(10):
+                return None
+            n, pos = int.from_bytes(self.buf[2:10], 'big'), 10
+        if not self._need(pos + n):
+            return None
+        frame = (bool(self.buf[0] & 0x80), self.buf[0] & 0x0F, bytes(self.buf[pos:pos + n]))
+        del self.buf[:pos + n]
+        return frame
+
+    def until_close(self):
+        """The frames up to and including the close frame (or the end of the stream)."""
+        frames = []
+        while True:
+            frame = self.next()
+            if frame is None:
+                return frames
+            frames.append(frame)
+            if frame[1] == OP.CLOSE:
+                return frames
+
+
+class WebSocketBroadcastTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        sk = cls.sk = mconnector.SocketServer('broadcast', close_timeout=5)
+        cls.chosen = queue.Queue()
+
+        @sk.router('/feed')
+        def feed(message):
+            return None
+
+        @sk.render('/room/<n:int>')
+        def room(ws, message, n):
+            for message in ws:
+                pass
+
+        @sk.render('/pick')
+        def pick(ws, message):
+            cls.chosen.put((message, ws))
+            for message in ws:
+                pass
+
+        @sk.render('/chat')
+        async def chat(ws, message):
+            while True:
+                sk.broadcast(message + ' says hi', path='/chat')     # no await
+                message = await ws.recv()
+
+        @sk.router('/shout')
+        def shout(message):
+            sk.broadcast(message.upper(), path='/shout')
+        sk.run(port=0)
+        cls.port = sk.port
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.sk.stop()
+
+    def clients(self, path, n):
+        opened = []
+        for _ in range(n):
+            c = mconnector.SocketClient('127.0.0.1:%d' % self.port, path)
+            self.addCleanup(c.close)
+            opened.append(c)
+        return opened
+
+    def open_on(self, path):
+        """How many of the server's connections are on `path`."""
+        return sum(1 for ws in list(self.sk.connections) if ws.path == path)
+
+    def test_fifty_clients_get_the_one_message_as_text_binary_or_json(self):
+        clients = self.clients('/feed', 50)
+        self.assertTrue(wait_for(lambda: self.open_on('/feed') == 50))
+        self.assertEqual(self.sk.broadcast('news', path='/feed'), (50, []))
+        self.assertEqual(self.sk.broadcast(b'\x00\xff', path='/feed'), (50, []))
+        self.assertEqual(self.sk.broadcast({'n': [1, 2]}, path='/feed'), (50, []))
+        for c in clients:
+            self.assertEqual([c.recv(5), c.recv(5), c.recv(5)],
+                             ['news', b'\x00\xff', '{"n": [1, 2]}'])
+
+    def test_a_path_a_rule_or_chosen_connections_only(self):
+        one, two = self.clients('/room/1', 3), self.clients('/room/2', 3)
+        self.assertTrue(wait_for(lambda: self.open_on('/room/1') == 3
+                                 and self.open_on('/room/2') == 3))
+        self.assertEqual(self.sk.broadcast('for room 1', path='/room/1')[0], 3)
+        self.assertEqual(self.sk.broadcast('for every room', path='/room/<n:int>')[0], 6)
+        for c in one:
+            self.assertEqual([c.recv(5), c.recv(5)], ['for room 1', 'for every room'])
+        for c in two:
+            self.assertEqual(c.recv(5), 'for every room')       # room 1's never came
+        picked = self.clients('/pick', 2)
+        for n, c in enumerate(picked):
+            c.send('client %d' % n)
+        chosen = dict(self.chosen.get(timeout=5) for _ in picked)
+        self.assertEqual(self.sk.broadcast('just you', connections=[chosen['client 0']]),
+                         (1, []))
+        self.assertEqual(self.sk.broadcast('everyone', path='/pick'), (2, []))
+        self.assertEqual([picked[0].recv(5), picked[0].recv(5)], ['just you', 'everyone'])
+        self.assertEqual(picked[1].recv(5), 'everyone')
+        with self.assertRaises(ValueError):
+            self.sk.broadcast('x', slow='wait')
+        with self.assertRaises(TypeError) as caught:        # a client's side, by mistake
+            self.sk.broadcast('x', connections=picked)
+        self.assertIn("server's connections", str(caught.exception))
+
+    def test_from_async_and_plain_handlers(self):
+        clients = self.clients('/chat', 4)
+        self.assertTrue(wait_for(lambda: self.open_on('/chat') == 4))
+        clients[0].send('ann')          # her handler starts and tells the room
+        for c in clients:
+            self.assertEqual(c.recv(5), 'ann says hi')
+        clients = self.clients('/shout', 3)
+        self.assertTrue(wait_for(lambda: self.open_on('/shout') == 3))
+        clients[2].send('hey')          # a router handler, on a worker
+        for c in clients:
+            self.assertEqual(c.recv(5), 'HEY')
+
+    def test_while_clients_come_and_go(self):
+        steady = self.clients('/room/9', 5)
+        self.assertTrue(wait_for(lambda: self.open_on('/room/9') == 5))
+        stop = threading.Event()
+        failures = []
+        churned = []
+
+        def churn():
+            try:
+                while not stop.is_set():
+                    churned.append(1)
+                    if random.random() < 0.5:
+                        mconnector.SocketClient('127.0.0.1:%d' % self.port, '/room/9').close()
+                    else:                   # gone without a closing handshake
+                        sock, head, rest = raw_handshake(self.port, '/room/9')
+                        sock.close()
+            except Exception as exc:        # (reported below)
+                failures.append(exc)
+        churners = [threading.Thread(target=churn) for _ in range(3)]
+        for t in churners:
+            t.start()
+        count = read = 0
+
+        def read_all():         # the steady ones got every message, in order
+            for c in steady:
+                self.assertEqual([c.recv(5) for _ in range(read, count)],
+                                 ['m%d' % i for i in range(read, count)])
+            return count
+        deadline = time.monotonic() + 30
+        try:            # until 50 connections have come and gone meanwhile
+            while (len(churned) < 50 or count < 300) and time.monotonic() < deadline:
+                sent, behind = self.sk.broadcast('m%d' % count, path='/room/9')
+                count += 1
+                self.assertGreaterEqual(sent, 5)
+                self.assertEqual(behind, [])
+                if count % 200 == 0:
+                    read = read_all()
+        finally:
+            stop.set()
+            for t in churners:
+                t.join(10)
+        self.assertEqual(failures, [])
+        self.assertGreaterEqual(len(churned), 50)
+        read_all()
+
+
+class WebSocketFlowControlTest(unittest.TestCase):
+    def start(self, **options):
+        sk = mconnector.SocketServer('flow', close_timeout=5, **options)
+        sk.router('/echo')(lambda m: m)
+        sk.router('/feed')(lambda m: None)
+        sk.run(port=0)
+        self.addCleanup(sk.stop)
+        return sk
+
+    def on(self, sk, path, n):
+        self.assertTrue(wait_for(lambda: sum(1 for ws in list(sk.connections)
+                                             if ws.path == path) == n))
+
+    def slow_and_fast(self, sk, fast=10):
+        slow, rest = slow_handshake(sk.port, '/feed')
+        self.addCleanup(slow.close)
+        clients = []
+        for _ in range(fast):
+            c = mconnector.SocketClient('127.0.0.1:%d' % sk.port, '/feed')
+            self.addCleanup(c.close)
+            clients.append(c)
+        self.on(sk, '/feed', fast + 1)
+        return slow, rest, clients
+
+    def test_a_slow_reader_is_skipped_and_the_others_get_every_message(self):
+        sk = self.start(write_limit=16384)
+        slow, rest, clients = self.slow_and_fast(sk)
+        # Half of write_limit: a peer that keeps up never has more than that waiting.
+        message = 'x' * 8192
+        # The kernel takes a few MB for the peer that reads nothing; then it falls behind.
+        deadline = time.monotonic() + 20
+        count = 0
+        while time.monotonic() < deadline:
+            sent, behind = sk.broadcast(message)
+            count += 1
+            for c in clients:
+                self.assertEqual(c.recv(5), message)       # it never waits for the slow one
+            if behind:
+                break
+        self.assertEqual(len(behind), 1)
+        self.assertEqual(sent, 10)
+        (ws,) = behind
+        self.assertGreater(ws.buffered, 16384)
+        for _ in range(5):                                  # skipped, not closed
+            self.assertEqual(sk.broadcast('small'), (10, [ws]))
+        self.assertFalse(ws.closed)
+        for c in clients:
+            self.assertEqual([c.recv(5) for _ in range(5)], ['small'] * 5)
+        frames = ServerFrames(slow, rest)       # it reads at last: what it was not left out of
+        got = [frames.next() for _ in range(count - 1)]
+        self.assertEqual(got, [(True, OP.TEXT, message.encode())] * (count - 1))
+        # Once down to the low-water mark, it is back among the others.
+        self.assertTrue(wait_for(lambda: sk.broadcast('caught up')[0] == 11))
+        self.assertEqual(frames.next(), (True, OP.TEXT, b'caught up'))
+
+    def test_a_slow_reader_is_closed_1013_when_asked(self):
+        sk = self.start(write_limit=16384)
+        slow, rest, clients = self.slow_and_fast(sk)
+        deadline = time.monotonic() + 20
+        behind = []
+        while not behind and time.monotonic() < deadline:
+            sent, behind = sk.broadcast(b'y' * 8192, slow='close')
+            for c in clients:
+                self.assertEqual(len(c.recv(5)), 8192)
+        (ws,) = behind
+        self.assertTrue(wait_for(lambda: ws.closed))
+        self.assertEqual(ws.close_code, 1013)
+        self.assertLess(ws.buffered, 8192 + 100)      # what it had queued is dropped
+        frames = ServerFrames(slow, rest).until_close()
+        self.assertEqual(frames[-1][:2], (True, OP.CLOSE))
+        self.assertEqual(int.from_bytes(frames[-1][2][:2], 'big'), 1013)
+        self.assertTrue(all(f == (True, OP.BINARY, b'y' * 8192) for f in frames[:-1]))
+        self.assertEqual(sk.broadcast('still serving'), (10, []))
+        for c in clients:
+            self.assertEqual(c.recv(5), 'still serving')
+
+    def test_a_peer_that_pings_and_never_reads_is_closed_1008(self):
+        sk = self.start(write_limit=16384, write_hard_limit=65536)
+        slow, rest = slow_handshake(sk.port, '/echo')
+        self.addCleanup(slow.close)
+        self.on(sk, '/echo', 1)
+        (ws,) = list(sk.connections)
+        ping = ws_frame(OP.PING, b'p' * 125) * 64
+        slow.settimeout(0.5)
+        deadline = time.monotonic() + 20
+        with self.assertLogs('mconnector', 'INFO') as logs:
+            while not ws.closed and time.monotonic() < deadline:
+                try:
+                    slow.sendall(ping)      # each one answered with a pong it never reads
+                except socket.timeout:      # the server reads no more of it
+                    break
+            self.assertTrue(wait_for(lambda: ws.closed))
+        self.assertIn('closing it (1008)', '\n'.join(logs.output))
+        self.assertEqual(ws.close_code, 1008)
+        self.assertLess(ws.buffered, 65536)            # its queue is freed (all but the
+        #                                               pongs of one read, whose frames are cut)
+        with mconnector.SocketClient('127.0.0.1:%d' % sk.port, '/echo') as c:
+            c.send('still serving')
+            self.assertEqual(c.recv(5), 'still serving')
+        slow.settimeout(5)
+        frames = ServerFrames(slow, rest).until_close()
+        self.assertTrue(all(f == (True, OP.PONG, b'p' * 125) for f in frames[:-1]))
+        self.assertEqual(frames[-1][1], OP.CLOSE)
+        self.assertEqual(int.from_bytes(frames[-1][2][:2], 'big'), 1008)
+
+    def big_sender(self, sk, handler):
+        """A render route on /big whose handler reports to a queue; its raw slow peer."""
+        sk.render('/big')(handler)
+        slow, rest = slow_handshake(sk.port, '/big')
+        self.addCleanup(slow.close)
+        slow.sendall(ws_frame(OP.TEXT, b'go'))
+        return slow, rest
+
+    def test_send_waits_for_a_slow_peer_over_write_limit(self):
+        sk = self.start()                               # 64 KiB, low-water mark 16 KiB
+        reports = queue.Queue()
+        big = b'z' * 8000000                            # more than the kernel takes for it
+
+        def sender(ws, message):
+            reports.put(ws)
+            ws.send(big)
+            reports.put(('sent', ws.buffered))
+            ws.recv()
+        slow, rest = self.big_sender(sk, sender)
+        ws = reports.get(timeout=5)
+        self.assertTrue(wait_for(lambda: ws.buffered > 65536))
+        self.assertTrue(reports.empty())                # still in send()
+        frames = ServerFrames(slow, rest)
+        self.assertEqual(frames.next(), (True, OP.BINARY, big))
+        kind, left = reports.get(timeout=5)
+        self.assertLessEqual(left, 16384)
+
+    def test_one_message_over_the_hard_limit_is_no_reason_to_close(self):
+        sk = self.start(write_limit=16384, write_hard_limit=65536)
+        reports = queue.Queue()
+        big = b'h' * 8000000
+
+        def sender(ws, message):
+            reports.put(ws)
+            ws.send(big)                                # waits for the peer to take it
+            reports.put('sent')
+            ws.recv()
+        slow, rest = self.big_sender(sk, sender)
+        ws = reports.get(timeout=5)
+        self.assertTrue(wait_for(lambda: ws.buffered > 65536))
+        slow.sendall(ws_frame(OP.PING, b'are you there') * 20)     # pongs queue behind it
+        frames = ServerFrames(slow, rest)
+        self.assertEqual(frames.next(), (True, OP.BINARY, big))
+        self.assertEqual([frames.next() for _ in range(20)],
+                         [(True, OP.PONG, b'are you there')] * 20)
+        self.assertEqual(reports.get(timeout=5), 'sent')
+        self.assertFalse(ws.closed)
+
+    def drain_test(self, make_handler):
+        sk = self.start(write_limit=(16 * 2 ** 20, 65536), write_hard_limit=32 * 2 ** 20)
+        reports = queue.Queue()
+        slow, rest = self.big_sender(sk, make_handler(reports))
+        self.assertEqual(reports.get(timeout=10), 'timed out')     # it waits for the reader
+        frames = ServerFrames(slow, rest)
+        self.assertEqual(frames.next(), (True, OP.BINARY, b'd' * 8000000))
+        kind, left = reports.get(timeout=10)
+        self.assertEqual(kind, 'drained')
+        self.assertLessEqual(left, 65536)
+        self.assertEqual(frames.next(), (True, OP.TEXT, b'done'))
+
+    def test_drain_in_a_plain_handler(self):
+        def make_handler(reports):
+            def handler(ws, message):
+                ws.send(b'd' * 8000000)             # under write_limit: no wait here
+                try:
+                    ws.drain(timeout=0.2)
+                except mconnector.WebSocketTimeout:
+                    reports.put('timed out')
+                ws.drain()
+                reports.put(('drained', ws.buffered))
+                ws.send('done')
+                ws.recv()
+            return handler
+        self.drain_test(make_handler)
+
+    def test_drain_in_an_async_handler(self):
+        def make_handler(reports):
+            async def handler(ws, message):
+                await ws.send(b'd' * 8000000)
+                try:
+                    await ws.drain(timeout=0.2)
+                except mconnector.WebSocketTimeout:
+                    reports.put('timed out')
+                await ws.drain()
+                reports.put(('drained', ws.buffered))
+                await ws.send('done')
+                await ws.recv()
+            return handler
+        self.drain_test(make_handler)
+
+    def test_drain_raises_when_the_peer_leaves(self):
+        sk = self.start(write_limit=(16 * 2 ** 20, 0), write_hard_limit=32 * 2 ** 20)
+        reports = queue.Queue()
+
+        def handler(ws, message):
+            ws.send(b'd' * 8000000)
+            reports.put('sent')
+            try:
+                ws.drain()
+            except mconnector.ConnectionClosed as exc:
+                reports.put(exc.code)
+        slow, rest = self.big_sender(sk, handler)
+        self.assertEqual(reports.get(timeout=5), 'sent')
+        slow.close()
+        self.assertEqual(reports.get(timeout=5), 1006)
+
+    def test_an_async_router_waits_for_its_slow_peer_without_blocking_the_loop(self):
+        sk = self.start()
+
+        @sk.router('/big-async')
+        async def big(message):
+            return b'a' * 8000000                       # more than the kernel takes for it
+
+        @sk.router('/echo-async')
+        async def echo(message):
+            return message
+        slow, rest = slow_handshake(sk.port, '/big-async')
+        self.addCleanup(slow.close)
+        slow.sendall(ws_frame(OP.TEXT, b'go'))
+        self.on(sk, '/big-async', 1)
+        (ws,) = [ws for ws in list(sk.connections) if ws.path == '/big-async']
+        self.assertTrue(wait_for(lambda: ws.buffered > 65536))     # its answer waits
+        with mconnector.SocketClient('127.0.0.1:%d' % sk.port, '/echo-async') as c:
+            for n in range(3):                          # the asyncio loop serves on
+                c.send('ping %d' % n)
+                self.assertEqual(c.recv(5), 'ping %d' % n)
+        self.assertEqual(ServerFrames(slow, rest).next(), (True, OP.BINARY, b'a' * 8000000))
+
+    def test_limits_are_checked(self):
+        sk = mconnector.SocketServer('limits')
+        self.assertEqual((sk.write_limit, sk.write_hard_limit), (65536, 4 * 2 ** 20))
+        for bad, error in (('64k', TypeError), ((10, 20), ValueError), (-1, ValueError),
+                           (8 * 2 ** 20, ValueError)):      # (over the hard limit)
+            with self.assertRaises(error):
+                sk.write_limit = bad
+        with self.assertRaises(ValueError):
+            sk.write_hard_limit = 1000
+        sk.write_limit = (1000, 10)
+        sk.write_hard_limit = 1000
+        self.assertEqual((sk.write_limit, sk.write_hard_limit), ((1000, 10), 1000))
+        with self.assertRaises(ValueError):
+            mconnector.SocketServer('limits', write_limit=2 ** 20, write_hard_limit=2 ** 19)
+
+
 class WebSocketSignedHandshakeTest(unittest.TestCase):
     def test_server_with_a_secret_key_takes_signed_handshakes_only(self):
         sk = mconnector.SocketServer('signed', secretKey='k3y')
