@@ -11,13 +11,14 @@
   slow reader     1,000 connections, one of which reads nothing (a 4 KiB receive buffer)
                   and is behind already: the others' delivery time with that one left out
                   of the targets and with it among them (ms)
-  compression     left for permessage-deflate; not measured
+  deflate         the same with permessage-deflate negotiated: the clients offer it as
+                  browsers do.  Broadcast frames go uncompressed in mconnector (RFC 7692
+                  lets any message be), compressed for each connection in websockets
 
 Each scenario runs in a process of its own (the server), with the clients in another (raw
 sockets in one selector loop: they cost the server's process nothing).  When the
 `websockets` package can be imported (run this with a Python that has it), its asyncio
-server and broadcast() run the same scenarios (compression off, keep-alive pings off on
-both).  Figures are medians of the runs; only the ratios within one run mean much on a
+server and broadcast() run the same scenarios (keep-alive pings off on both).  Figures are medians of the runs; only the ratios within one run mean much on a
 shared machine.
 """
 
@@ -40,7 +41,8 @@ AMONG = 1000
 SIZE = 1000
 HANDSHAKE = (b'GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n'
              b'Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n'
-             b'Sec-WebSocket-Version: 13\r\n\r\n')
+             b'Sec-WebSocket-Version: 13\r\n%s\r\n')
+OFFER = b'Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n'
 
 
 def raise_fd_limit(wanted):
@@ -58,20 +60,20 @@ def rss():
 
 # -- the clients' process -----------------------------------------------------------------------
 
-def clients(port, count, slow):
+def clients(port, count, slow, compress):
     """Open `count` connections on /feed (and one on /slow that never reads), then report
     each time every /feed connection has one more whole message: 'got K TIME'."""
     raise_fd_limit(count + 100)
     socks = []
     for _ in range(count):
         s = socket.create_connection(('127.0.0.1', port))
-        s.sendall(HANDSHAKE % b'/feed')
+        s.sendall(HANDSHAKE % (b'/feed', OFFER if compress else b''))
         socks.append(s)
     if slow:
         lazy = socket.socket()
         lazy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         lazy.connect(('127.0.0.1', port))
-        lazy.sendall(HANDSHAKE % b'/slow')
+        lazy.sendall(HANDSHAKE % (b'/slow', OFFER if compress else b''))
     sel = selectors.DefaultSelector()
     state = {}
     for s in socks:
@@ -124,9 +126,10 @@ def clients(port, count, slow):
 
 
 class Clients:
-    def __init__(self, port, count, slow=False):
+    def __init__(self, port, count, slow=False, compress=False):
         self.proc = subprocess.Popen([sys.executable, __file__, '--clients', str(port),
-                                      str(count), '1' if slow else '0'],
+                                      str(count), '1' if slow else '0',
+                                      '1' if compress else '0'],
                                      stdout=subprocess.PIPE, text=True)
         self.expect('ready')
         self.expect('open')
@@ -155,9 +158,12 @@ class Clients:
 class Mconnector:
     name = 'mconnector'
 
-    def __init__(self):
+    def __init__(self, compress):
+        import logging
         import mconnector
-        self.sk = mconnector.SocketServer('bench', ping_interval=None)
+        logging.getLogger('mconnector').setLevel(logging.WARNING)   # no lines in the table
+        self.sk = mconnector.SocketServer('bench', ping_interval=None,
+                                          compression='deflate' if compress else None)
         self.sk.router('/feed')(lambda message: None)
         self.sk.router('/slow')(lambda message: None)
         self.sk.run(port=0)
@@ -187,7 +193,7 @@ class Mconnector:
 
 
 class Websockets:
-    def __init__(self):
+    def __init__(self, compress):
         import asyncio
         import websockets
         from websockets.asyncio.server import broadcast, serve
@@ -207,8 +213,8 @@ class Websockets:
         async def main():
             self.loop = asyncio.get_running_loop()
             self.stopping = self.loop.create_future()
-            async with serve(handler, '127.0.0.1', 0, ping_interval=None, compression=None,
-                             backlog=4096) as server:
+            async with serve(handler, '127.0.0.1', 0, ping_interval=None, backlog=4096,
+                             compression='deflate' if compress else None) as server:
                 self.port = server.sockets[0].getsockname()[1]
                 ready.set()
                 await self.stopping
@@ -247,16 +253,16 @@ def wait_for(predicate, timeout=60):
         time.sleep(0.01)
 
 
-def scenario(kind, runs):
+def scenario(kind, runs, compress):
     """In a process of its own: the figures of one server, as JSON on stdout."""
     import gc
     raise_fd_limit(IDLE + AMONG + 200)
-    server = Mconnector() if kind == 'mconnector' else Websockets()
+    server = (Mconnector if kind == 'mconnector' else Websockets)(compress)
     message = 'm' * SIZE
     # Idle connections, and one message to all of them.
     gc.collect()
     before = rss()
-    crowd = Clients(server.port, IDLE)
+    crowd = Clients(server.port, IDLE, compress=compress)
     wait_for(lambda: server.count('/feed') == IDLE)
     gc.collect()
     idle = rss()
@@ -270,7 +276,7 @@ def scenario(kind, runs):
     crowd.close()
     wait_for(lambda: server.count() == 0)
     # A slow reader among AMONG connections.
-    few = Clients(server.port, AMONG - 1, slow=True)
+    few = Clients(server.port, AMONG - 1, slow=True, compress=compress)
     wait_for(lambda: server.count('/feed') == AMONG - 1 and server.count('/slow') == 1)
     behind = server.fill_slow()
     without, among = [], []
@@ -282,7 +288,7 @@ def scenario(kind, runs):
     few.close()
     server.stop()
     print(json.dumps({
-        'name': server.name,
+        'name': server.name + (' deflate' if compress else ''),
         'idle_kib': (idle - before) / IDLE / 1024,
         'call_ms': statistics.median(calls) * 1e3,
         'all_ms': statistics.median(deliveries) * 1e3,
@@ -306,10 +312,11 @@ def main():
     except ImportError:
         print('(websockets is not installed here: its column is skipped)')
     results = []
-    for kind in kinds:
-        out = subprocess.run([sys.executable, __file__, '--scenario', kind, str(runs)],
-                             stdout=subprocess.PIPE, text=True, check=True).stdout
-        results.append(json.loads(out.strip().splitlines()[-1]))
+    for compress in ('0', '1'):
+        for kind in kinds:
+            out = subprocess.run([sys.executable, __file__, '--scenario', kind, str(runs),
+                                  compress], stdout=subprocess.PIPE, text=True, check=True).stdout
+            results.append(json.loads(out.strip().splitlines()[-1]))
     rows = [
         ('idle memory per connection, KiB', 'idle_kib', '%.1f'),
         ('broadcast 1 KB to 5,000: call, ms', 'call_ms', '%.1f'),
@@ -320,17 +327,17 @@ def main():
     ]
     width = max(len(r[0]) for r in rows) + 2
     print('Python %s, %d runs each (medians)' % (sys.version.split()[0], runs))
-    print(' ' * width + ''.join('%18s' % r['name'] for r in results)
-          + '%18s' % 'with compression')
+    print(' ' * width + ''.join('%18s' % r['name'].split(' ')[0] for r in results))
+    print(' ' * width + ''.join('%18s' % ('deflate' if r['name'].endswith('deflate') else
+                                          'no compression') for r in results))
     for label, key, fmt in rows:
-        print(label.ljust(width) + ''.join('%18s' % (fmt % r[key]) for r in results)
-              + '%18s' % '-')
+        print(label.ljust(width) + ''.join('%18s' % (fmt % r[key]) for r in results))
 
 
 if __name__ == '__main__':
     if sys.argv[1:2] == ['--clients']:
-        clients(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == '1')
+        clients(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == '1', sys.argv[5] == '1')
     elif sys.argv[1:2] == ['--scenario']:
-        scenario(sys.argv[2], int(sys.argv[3]))
+        scenario(sys.argv[2], int(sys.argv[3]), sys.argv[4] == '1')
     else:
         main()
