@@ -5484,9 +5484,11 @@ X6Km1eOYFTx1BUydK3liFw/iBDuJ8g/YsKWK+p4BPAlTPfDp1abkKDoy
 """
 
 
-def raw_handshake(port, path='/echo', extra=b''):
-    """Open a raw socket and do the opening handshake by hand; return (sock, rest of bytes)."""
-    sock = socket.create_connection(('127.0.0.1', port), timeout=5)
+def raw_handshake(port, path='/echo', extra=b'', sock=None):
+    """Open a raw socket (or take `sock`, connected) and do the opening handshake by hand;
+    return (sock, head, rest of bytes)."""
+    if sock is None:
+        sock = socket.create_connection(('127.0.0.1', port), timeout=5)
     sock.sendall(b'GET ' + path.encode() + b' HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n'
                  b'Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n'
                  b'Sec-WebSocket-Version: 13\r\n' + extra + b'\r\n')
@@ -5839,16 +5841,7 @@ def slow_handshake(port, path='/echo'):
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.settimeout(5)
     sock.connect(('127.0.0.1', port))
-    sock.sendall(b'GET ' + path.encode() + b' HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n'
-                 b'Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n'
-                 b'Sec-WebSocket-Version: 13\r\n\r\n')
-    data = b''
-    while b'\r\n\r\n' not in data:
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    head, _, rest = data.partition(b'\r\n\r\n')
+    sock, head, rest = raw_handshake(port, path, sock=sock)
     assert head.startswith(b'HTTP/1.1 101'), head
     return sock, rest
 
