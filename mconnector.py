@@ -2012,8 +2012,9 @@ _WS_DEFLATE_TAIL = b'\x00\x00\xff\xff'   # RFC 7692 7.2.1: the end of a sync flu
 
 def _ws_max_frames(max_size):
     """The default limit on the frames of one message: one per 64 bytes of max_size (the
-    smallest fragments Autobahn sends), and never under 1024."""
-    return max(1024, max_size // 64)
+    smallest fragments Autobahn sends), and never under 1024; none when max_size is None
+    (no limit: a message may be as long as the peer makes it)."""
+    return None if max_size is None else max(1024, max_size // 64)
 
 
 class WebSocketError(MConnectorError):
@@ -2390,11 +2391,13 @@ class WebSocketProtocol:
         if length >> 63:
             raise WebSocketProtocolError('frame length with its most significant bit set')
         if opcode < 8:
-            if length > self.max_frame_size:
+            # None for any of the three limits is no limit.
+            if self.max_frame_size is not None and length > self.max_frame_size:
                 raise PayloadTooBig(length, self.max_frame_size, 'frame')
-            if self._frag_size + length > self.max_size:
+            if self.max_size is not None and self._frag_size + length > self.max_size:
                 raise PayloadTooBig(self._frag_size + length, self.max_size)
-            if opcode == Opcode.CONTINUATION and self._frag_frames >= self.max_frames:
+            if opcode == Opcode.CONTINUATION and self.max_frames is not None and \
+                    self._frag_frames >= self.max_frames:
                 raise PayloadTooBig(self._frag_frames + 1, self.max_frames, 'frames')
 
     def _frame(self, opcode, fin, payload):
@@ -4469,7 +4472,8 @@ class SocketServer:
     Options: `subprotocols` (the server's preference order), `origins` (allowed Origin values;
     others get 403; None allows all), `max_size` (largest message, 1 MiB; larger: close 1009),
     `max_frame_size` (default: max_size), `max_frames` (frames of one message, empty ones
-    included: one per 64 bytes of max_size, at least 1024), `handshake_timeout` (10 s),
+    included: one per 64 bytes of max_size, at least 1024; None for any of these three: no
+    limit), `handshake_timeout` (10 s),
     `ping_interval` and `ping_timeout` (20 s each; None turns keep-alive off),
     `close_timeout` (10 s), `compression` ('deflate', the default: accept a client's
     permessage-deflate offer, RFC 7692; None: decline every extension), `nonce_store`
