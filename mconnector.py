@@ -1998,6 +1998,7 @@ _WS_CLOSE_TIMEOUT = 10.0        # seconds to wait for the peer's side of the clo
 _WS_PING_INTERVAL = 20.0        # keep-alive: a ping every 20 s, as the websockets package does ...
 _WS_PING_TIMEOUT = 20.0         # ... and a peer that has not answered it 20 s later is dropped
 _WS_RECV_SIZE = 262144          # one recv_into() takes up to 256 KiB
+_WS_PART = 16384                # a frame arriving in pieces is taken in pieces of 16 KiB or more
 _WS_WRITE_TIMEOUT = 60.0        # a peer that takes no byte for a minute is gone
 # permessage-deflate: LZ77 windows of 4 KiB and zlib's memLevel 5, the websockets package's
 # defaults.  zlib's compressor takes (1 << (windowBits + 2)) + (1 << (memLevel + 9)) bytes
@@ -2199,6 +2200,36 @@ def _ws_close_payload(code, reason=''):
     return int(code).to_bytes(2, 'big') + data
 
 
+class _WsPartialFrame:
+    """A frame whose header has been read and whose payload is still arriving: the pieces
+    received so far (unmasked), and what is left of it."""
+
+    __slots__ = ('first', 'left', 'key', 'parts')
+
+    def __init__(self, first, length, key):
+        self.first = first              # the header's first byte: FIN, RSV1, opcode
+        self.left = length
+        self.key = key                  # the mask key turned to the next piece's offset
+        self.parts = []
+
+    def take(self, buf, pos, n):
+        """Take the next `n` bytes of the payload from buf[pos:]."""
+        with memoryview(buf) as view:
+            key = self.key
+            if key is None:
+                self.parts.append(bytes(view[pos:pos + n]))
+            else:
+                self.parts.append(_ws_mask(view[pos:pos + n], key))
+                turn = n & 3
+                if turn:
+                    self.key = key[turn:] + key[:turn]
+        self.left -= n
+
+    def payload(self):
+        parts, self.parts = self.parts, []
+        return parts[0] if len(parts) == 1 else b''.join(parts)
+
+
 class WebSocketProtocol:
     """The state machine of one websocket connection, on bytes only (no socket, no thread).
 
@@ -2247,6 +2278,7 @@ class WebSocketProtocol:
         self.close_sent = None          # (code, reason) of ours
         self._buf = bytearray()
         self._need = 2                  # bytes the next parse step needs in _buf
+        self._partial = None            # the _WsPartialFrame whose payload is arriving
         self._eof = False
         self._events = []
         self._out = []
@@ -2284,6 +2316,7 @@ class WebSocketProtocol:
                 self._receive()
             if self._eof and self.state is not WebSocketState.CLOSED and len(self._buf) < self._need:
                 self._frag_parts = []
+                self._partial = None
                 self.state = WebSocketState.CLOSED
                 self._events.append((Opcode.CLOSE, (CloseCode.ABNORMAL, '')))
         events = self._events
@@ -2309,44 +2342,70 @@ class WebSocketProtocol:
         pos = 0
         client = self.client
         while self.state is not WebSocketState.CLOSED:
-            if end - pos < 2:
-                self._need = 2
-                break
-            first = buf[pos]
-            second = buf[pos + 1]
-            length = second & 0x7F
-            head = 2
-            if length == 126:
-                head = 4
-                if end - pos < 4:
-                    self._need = 4
+            frame = self._partial
+            if frame is not None:
+                # The rest of a frame whose header came earlier: what has arrived of its
+                # payload is taken now, unmasked, in pieces of at least _WS_PART bytes.
+                take = frame.left if frame.left < end - pos else end - pos
+                if take < frame.left and take < _WS_PART:
+                    self._need = min(frame.left, _WS_PART)
                     break
-                length = int.from_bytes(buf[pos + 2:pos + 4], 'big')
-            elif length == 127:
-                head = 10
-                if end - pos < 10:
-                    self._need = 10
+                frame.take(buf, pos, take)
+                pos += take
+                if frame.left:
+                    continue
+                self._partial = None
+                first = frame.first
+                opcode = first & 0x0F
+                fin = first & 0x80
+                payload = frame.payload()
+            else:
+                if end - pos < 2:
+                    self._need = 2
                     break
-                length = int.from_bytes(buf[pos + 2:pos + 10], 'big')
-            masked = second & 0x80
-            if masked:
-                head += 4
-            # Everything about the header is checked now, before waiting for its payload: a
-            # 2**63-byte length or a bad opcode is refused at once, not after a stall.
-            opcode = first & 0x0F
-            fin = first & 0x80
-            self._check_header(first, opcode, fin, masked, client, length)
-            total = head + length
-            if end - pos < total:
-                self._need = total
-                break
-            # Through a memoryview, the payload is copied once, not sliced and then copied.
-            with memoryview(buf) as view:
+                first = buf[pos]
+                second = buf[pos + 1]
+                length = second & 0x7F
+                head = 2
+                if length == 126:
+                    head = 4
+                    if end - pos < 4:
+                        self._need = 4
+                        break
+                    length = int.from_bytes(buf[pos + 2:pos + 4], 'big')
+                elif length == 127:
+                    head = 10
+                    if end - pos < 10:
+                        self._need = 10
+                        break
+                    length = int.from_bytes(buf[pos + 2:pos + 10], 'big')
+                masked = second & 0x80
                 if masked:
-                    payload = _ws_mask(view[pos + head:pos + total], buf[pos + head - 4:pos + head])
-                else:
-                    payload = bytes(view[pos + head:pos + total])
-            pos += total
+                    head += 4
+                # Everything about the header is checked now, before waiting for its payload:
+                # a 2**63-byte length or a bad opcode is refused at once, not after a stall.
+                opcode = first & 0x0F
+                fin = first & 0x80
+                self._check_header(first, opcode, fin, masked, client, length)
+                total = head + length
+                if end - pos < total:
+                    if end - pos < head:
+                        self._need = head
+                        break
+                    # A frame that did not come whole is taken as it arrives, not held in
+                    # the buffer until its last byte: the buffer stays small, and the
+                    # payload is unmasked in pieces that are still in the CPU's caches.
+                    self._partial = _WsPartialFrame(
+                        first, length, bytes(buf[pos + head - 4:pos + head]) if masked else None)
+                    pos += head
+                    continue
+                # Through a memoryview, the payload is copied once, not sliced and then copied.
+                with memoryview(buf) as view:
+                    if masked:
+                        payload = _ws_mask(view[pos + head:pos + total], buf[pos + head - 4:pos + head])
+                    else:
+                        payload = bytes(view[pos + head:pos + total])
+                pos += total
             if first & 0x40 or self._frag_compressed and not opcode:
                 payload = self._inflate(payload, opcode, fin)
             self._frame(opcode, fin, payload)
@@ -2576,6 +2635,7 @@ class WebSocketProtocol:
             self.close_sent = (code, data)
         self.state = WebSocketState.CLOSED
         self._buf = bytearray()
+        self._partial = None
         self._frag_parts = []
         self._events.append((Opcode.CLOSE, (code, reason)))
 

@@ -4944,6 +4944,29 @@ class RFC6455Section5_2BaseFramingTest(WsServerSide):
         self.feed(p, ws_frame(OP.TEXT, b'x' * 10, fin=False), ws_frame(OP.CONTINUATION, b'x' * 11))
         self.assertClosedWith(p, 1009)
 
+    def test_large_frames_in_pieces_of_any_size(self):
+        rng = random.Random(5)
+        big = os.urandom(200003)
+        text = 'é€x' * 30001
+        for client in (False, True):
+            mask = None if client else b'\x11\x22\x33\x44'
+            data = (ws_frame(OP.BINARY, big, mask=mask) + ws_frame(OP.PING, b'p', mask=mask)
+                    + ws_frame(OP.TEXT, text.encode()[:70001], fin=False, mask=mask)
+                    + ws_frame(OP.CONTINUATION, text.encode()[70001:], mask=mask))
+            for sizes in ((1, 7), (1000, 70000), (65536, 65536)):
+                p = mconnector.WebSocketProtocol(client=client)
+                events, pos = [], 0
+                while pos < len(data):
+                    n = rng.randint(*sizes)
+                    p.receive_data(data[pos:pos + n])
+                    pos += n
+                    events += all_events(p)
+                self.assertEqual(events, [(OP.BINARY, big), (OP.PING, b'p'), (OP.TEXT, text)])
+            p = mconnector.WebSocketProtocol(client=client)
+            p.receive_data(data[:150000])
+            p.receive_data(b'')                         # the stream ends inside a frame
+            self.assertEqual(all_events(p), [(OP.CLOSE, (1006, ''))])
+
     def test_max_size_none_is_no_limit(self):
         big = os.urandom(2 ** 20 + 1000)                # over the 1 MiB default
         for client in (False, True):
