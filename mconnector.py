@@ -2146,6 +2146,7 @@ def _ws_close_code_ok(code):
 
 
 _WS_XOR_TABLES = [None] * 256     # byte -> byte ^ k, one table per key byte, built on demand
+_WS_MASK_PIECE = 65536            # large payloads are masked this much at a time (a multiple of 4)
 
 
 def _ws_mask(data, key):
@@ -2153,14 +2154,21 @@ def _ws_mask(data, key):
 
     Never a Python loop per byte.  Up to 4 KiB the payload is one big integer XORed with the
     key repeated (one XOR in C).  Above that, bytes.translate() with an XOR table maps each
-    of the four interleaved byte lanes: measured here 2 to 2.5 times faster than the big
-    integer from 16 KiB to 16 MiB, as it allocates less (1 MB: 1.5 ms against 3.4 ms)."""
+    of the four interleaved byte lanes: fewer instructions than the big integer on every
+    Python from 3.8 to 3.13, as it allocates less.  A large payload goes through in pieces
+    of _WS_MASK_PIECE bytes, each masked while it is still in the CPU's caches."""
     n = len(data)
     if n <= 4096:
         if not n:
             return b''
         keys = bytes(key) * (n // 4) + bytes(key[:n % 4])
         return (int.from_bytes(data, 'little') ^ int.from_bytes(keys, 'little')).to_bytes(n, 'little')
+    if n <= _WS_MASK_PIECE:
+        return bytes(_ws_mask_lanes(data, key))
+    return b''.join(_ws_mask_pieces(data, key))
+
+
+def _ws_mask_lanes(data, key):
     out = bytearray(data)
     for lane in range(4):
         k = key[lane]
@@ -2168,7 +2176,14 @@ def _ws_mask(data, key):
         if table is None:
             table = _WS_XOR_TABLES[k] = bytes(b ^ k for b in range(256))
         out[lane::4] = out[lane::4].translate(table)
-    return bytes(out)
+    return out
+
+
+def _ws_mask_pieces(data, key):
+    """`data` masked, as a list of bytes-like pieces to be joined (no copy of the whole)."""
+    with memoryview(data) as view:
+        return [_ws_mask_lanes(view[i:i + _WS_MASK_PIECE], key)
+                for i in range(0, len(data), _WS_MASK_PIECE)]
 
 
 def _ws_frame(opcode, payload=b'', fin=True, mask_key=None, rsv1=False):
@@ -2185,6 +2200,9 @@ def _ws_frame(opcode, payload=b'', fin=True, mask_key=None, rsv1=False):
     else:
         head = bytes((first, mask_bit | 127)) + n.to_bytes(8, 'big')
     if mask_key is not None:
+        if n > _WS_MASK_PIECE:
+            # Joined with the header at once: the payload is copied once, not twice.
+            return b''.join([head, mask_key] + _ws_mask_pieces(payload, mask_key))
         return head + mask_key + _ws_mask(payload, mask_key)
     return head + payload
 
