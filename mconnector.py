@@ -2237,7 +2237,8 @@ class _WsPartialFrame:
             if key is None:
                 self.parts.append(bytes(view[pos:pos + n]))
             else:
-                self.parts.append(_ws_mask(view[pos:pos + n], key))
+                # Pieces as they come out of the mask: payload() copies them once, joined.
+                self.parts += _ws_mask_pieces(view[pos:pos + n], key)
                 turn = n & 3
                 if turn:
                     self.key = key[turn:] + key[:turn]
@@ -2245,7 +2246,7 @@ class _WsPartialFrame:
 
     def payload(self):
         parts, self.parts = self.parts, []
-        return parts[0] if len(parts) == 1 else b''.join(parts)
+        return bytes(parts[0]) if len(parts) == 1 else b''.join(parts)
 
 
 class WebSocketProtocol:
