@@ -4944,6 +4944,42 @@ class RFC6455Section5_2BaseFramingTest(WsServerSide):
         self.feed(p, ws_frame(OP.TEXT, b'x' * 10, fin=False), ws_frame(OP.CONTINUATION, b'x' * 11))
         self.assertClosedWith(p, 1009)
 
+    def test_large_frames_in_pieces_of_any_size(self):
+        rng = random.Random(5)
+        big = os.urandom(200003)
+        text = 'é€x' * 30001
+        for client in (False, True):
+            mask = None if client else b'\x11\x22\x33\x44'
+            data = (ws_frame(OP.BINARY, big, mask=mask) + ws_frame(OP.PING, b'p', mask=mask)
+                    + ws_frame(OP.TEXT, text.encode()[:70001], fin=False, mask=mask)
+                    + ws_frame(OP.CONTINUATION, text.encode()[70001:], mask=mask))
+            for sizes in ((1, 7), (1000, 70000), (65536, 65536)):
+                p = mconnector.WebSocketProtocol(client=client)
+                events, pos = [], 0
+                while pos < len(data):
+                    n = rng.randint(*sizes)
+                    p.receive_data(data[pos:pos + n])
+                    pos += n
+                    events += all_events(p)
+                self.assertEqual(events, [(OP.BINARY, big), (OP.PING, b'p'), (OP.TEXT, text)])
+            p = mconnector.WebSocketProtocol(client=client)
+            p.receive_data(data[:150000])
+            p.receive_data(b'')                         # the stream ends inside a frame
+            self.assertEqual(all_events(p), [(OP.CLOSE, (1006, ''))])
+
+    def test_max_size_none_is_no_limit(self):
+        big = os.urandom(2 ** 20 + 1000)                # over the 1 MiB default
+        for client in (False, True):
+            mask = None if client else b'\x11\x22\x33\x44'
+            p = mconnector.WebSocketProtocol(client=client, max_size=None)
+            # a frame over the default max_frame_size, and more frames than the default count
+            empty = ws_frame(OP.CONTINUATION, b'', fin=False, mask=mask)
+            p.receive_data(ws_frame(OP.BINARY, big[:1000], fin=False, mask=mask) + empty * 2000
+                           + ws_frame(OP.CONTINUATION, big[1000:], mask=mask))
+            self.assertEqual(all_events(p), [(OP.BINARY, big)])
+            self.assertEqual(p.data_to_send(), b'')
+            self.assertEqual(p.state, mconnector.WebSocketState.OPEN)
+
     def test_only_documented_exceptions_escape_random_bytes(self):
         rng = random.Random(6455)
         for i in range(300):
@@ -5738,6 +5774,15 @@ class WebSocketLimitsTest(unittest.TestCase):
         with mconnector.SocketClient('127.0.0.1:%d' % sk.port, '/echo') as ws:
             ws.send('still serving')
             self.assertEqual(ws.recv(), 'still serving')
+
+    def test_max_size_none_serves_messages_over_the_default_limit(self):
+        sk = self.start(max_size=None)
+        big = os.urandom(3 * 2 ** 20)
+        with mconnector.SocketClient('127.0.0.1:%d' % sk.port, '/echo', max_size=None) as ws:
+            ws.send(big)
+            self.assertEqual(ws.recv(10), big)
+            ws.send('x' * (2 ** 20 + 1))
+            self.assertEqual(ws.recv(10), 'x' * (2 ** 20 + 1))
 
     def test_endless_empty_continuations_are_closed_1009(self):
         sk = self.start()

@@ -21,6 +21,7 @@ client against the other server, which tells which side limits a figure; otherwi
 rows are skipped.  Each figure is the best of three rounds.
 """
 
+import logging
 import os
 import subprocess
 import sys
@@ -31,6 +32,8 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 sys.path.insert(0, ROOT)
 
 import mconnector  # noqa: E402
+
+logging.getLogger('mconnector').setLevel(logging.WARNING)   # no INFO lines in the table
 
 MB = 1000000
 
@@ -50,7 +53,8 @@ exec(HANDLE)
 
 SERVERS = {
     'mconnector': HANDLE + r'''
-import sys, mconnector
+import logging, sys, mconnector
+logging.getLogger('mconnector').setLevel(logging.WARNING)   # no INFO lines in the table
 sk = mconnector.SocketServer('bench', max_size=2000000, compression=None)
 sk.add_route('/echo', handle)
 sk.run(port=0)
