@@ -9598,6 +9598,24 @@ def _check_supervised(options, services, sockets, workers):
                          % options.target)
 
 
+def _sweep_metrics_folders():
+    """Remove the metrics folders of supervisors that are gone: one killed (SIGKILL, or
+    with its workers' whole process group) cannot remove its own.  The folder's name
+    carries its supervisor's pid."""
+    import shutil
+    import tempfile
+    root = tempfile.gettempdir()
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    for name in names:
+        pid = name[len('mconnector-metrics-'):].partition('-')[0]
+        if name.startswith('mconnector-metrics-') and pid.isdigit() and \
+                not _process_alive(int(pid)):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
 def _serve_workers(options, host, port, grace, tls):
     """Bind (or reserve) the port, keep options.workers workers serving it, and replace
     those that die; returns the exit status (1 when the workers cannot start)."""
@@ -9619,7 +9637,9 @@ def _serve_workers(options, host, port, grace, tls):
                                    + listen)
     import shutil
     import tempfile
-    env[_METRICS_DIR_ENV] = metrics = tempfile.mkdtemp(prefix='mconnector-metrics-')
+    _sweep_metrics_folders()
+    env[_METRICS_DIR_ENV] = metrics = tempfile.mkdtemp(
+        prefix='mconnector-metrics-%d-' % os.getpid())
     quick_deaths = 0
     try:
         with _Supervisor(options.target, grace) as supervisor, sock:

@@ -7374,6 +7374,28 @@ class SupervisionTest(unittest.TestCase):
         statuses = [status_of(raw_request(port, request)) for _ in range(20)]
         self.assertEqual(sorted(statuses), [200] + [401] * 19, serve.output())
 
+    def test_the_metrics_folder_of_a_killed_supervisor_is_removed_by_the_next(self):
+        import signal
+        self.app = self.write_app(PID_APP)
+        tmp = os.path.join(self.folder, 'tmp')
+        os.mkdir(tmp)
+        env = {'TMPDIR': tmp}
+        killed = self.serve('--workers', '1', env=env)
+        url = killed.url()
+        self.assertTrue(wait_for(lambda: try_call(url, '/pid'), 10))  # the folder is there
+        first = os.listdir(tmp)
+        self.assertEqual([name.split('-')[2] for name in first], [str(killed.proc.pid)],
+                         killed.output())
+        killed.kill()                   # the whole group at once: nothing cleans up
+        self.assertEqual(os.listdir(tmp), first)
+        serve = self.serve('--workers', '1', env=env)
+        url = serve.url()
+        self.assertTrue(wait_for(lambda: try_call(url, '/pid'), 10))
+        self.assertEqual([name.split('-')[2] for name in os.listdir(tmp)],
+                         [str(serve.proc.pid)])
+        serve.terminate()
+        self.assertEqual(os.listdir(tmp), [])
+
     def test_workers_share_the_port_and_dead_ones_are_replaced(self):
         import signal
         self.app = self.write_app(PID_APP)
