@@ -1133,8 +1133,10 @@ def parse_header_line(line: bytes, headers: Headers) -> None:
 _BLANK_LINE = re.compile(rb'\n\r?\n')
 _FIELD_NAME = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}"
 _FIELD_VALUE = rb'[^\r\n\x00]{0,%d}' % MAX_LINE
-_FIELD_BLOCK = re.compile(rb'(?:%s:%s\r\n)*\r\n' % (_FIELD_NAME, _FIELD_VALUE))
-_FIELD = re.compile(rb'(%s):[ \t]*(%s?)[ \t]*\r\n' % (_FIELD_NAME, _FIELD_VALUE))
+# Both run on the block decoded once as Latin-1 (each byte one character, so the classes
+# and the lengths are those of the bytes): the fields come out as the str they are kept as.
+_FIELD_BLOCK = re.compile((rb'(?:%s:%s\r\n)*\r\n' % (_FIELD_NAME, _FIELD_VALUE)).decode('latin-1'))
+_FIELD = re.compile((rb'(%s):[ \t]*(%s?)[ \t]*\r\n' % (_FIELD_NAME, _FIELD_VALUE)).decode('latin-1'))
 _STATUS_LINE = re.compile(rb'HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?\r?\n')
 _CHUNK_SIZE = re.compile(rb'([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]{0,%d})?\r\n' % _MAX_CHUNK_LINE)
 _DIGITS = re.compile(r'[0-9]{1,18}\Z')
@@ -1152,13 +1154,17 @@ def parse_header_block(block: bytes) -> Headers:
     than MAX_HEADERS lines or one over MAX_LINE bytes, 400 for anything malformed."""
     if block.count(b'\n') > MAX_HEADERS + 1:
         raise HTTPError(431, 'more than %d header lines' % MAX_HEADERS)
-    if _FIELD_BLOCK.fullmatch(block):
-        headers = {}
-        for name, value in _FIELD.findall(block):
-            key = name.lower().decode('ascii')
-            text = value.decode('latin-1')
+    text = block.decode('latin-1')
+    if _FIELD_BLOCK.fullmatch(text):
+        fields = _FIELD.findall(text)
+        headers = {name.lower(): value for name, value in fields}
+        if len(headers) == len(fields):
+            return headers
+        headers = {}                    # a repeated field: its values joined, in order
+        for name, value in fields:
+            key = name.lower()
             old = headers.get(key)
-            headers[key] = text if old is None else old + ', ' + text
+            headers[key] = value if old is None else old + ', ' + value
         return headers
     headers = {}
     lines = block.split(b'\n')
@@ -1441,7 +1447,8 @@ class HTTPConnection:
         state = self._state
         if state is _BODY:
             body = self._body
-            data = body.read(self._buf, self._eof)
+            # (a body read whole, as a small one is with its head, has nothing left to read)
+            data = body.read(self._buf, self._eof) if not body.done else None
             if data:
                 return data
             if body.done:
@@ -1519,7 +1526,8 @@ class HTTPConnection:
         if host is not None and not _HOST.match(host):
             raise HTTPError(400, 'more than one Host header' if ',' in host else
                             'malformed Host header %r' % host[:60])
-        connection = _list_tokens(headers.get('connection', ''))
+        connection = headers.get('connection')
+        connection = _list_tokens(connection) if connection else ()
         self.keep_alive = 'close' not in connection if version >= (1, 1) \
             else 'keep-alive' in connection
         self.head = head = RequestHead(method, target, version, headers)
@@ -1539,8 +1547,9 @@ class HTTPConnection:
         if 100 <= status < 200 and status != 101:
             return self._next_head()        # an interim answer: the real one follows
         self.head = head = ResponseHead(status, reason, version, headers)
+        connection = headers.get('connection')
         self.keep_alive = self.keep_alive and version >= (1, 1) and \
-            'close' not in _list_tokens(headers.get('connection', ''))
+            not (connection and 'close' in _list_tokens(connection))
         if status == 101:
             self._state = _SWITCHED
             return head
