@@ -1474,6 +1474,8 @@ class HTTPConnection:
 
     def _next_head(self):
         buf = self._buf
+        if not buf and not self._eof:       # (a client asks before the reply has come)
+            return NEED_DATA
         if not self.client:
             while buf[:2] == b'\r\n' or buf[:1] == b'\n':   # RFC 9112 2.2: ignored
                 del buf[:2 if buf[:1] == b'\r' else 1]
@@ -1632,12 +1634,12 @@ class HTTPConnection:
         elif streamed:
             self._streaming = 'none'
         keep_alive = self.keep_alive
-        headers = list(headers)
+        ours = b''                                  # our lines, after the caller's
         if keep_alive:
             if self.keep_alive_timeout is not None:
-                headers.append(('Keep-Alive', 'timeout=%d' % self.keep_alive_timeout))
+                ours = b'Keep-Alive: timeout=%d\r\n' % self.keep_alive_timeout
             if version < (1, 1):
-                headers.append(('Connection', 'keep-alive'))
+                ours += b'Connection: keep-alive\r\n'
         if status == 204 or status < 200:
             length = None                           # RFC 9110 8.6: no Content-Length
         elif streamed:
@@ -1647,7 +1649,7 @@ class HTTPConnection:
         # (a HEAD answer says how the body would have come: chunked, as to a GET)
         chunked = self._streaming == 'chunked' or \
             streamed and not bodiless and version >= (1, 1)
-        data = _head_bytes(status, headers, length, keep_alive, chunked)
+        data = _head_bytes(status, headers, length, keep_alive, chunked, ours)
         if streamed:
             return data
         self._finish_ours()
@@ -1695,7 +1697,7 @@ def _http_date():
 _STATUS_LINES = {}          # status -> its status line and our Server line, for the known ones
 
 
-def _head_bytes(status, headers, length, keep_alive, chunked):
+def _head_bytes(status, headers, length, keep_alive, chunked, ours=b''):
     start = _STATUS_LINES.get(status)
     if start is None:
         start = b'HTTP/1.1 %d %s\r\nServer: mconnector/%s\r\n' % (
@@ -1706,6 +1708,7 @@ def _head_bytes(status, headers, length, keep_alive, chunked):
     lines = [start, b'Date: %s\r\n' % _http_date()]
     for name, value in headers:
         lines.append(b'%s: %s\r\n' % (name.encode('ascii'), value.encode('latin-1')))
+    lines.append(ours)
     if chunked:
         lines.append(b'Transfer-Encoding: chunked\r\n')
     elif length is not None:
@@ -3929,9 +3932,9 @@ class Microservice:
                                 'say so in Sec-Fetch-Site: Microservice(cors=...) lets '
                                 'origins in)' % endpoint.rule)
             # (an empty POST too: a page can send one without a preflight)
-            if (body or method not in ('GET', 'HEAD')) and \
-                    not _is_json(headers.get('content-type')):
-                given = headers.get('content-type')
+            given = headers.get('content-type')
+            if (body or method not in ('GET', 'HEAD')) and given != 'application/json' \
+                    and not _is_json(given):
                 raise HTTPError(415, 'a call to %s takes an application/json body '
                                 '(Content-Type: application/json), not %s'
                                 % (endpoint.rule, given[:100] if given else 'no Content-Type'))
@@ -4900,6 +4903,10 @@ _SENDER_HEADERS = (('Content-Type', 'application/json'), ('X-MConnector', __vers
 _TIMEOUT_HEADER = 'X-MC-Timeout'
 
 
+_NO_SETTINGS = {}               # (read only) the settings of a rule that has none
+_reply_decoder = json.JSONDecoder()     # json.loads() of a str, without its checks of type
+
+
 class _Reply:
     """The last raw answer a Friend got: status, headers (lower-case names), body."""
 
@@ -5107,10 +5114,10 @@ class Friend:
     last_reply = _alias('lastreply')
 
     def _method(self, rule):
-        return self._rules.get(rule, {}).get('method', 'POST')
+        return self._rules.get(rule, _NO_SETTINGS).get('method', 'POST')
 
     def _token(self, rule):
-        return self._rules.get(rule, {}).get('token', self._default_token)
+        return self._rules.get(rule, _NO_SETTINGS).get('token', self._default_token)
 
     # -- calls ------------------------------------------------------------------------------
 
@@ -5123,10 +5130,15 @@ class Friend:
         """What _call() takes for send(rule, *args, **kwargs)."""
         rule = _rule_path(rule)
         notes = []
-        try:
-            wire_args, wire_kwargs = to_wire([list(args), kwargs], notes)
-        except _NoWireForm as exc:
-            raise CodecError(exc.at('kwargs' if exc.path[0] else 'args', 1)) from None
+        if _PLAIN_TYPES.issuperset(map(type, args)) and \
+                _PLAIN_TYPES.issuperset(map(type, kwargs.values())):
+            # The usual arguments (strings, numbers...) travel as they are, without a walk.
+            wire_args, wire_kwargs = list(args), kwargs
+        else:
+            try:
+                wire_args, wire_kwargs = to_wire([list(args), kwargs], notes)
+            except _NoWireForm as exc:
+                raise CodecError(exc.at('kwargs' if exc.path[0] else 'args', 1)) from None
         token = self._token(rule)
         payload = {'args': wire_args, 'kwargs': wire_kwargs, 'token': token}
         if notes:
@@ -5239,7 +5251,7 @@ class Friend:
             # Replies are read leniently (NaN, as Flask writes it for 0.3.7, is a float);
             # the strict loads() is for what a listener takes from anyone.
             try:
-                data = json.loads(data.decode('utf-8'))
+                data = _reply_decoder.decode(data.decode('utf-8'))
             except (ValueError, RecursionError):
                 data = reply.body.decode('utf-8', 'replace')
         else:
@@ -5758,7 +5770,7 @@ class _Tries:
                                                    headers=headers))
         self.headers = (('Host', friend._host_header),) + headers
         self.idempotent = method in ('GET', 'HEAD', 'OPTIONS') or \
-            friend._rules.get(rule, {}).get('idempotent', False)
+            friend._rules.get(rule, _NO_SETTINGS).get('idempotent', False)
         # `timeout` bounds the whole call, retries included: connect, send, whole reply.
         now = time.monotonic()
         self.deadline = now + friend.timeout
