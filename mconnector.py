@@ -1479,7 +1479,9 @@ class HTTPConnection:
         if not self.client:
             while buf[:2] == b'\r\n' or buf[:1] == b'\n':   # RFC 9112 2.2: ignored
                 del buf[:2 if buf[:1] == b'\r' else 1]
-            if buf and buf[:1] != b'\r' and not _TOKEN_CHARS.match(buf[:1]):
+            # (the usual first byte, a method's capital letter, is let through at once)
+            if buf and not 65 <= buf[0] <= 90 and buf[:1] != b'\r' \
+                    and not _TOKEN_CHARS.match(buf[:1]):
                 # No method starts so; a TLS handshake would wait for its line end forever.
                 self._refuse(400, 'a TLS handshake: this listener takes http://, not https://'
                              if buf[:2] == b'\x16\x03' else 'malformed request line')
@@ -1680,14 +1682,14 @@ class HTTPConnection:
             self._state = _GONE if self._state is not _SWITCHED else _SWITCHED
 
 
-_date_cache = [0, b'']
+_date_cache = [0, b'']       # the second, and its Date line
 
 
-def _http_date():
+def _date_line():
     now = int(time.time())
     if _date_cache[0] != now:
         t = time.gmtime(now)
-        _date_cache[:] = [now, ('%s, %02d %s %04d %02d:%02d:%02d GMT' % (
+        _date_cache[:] = [now, ('Date: %s, %02d %s %04d %02d:%02d:%02d GMT\r\n' % (
             ('Mon', 'Tue', 'Wed', 'Thu', 'Fri', 'Sat', 'Sun')[t.tm_wday], t.tm_mday,
             ('Jan', 'Feb', 'Mar', 'Apr', 'May', 'Jun', 'Jul', 'Aug', 'Sep', 'Oct', 'Nov',
              'Dec')[t.tm_mon - 1], t.tm_year, t.tm_hour, t.tm_min, t.tm_sec)).encode('ascii')]
@@ -1705,7 +1707,7 @@ def _head_bytes(status, headers, length, keep_alive, chunked, ours=b''):
             __version__.encode('ascii'))
         if status in _STATUS_TEXT:
             _STATUS_LINES[status] = start
-    lines = [start, b'Date: %s\r\n' % _http_date()]
+    lines = [start, _date_line()]
     for name, value in headers:
         lines.append(b'%s: %s\r\n' % (name.encode('ascii'), value.encode('latin-1')))
     lines.append(ours)
@@ -4098,7 +4100,12 @@ class Microservice:
                 return Response(200, pieces, headers)
             if mode != 'dict':
                 result = [result] if wrapped else list(result)
-            body = dumps(result, notes, sort_keys=True)
+            if type(result) is list and _PLAIN_TYPES.issuperset(map(type, result)):
+                # The usual result (a string, a number...) is JSON as it is: no walk, no
+                # notes.
+                body = _to_sorted_json(result).encode('utf-8')
+            else:
+                body = dumps(result, notes, sort_keys=True)
         except _NoWireForm as exc:
             hint = None
             if exc.generator and len(exc.path) == wrapped:      # the returned value itself
