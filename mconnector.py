@@ -1136,7 +1136,10 @@ _FIELD_VALUE = rb'[^\r\n\x00]{0,%d}' % MAX_LINE
 # Both run on the block decoded once as Latin-1 (each byte one character, so the classes
 # and the lengths are those of the bytes): the fields come out as the str they are kept as.
 _FIELD_BLOCK = re.compile((rb'(?:%s:%s\r\n)*\r\n' % (_FIELD_NAME, _FIELD_VALUE)).decode('latin-1'))
-_FIELD = re.compile((rb'(%s):[ \t]*(%s?)[ \t]*\r\n' % (_FIELD_NAME, _FIELD_VALUE)).decode('latin-1'))
+# The value ends at its last character that is not a space or tab: found greedily (a lazy
+# repeat tries the line's end after every character), the length left to _FIELD_BLOCK.
+_FIELD = re.compile(r'(%s):[ \t]*((?:[^\r\n\x00]*[^\r\n\x00 \t])?)[ \t]*\r\n'
+                    % _FIELD_NAME.decode('latin-1'))
 _STATUS_LINE = re.compile(rb'HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?\r?\n')
 _CHUNK_SIZE = re.compile(rb'([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]{0,%d})?\r\n' % _MAX_CHUNK_LINE)
 _DIGITS = re.compile(r'[0-9]{1,18}\Z')
@@ -5913,7 +5916,8 @@ class _ClientConnection:
     def receive(self, deadline):
         """Read one reply before `deadline`: (_Reply, keep_alive).  Raises HTTPError for a
         reply the core refuses, OSError for the network, socket.timeout at the deadline."""
-        reply = self._reply()
+        # (bytes left from the last read may hold it; none: it cannot be whole yet)
+        reply = self._reply() if self.http.buffered() else None
         while reply is None:
             self._time_left(deadline)
             self.http.receive_data(self.sock.recv(65536))
