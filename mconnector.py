@@ -1480,14 +1480,16 @@ class HTTPConnection:
         if not buf and not self._eof:       # (a client asks before the reply has come)
             return NEED_DATA
         if not self.client:
-            while buf[:2] == b'\r\n' or buf[:1] == b'\n':   # RFC 9112 2.2: ignored
-                del buf[:2 if buf[:1] == b'\r' else 1]
-            # (the usual first byte, a method's capital letter, is let through at once)
-            if buf and not 65 <= buf[0] <= 90 and buf[:1] != b'\r' \
-                    and not _TOKEN_CHARS.match(buf[:1]):
-                # No method starts so; a TLS handshake would wait for its line end forever.
-                self._refuse(400, 'a TLS handshake: this listener takes http://, not https://'
-                             if buf[:2] == b'\x16\x03' else 'malformed request line')
+            # (the usual first byte, a method's capital letter, needs no closer look)
+            if buf and not 65 <= buf[0] <= 90:
+                while buf[:2] == b'\r\n' or buf[:1] == b'\n':   # RFC 9112 2.2: ignored
+                    del buf[:2 if buf[:1] == b'\r' else 1]
+                if buf and buf[:1] != b'\r' and not _TOKEN_CHARS.match(buf[:1]):
+                    # No method starts so; a TLS handshake would wait for its line end
+                    # forever.
+                    self._refuse(400, 'a TLS handshake: this listener takes http://, not '
+                                 'https://' if buf[:2] == b'\x16\x03' else
+                                 'malformed request line')
         elif buf and not b'HTTP/'.startswith(bytes(buf[:5])):
             # Said at the first bytes: a peer of another protocol may wait for us forever.
             self.keep_alive = False
@@ -1511,7 +1513,8 @@ class HTTPConnection:
         end = match.end()
         if end > self.max_head:
             self._refuse(431, 'head over %d bytes' % self.max_head)
-        if buf[:line_end + 1].rstrip(b'\r\n') == b'':
+        # (a line that starts with neither CR nor LF is not empty)
+        if buf[0] in b'\r\n' and buf[:line_end + 1].rstrip(b'\r\n') == b'':
             self._refuse(400, 'empty status line')
         first = bytes(buf[:line_end + 1])
         block = bytes(buf[line_end + 1:end])
@@ -1543,9 +1546,10 @@ class HTTPConnection:
             headers.get('expect', '').lower() == '100-continue'
         self._body = body or _BodyReader(0, 0)
         if body is not None and not body.chunked and body.remaining <= self.assemble \
-                and not self.expects_continue:
-            self._state = _HELD
-            return self.next_event()
+                and not self.expects_continue \
+                and len(self._buf) < body.remaining and not self._eof:
+            self._state = _HELD             # (next_event() gives the head once it is whole)
+            return NEED_DATA
         self._state = _BODY
         return head
 
@@ -3125,7 +3129,7 @@ class RequestContext:
         self._trusted = trusted
         self._trace = None
         self.deadline = None
-        timeout = headers.get(_TIMEOUT_HEADER.lower())
+        timeout = headers.get('x-mc-timeout')          # (_TIMEOUT_HEADER, in lower case)
         if timeout is not None:
             try:
                 seconds = float(timeout)
