@@ -1142,7 +1142,6 @@ _FIELD = re.compile(r'(%s):[ \t]*((?:[^\r\n\x00]*[^\r\n\x00 \t])?)[ \t]*\r\n'
                     % _FIELD_NAME.decode('latin-1'))
 _STATUS_LINE = re.compile(rb'HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?\r?\n')
 _CHUNK_SIZE = re.compile(rb'([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]{0,%d})?\r\n' % _MAX_CHUNK_LINE)
-_DIGITS = re.compile(r'[0-9]{1,18}\Z')
 _HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+;=%-]*)(?::[0-9]*)?\Z")   # RFC 3986
 
 
@@ -1382,7 +1381,8 @@ def _content_length(text, status):
     """The value of a Content-Length field; HTTPError (with `status`) when it is not one
     number of ASCII digits (repeated fields arrive joined with ', ', and are refused)."""
     text = text.strip()
-    if not _DIGITS.match(text):
+    # (str methods, not a pattern: isdigit() alone would take '²' and other digits)
+    if not (len(text) <= 18 and text.isascii() and text.isdigit()):
         raise HTTPError(status, 'malformed Content-Length %r' % text[:20])
     return int(text)
 
@@ -1428,6 +1428,7 @@ class HTTPConnection:
         self._method = None             # of the request in flight (HEAD: no body, either way)
         self._streaming = None          # our body: 'chunked', 'raw' (HTTP/1.0), None
         self._head_only = False
+        self._host_checked = None       # the last Host a request of this connection named
 
     @property
     def trailing_data(self) -> Tuple[bytes, bool]:
@@ -1533,9 +1534,11 @@ class HTTPConnection:
         host = headers.get('host')
         if version >= (1, 1) and host is None:
             raise HTTPError(400, 'HTTP/1.1 request without a Host header')
-        if host is not None and not _HOST.match(host):
-            raise HTTPError(400, 'more than one Host header' if ',' in host else
-                            'malformed Host header %r' % host[:60])
+        if host is not None and host != self._host_checked:     # (once per connection)
+            if not _HOST.match(host):
+                raise HTTPError(400, 'more than one Host header' if ',' in host else
+                                'malformed Host header %r' % host[:60])
+            self._host_checked = host
         connection = headers.get('connection')
         connection = _list_tokens(connection) if connection else ()
         self.keep_alive = 'close' not in connection if version >= (1, 1) \
@@ -5912,7 +5915,9 @@ class _ClientConnection:
         """Give the socket's next operation the time left until `deadline`.  Each
         settimeout() is a system call: within _TIMEOUT_SLACK of what the socket has, it is
         left as it is (a sequential caller's calls all have about the same time left)."""
-        left = _remaining(deadline)
+        left = deadline - time.monotonic()      # (_remaining(), without a call: twice a call)
+        if left <= 0:
+            raise socket.timeout('deadline passed')
         if self.timeout is None or abs(self.timeout - left) > _TIMEOUT_SLACK:
             self.sock.settimeout(left)
             self.timeout = left
