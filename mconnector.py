@@ -1127,19 +1127,15 @@ def parse_header_line(line: bytes, headers: Headers) -> None:
     headers[key] = text if old is None else old + ', ' + text
 
 
-# The usual head in one pass of C: well-formed lines with CRLF, checked whole by the first
-# pattern, split by the second.  Anything else goes line by line through
-# parse_header_line, which says what is wrong with it.
+# The usual head: well-formed lines with CRLF, checked whole by one pass of C, then split
+# by str methods.  Anything else goes line by line through parse_header_line, which says
+# what is wrong with it.
 _BLANK_LINE = re.compile(rb'\n\r?\n')
 _FIELD_NAME = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}"
 _FIELD_VALUE = rb'[^\r\n\x00]{0,%d}' % MAX_LINE
-# Both run on the block decoded once as Latin-1 (each byte one character, so the classes
-# and the lengths are those of the bytes): the fields come out as the str they are kept as.
+# It runs on the block decoded once as Latin-1 (each byte one character, so the classes and
+# the lengths are those of the bytes): the fields come out as the str they are kept as.
 _FIELD_BLOCK = re.compile((rb'(?:%s:%s\r\n)*\r\n' % (_FIELD_NAME, _FIELD_VALUE)).decode('latin-1'))
-# The value ends at its last character that is not a space or tab: found greedily (a lazy
-# repeat tries the line's end after every character), the length left to _FIELD_BLOCK.
-_FIELD = re.compile(r'(%s):[ \t]*((?:[^\r\n\x00]*[^\r\n\x00 \t])?)[ \t]*\r\n'
-                    % _FIELD_NAME.decode('latin-1'))
 _STATUS_LINE = re.compile(rb'HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?\r?\n')
 _CHUNK_SIZE = re.compile(rb'([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]{0,%d})?\r\n' % _MAX_CHUNK_LINE)
 _HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+;=%-]*)(?::[0-9]*)?\Z")   # RFC 3986
@@ -1158,15 +1154,17 @@ def parse_header_block(block: bytes) -> Headers:
         raise HTTPError(431, 'more than %d header lines' % MAX_HEADERS)
     text = block.decode('latin-1')
     if _FIELD_BLOCK.fullmatch(text):
-        fields = _FIELD.findall(text)
-        headers = {name.lower(): value for name, value in fields}
-        if len(headers) == len(fields):
-            return headers
-        headers = {}                    # a repeated field: its values joined, in order
-        for name, value in fields:
+        headers = {}
+        # Each line is a name (no colon in it), a colon and a value: the last two items
+        # are the empty line and what follows its CRLF.
+        for line in text.split('\r\n')[:-2]:
+            name, _, value = line.partition(':')
             key = name.lower()
-            old = headers.get(key)
-            headers[key] = value if old is None else old + ', ' + value
+            value = value.strip(' \t')
+            if key in headers:
+                headers[key] += ', ' + value
+            else:
+                headers[key] = value
         return headers
     headers = {}
     lines = block.split(b'\n')
