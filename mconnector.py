@@ -1127,17 +1127,17 @@ def parse_header_line(line: bytes, headers: Headers) -> None:
     headers[key] = text if old is None else old + ', ' + text
 
 
-# The usual head in one pass of C: well-formed lines with CRLF, checked whole by the first
-# pattern, split by the second.  Anything else goes line by line through
-# parse_header_line, which says what is wrong with it.
+# The usual head: well-formed lines with CRLF, checked whole by one pass of C, then split
+# by str methods.  Anything else goes line by line through parse_header_line, which says
+# what is wrong with it.
 _BLANK_LINE = re.compile(rb'\n\r?\n')
 _FIELD_NAME = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}"
 _FIELD_VALUE = rb'[^\r\n\x00]{0,%d}' % MAX_LINE
-_FIELD_BLOCK = re.compile(rb'(?:%s:%s\r\n)*\r\n' % (_FIELD_NAME, _FIELD_VALUE))
-_FIELD = re.compile(rb'(%s):[ \t]*(%s?)[ \t]*\r\n' % (_FIELD_NAME, _FIELD_VALUE))
+# It runs on the block decoded once as Latin-1 (each byte one character, so the classes and
+# the lengths are those of the bytes): the fields come out as the str they are kept as.
+_FIELD_BLOCK = re.compile((rb'(?:%s:%s\r\n)*\r\n' % (_FIELD_NAME, _FIELD_VALUE)).decode('latin-1'))
 _STATUS_LINE = re.compile(rb'HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?\r?\n')
 _CHUNK_SIZE = re.compile(rb'([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]{0,%d})?\r\n' % _MAX_CHUNK_LINE)
-_DIGITS = re.compile(r'[0-9]{1,18}\Z')
 _HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+;=%-]*)(?::[0-9]*)?\Z")   # RFC 3986
 
 
@@ -1152,13 +1152,19 @@ def parse_header_block(block: bytes) -> Headers:
     than MAX_HEADERS lines or one over MAX_LINE bytes, 400 for anything malformed."""
     if block.count(b'\n') > MAX_HEADERS + 1:
         raise HTTPError(431, 'more than %d header lines' % MAX_HEADERS)
-    if _FIELD_BLOCK.fullmatch(block):
+    text = block.decode('latin-1')
+    if _FIELD_BLOCK.fullmatch(text):
         headers = {}
-        for name, value in _FIELD.findall(block):
-            key = name.lower().decode('ascii')
-            text = value.decode('latin-1')
-            old = headers.get(key)
-            headers[key] = text if old is None else old + ', ' + text
+        # Each line is a name (no colon in it), a colon and a value: the last two items
+        # are the empty line and what follows its CRLF.
+        for line in text.split('\r\n')[:-2]:
+            name, _, value = line.partition(':')
+            key = name.lower()
+            value = value.strip(' \t')
+            if key in headers:
+                headers[key] += ', ' + value
+            else:
+                headers[key] = value
         return headers
     headers = {}
     lines = block.split(b'\n')
@@ -1373,7 +1379,8 @@ def _content_length(text, status):
     """The value of a Content-Length field; HTTPError (with `status`) when it is not one
     number of ASCII digits (repeated fields arrive joined with ', ', and are refused)."""
     text = text.strip()
-    if not _DIGITS.match(text):
+    # (str methods, not a pattern: isdigit() alone would take '²' and other digits)
+    if not (len(text) <= 18 and text.isascii() and text.isdigit()):
         raise HTTPError(status, 'malformed Content-Length %r' % text[:20])
     return int(text)
 
@@ -1419,6 +1426,7 @@ class HTTPConnection:
         self._method = None             # of the request in flight (HEAD: no body, either way)
         self._streaming = None          # our body: 'chunked', 'raw' (HTTP/1.0), None
         self._head_only = False
+        self._host_checked = None       # the last Host a request of this connection named
 
     @property
     def trailing_data(self) -> Tuple[bytes, bool]:
@@ -1441,7 +1449,8 @@ class HTTPConnection:
         state = self._state
         if state is _BODY:
             body = self._body
-            data = body.read(self._buf, self._eof)
+            # (a body read whole, as a small one is with its head, has nothing left to read)
+            data = body.read(self._buf, self._eof) if not body.done else None
             if data:
                 return data
             if body.done:
@@ -1467,13 +1476,19 @@ class HTTPConnection:
 
     def _next_head(self):
         buf = self._buf
+        if not buf and not self._eof:       # (a client asks before the reply has come)
+            return NEED_DATA
         if not self.client:
-            while buf[:2] == b'\r\n' or buf[:1] == b'\n':   # RFC 9112 2.2: ignored
-                del buf[:2 if buf[:1] == b'\r' else 1]
-            if buf and buf[:1] != b'\r' and not _TOKEN_CHARS.match(buf[:1]):
-                # No method starts so; a TLS handshake would wait for its line end forever.
-                self._refuse(400, 'a TLS handshake: this listener takes http://, not https://'
-                             if buf[:2] == b'\x16\x03' else 'malformed request line')
+            # (the usual first byte, a method's capital letter, needs no closer look)
+            if buf and not 65 <= buf[0] <= 90:
+                while buf[:2] == b'\r\n' or buf[:1] == b'\n':   # RFC 9112 2.2: ignored
+                    del buf[:2 if buf[:1] == b'\r' else 1]
+                if buf and buf[:1] != b'\r' and not _TOKEN_CHARS.match(buf[:1]):
+                    # No method starts so; a TLS handshake would wait for its line end
+                    # forever.
+                    self._refuse(400, 'a TLS handshake: this listener takes http://, not '
+                                 'https://' if buf[:2] == b'\x16\x03' else
+                                 'malformed request line')
         elif buf and not b'HTTP/'.startswith(bytes(buf[:5])):
             # Said at the first bytes: a peer of another protocol may wait for us forever.
             self.keep_alive = False
@@ -1497,7 +1512,8 @@ class HTTPConnection:
         end = match.end()
         if end > self.max_head:
             self._refuse(431, 'head over %d bytes' % self.max_head)
-        if buf[:line_end + 1].rstrip(b'\r\n') == b'':
+        # (a line that starts with neither CR nor LF is not empty)
+        if buf[0] in b'\r\n' and buf[:line_end + 1].rstrip(b'\r\n') == b'':
             self._refuse(400, 'empty status line')
         first = bytes(buf[:line_end + 1])
         block = bytes(buf[line_end + 1:end])
@@ -1516,10 +1532,13 @@ class HTTPConnection:
         host = headers.get('host')
         if version >= (1, 1) and host is None:
             raise HTTPError(400, 'HTTP/1.1 request without a Host header')
-        if host is not None and not _HOST.match(host):
-            raise HTTPError(400, 'more than one Host header' if ',' in host else
-                            'malformed Host header %r' % host[:60])
-        connection = _list_tokens(headers.get('connection', ''))
+        if host is not None and host != self._host_checked:     # (once per connection)
+            if not _HOST.match(host):
+                raise HTTPError(400, 'more than one Host header' if ',' in host else
+                                'malformed Host header %r' % host[:60])
+            self._host_checked = host
+        connection = headers.get('connection')
+        connection = _list_tokens(connection) if connection else ()
         self.keep_alive = 'close' not in connection if version >= (1, 1) \
             else 'keep-alive' in connection
         self.head = head = RequestHead(method, target, version, headers)
@@ -1528,9 +1547,10 @@ class HTTPConnection:
             headers.get('expect', '').lower() == '100-continue'
         self._body = body or _BodyReader(0, 0)
         if body is not None and not body.chunked and body.remaining <= self.assemble \
-                and not self.expects_continue:
-            self._state = _HELD
-            return self.next_event()
+                and not self.expects_continue \
+                and len(self._buf) < body.remaining and not self._eof:
+            self._state = _HELD             # (next_event() gives the head once it is whole)
+            return NEED_DATA
         self._state = _BODY
         return head
 
@@ -1539,8 +1559,9 @@ class HTTPConnection:
         if 100 <= status < 200 and status != 101:
             return self._next_head()        # an interim answer: the real one follows
         self.head = head = ResponseHead(status, reason, version, headers)
+        connection = headers.get('connection')
         self.keep_alive = self.keep_alive and version >= (1, 1) and \
-            'close' not in _list_tokens(headers.get('connection', ''))
+            not (connection and 'close' in _list_tokens(connection))
         if status == 101:
             self._state = _SWITCHED
             return head
@@ -1623,12 +1644,12 @@ class HTTPConnection:
         elif streamed:
             self._streaming = 'none'
         keep_alive = self.keep_alive
-        headers = list(headers)
+        ours = b''                                  # our lines, after the caller's
         if keep_alive:
             if self.keep_alive_timeout is not None:
-                headers.append(('Keep-Alive', 'timeout=%d' % self.keep_alive_timeout))
+                ours = b'Keep-Alive: timeout=%d\r\n' % self.keep_alive_timeout
             if version < (1, 1):
-                headers.append(('Connection', 'keep-alive'))
+                ours += b'Connection: keep-alive\r\n'
         if status == 204 or status < 200:
             length = None                           # RFC 9110 8.6: no Content-Length
         elif streamed:
@@ -1638,7 +1659,7 @@ class HTTPConnection:
         # (a HEAD answer says how the body would have come: chunked, as to a GET)
         chunked = self._streaming == 'chunked' or \
             streamed and not bodiless and version >= (1, 1)
-        data = _head_bytes(status, headers, length, keep_alive, chunked)
+        data = _head_bytes(status, headers, length, keep_alive, chunked, ours)
         if streamed:
             return data
         self._finish_ours()
@@ -1669,14 +1690,14 @@ class HTTPConnection:
             self._state = _GONE if self._state is not _SWITCHED else _SWITCHED
 
 
-_date_cache = [0, b'']
+_date_cache = [0, b'']       # the second, and its Date line
 
 
-def _http_date():
+def _date_line():
     now = int(time.time())
     if _date_cache[0] != now:
         t = time.gmtime(now)
-        _date_cache[:] = [now, ('%s, %02d %s %04d %02d:%02d:%02d GMT' % (
+        _date_cache[:] = [now, ('Date: %s, %02d %s %04d %02d:%02d:%02d GMT\r\n' % (
             ('Mon', 'Tue', 'Wed', 'Thu', 'Fri', 'Sat', 'Sun')[t.tm_wday], t.tm_mday,
             ('Jan', 'Feb', 'Mar', 'Apr', 'May', 'Jun', 'Jul', 'Aug', 'Sep', 'Oct', 'Nov',
              'Dec')[t.tm_mon - 1], t.tm_year, t.tm_hour, t.tm_min, t.tm_sec)).encode('ascii')]
@@ -1686,7 +1707,7 @@ def _http_date():
 _STATUS_LINES = {}          # status -> its status line and our Server line, for the known ones
 
 
-def _head_bytes(status, headers, length, keep_alive, chunked):
+def _head_bytes(status, headers, length, keep_alive, chunked, ours=b''):
     start = _STATUS_LINES.get(status)
     if start is None:
         start = b'HTTP/1.1 %d %s\r\nServer: mconnector/%s\r\n' % (
@@ -1694,9 +1715,10 @@ def _head_bytes(status, headers, length, keep_alive, chunked):
             __version__.encode('ascii'))
         if status in _STATUS_TEXT:
             _STATUS_LINES[status] = start
-    lines = [start, b'Date: %s\r\n' % _http_date()]
+    lines = [start, _date_line()]
     for name, value in headers:
         lines.append(b'%s: %s\r\n' % (name.encode('ascii'), value.encode('latin-1')))
+    lines.append(ours)
     if chunked:
         lines.append(b'Transfer-Encoding: chunked\r\n')
     elif length is not None:
@@ -3108,7 +3130,7 @@ class RequestContext:
         self._trusted = trusted
         self._trace = None
         self.deadline = None
-        timeout = headers.get(_TIMEOUT_HEADER.lower())
+        timeout = headers.get('x-mc-timeout')          # (_TIMEOUT_HEADER, in lower case)
         if timeout is not None:
             try:
                 seconds = float(timeout)
@@ -3920,9 +3942,9 @@ class Microservice:
                                 'say so in Sec-Fetch-Site: Microservice(cors=...) lets '
                                 'origins in)' % endpoint.rule)
             # (an empty POST too: a page can send one without a preflight)
-            if (body or method not in ('GET', 'HEAD')) and \
-                    not _is_json(headers.get('content-type')):
-                given = headers.get('content-type')
+            given = headers.get('content-type')
+            if (body or method not in ('GET', 'HEAD')) and given != 'application/json' \
+                    and not _is_json(given):
                 raise HTTPError(415, 'a call to %s takes an application/json body '
                                 '(Content-Type: application/json), not %s'
                                 % (endpoint.rule, given[:100] if given else 'no Content-Type'))
@@ -4086,7 +4108,12 @@ class Microservice:
                 return Response(200, pieces, headers)
             if mode != 'dict':
                 result = [result] if wrapped else list(result)
-            body = dumps(result, notes, sort_keys=True)
+            if type(result) is list and _PLAIN_TYPES.issuperset(map(type, result)):
+                # The usual result (a string, a number...) is JSON as it is: no walk, no
+                # notes.
+                body = _to_sorted_json(result).encode('utf-8')
+            else:
+                body = dumps(result, notes, sort_keys=True)
         except _NoWireForm as exc:
             hint = None
             if exc.generator and len(exc.path) == wrapped:      # the returned value itself
@@ -4891,6 +4918,10 @@ _SENDER_HEADERS = (('Content-Type', 'application/json'), ('X-MConnector', __vers
 _TIMEOUT_HEADER = 'X-MC-Timeout'
 
 
+_NO_SETTINGS = {}               # (read only) the settings of a rule that has none
+_reply_decoder = json.JSONDecoder()     # json.loads() of a str, without its checks of type
+
+
 class _Reply:
     """The last raw answer a Friend got: status, headers (lower-case names), body."""
 
@@ -5098,10 +5129,10 @@ class Friend:
     last_reply = _alias('lastreply')
 
     def _method(self, rule):
-        return self._rules.get(rule, {}).get('method', 'POST')
+        return self._rules.get(rule, _NO_SETTINGS).get('method', 'POST')
 
     def _token(self, rule):
-        return self._rules.get(rule, {}).get('token', self._default_token)
+        return self._rules.get(rule, _NO_SETTINGS).get('token', self._default_token)
 
     # -- calls ------------------------------------------------------------------------------
 
@@ -5114,10 +5145,15 @@ class Friend:
         """What _call() takes for send(rule, *args, **kwargs)."""
         rule = _rule_path(rule)
         notes = []
-        try:
-            wire_args, wire_kwargs = to_wire([list(args), kwargs], notes)
-        except _NoWireForm as exc:
-            raise CodecError(exc.at('kwargs' if exc.path[0] else 'args', 1)) from None
+        if _PLAIN_TYPES.issuperset(map(type, args)) and \
+                _PLAIN_TYPES.issuperset(map(type, kwargs.values())):
+            # The usual arguments (strings, numbers...) travel as they are, without a walk.
+            wire_args, wire_kwargs = list(args), kwargs
+        else:
+            try:
+                wire_args, wire_kwargs = to_wire([list(args), kwargs], notes)
+            except _NoWireForm as exc:
+                raise CodecError(exc.at('kwargs' if exc.path[0] else 'args', 1)) from None
         token = self._token(rule)
         payload = {'args': wire_args, 'kwargs': wire_kwargs, 'token': token}
         if notes:
@@ -5230,7 +5266,7 @@ class Friend:
             # Replies are read leniently (NaN, as Flask writes it for 0.3.7, is a float);
             # the strict loads() is for what a listener takes from anyone.
             try:
-                data = json.loads(data.decode('utf-8'))
+                data = _reply_decoder.decode(data.decode('utf-8'))
             except (ValueError, RecursionError):
                 data = reply.body.decode('utf-8', 'replace')
         else:
@@ -5749,7 +5785,7 @@ class _Tries:
                                                    headers=headers))
         self.headers = (('Host', friend._host_header),) + headers
         self.idempotent = method in ('GET', 'HEAD', 'OPTIONS') or \
-            friend._rules.get(rule, {}).get('idempotent', False)
+            friend._rules.get(rule, _NO_SETTINGS).get('idempotent', False)
         # `timeout` bounds the whole call, retries included: connect, send, whole reply.
         now = time.monotonic()
         self.deadline = now + friend.timeout
@@ -5877,7 +5913,9 @@ class _ClientConnection:
         """Give the socket's next operation the time left until `deadline`.  Each
         settimeout() is a system call: within _TIMEOUT_SLACK of what the socket has, it is
         left as it is (a sequential caller's calls all have about the same time left)."""
-        left = _remaining(deadline)
+        left = deadline - time.monotonic()      # (_remaining(), without a call: twice a call)
+        if left <= 0:
+            raise socket.timeout('deadline passed')
         if self.timeout is None or abs(self.timeout - left) > _TIMEOUT_SLACK:
             self.sock.settimeout(left)
             self.timeout = left
@@ -5885,7 +5923,8 @@ class _ClientConnection:
     def receive(self, deadline):
         """Read one reply before `deadline`: (_Reply, keep_alive).  Raises HTTPError for a
         reply the core refuses, OSError for the network, socket.timeout at the deadline."""
-        reply = self._reply()
+        # (bytes left from the last read may hold it; none: it cannot be whole yet)
+        reply = self._reply() if self.http.buffered() else None
         while reply is None:
             self._time_left(deadline)
             self.http.receive_data(self.sock.recv(65536))
