@@ -92,7 +92,7 @@ if TYPE_CHECKING:
     Message = Union[str, bytes]                 # a websocket message as received
     Event = Union['RequestHead', 'ResponseHead', bytes, '_Sentinel']
 
-__version__ = '1.2.0'
+__version__ = '1.3.0'
 
 __all__ = [
     # listener and sender
