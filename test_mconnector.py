@@ -6740,8 +6740,8 @@ class _OrderProbe:
         return key, seq
 
 
-def _workload(tasks, keys, max_pause, seed):
-    rng = random.Random(seed)
+def _workload(tasks, keys, max_pause, variant):
+    rng = random.Random(variant)
     counters = {}
     out = []
     for _ in range(tasks):
@@ -6756,7 +6756,7 @@ class ThreadPoolOrderTest(unittest.TestCase):
     def test_order_per_key_many_keys_random_durations(self):
         probe = _OrderProbe()
         out = queue.Queue()
-        work = _workload(3000, 60, 0.0005, seed=1)
+        work = _workload(3000, 60, 0.0005, variant=1)
         with mconnector.DistributedThreads(out_queue=out, max_workers=8,
                                            max_watching=500) as pool:
             futures = [pool.submit_id(key, probe.task, key, seq, pause)
@@ -7118,7 +7118,7 @@ class ProcessPoolTest(unittest.TestCase):
             self.out.get_nowait()
 
     def test_order_per_key_with_processes(self):
-        work = _workload(2000, 40, 0.0005, seed=2)
+        work = _workload(2000, 40, 0.0005, variant=2)
         futures = [self.pool.submit_id(key, _timed_task, key, seq, pause)
                    for key, seq, pause in work]
         results = [f.result(30) for f in futures]
