@@ -9514,10 +9514,12 @@ _METRICS_EVERY = 1.0
 
 def _write_metrics(folder, text):
     path = os.path.join(folder, '%d.prom' % os.getpid())
+    # A scrape and the reporting thread may write at once: each through a file of its own.
+    scratch = '%s.%d.tmp' % (path, threading.get_ident())
     try:
-        with open(path + '.tmp', 'wb') as f:
+        with open(scratch, 'wb') as f:
             f.write(text)
-        os.replace(path + '.tmp', path)         # readers see a whole file, old or new
+        os.replace(scratch, path)               # readers see a whole file, old or new
     except OSError as exc:
         log.debug('metrics: cannot write %s: %s', path, exc)
 

@@ -10,6 +10,7 @@ import json
 import os
 import queue
 import random
+import shutil
 import re
 import socket
 import subprocess
@@ -7321,6 +7322,38 @@ class SupervisionTest(unittest.TestCase):
         self.assertTrue(wait_for(lambda: pids.add(try_call(url, '/pid')) or
                                  len(pids - {None}) >= count, 10), serve.output())
         return pids - {None}
+
+    def test_a_workers_counters_file_is_whole_while_several_threads_write_it(self):
+        # A scrape and the reporting thread of one worker write the same file at times.
+        import tempfile
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder, True)
+        texts = [(b'# HELP m Help of writer %d.\n' % n) + b'm %d\n' % n * 2000 for n in range(4)]
+        path = os.path.join(folder, '%d.prom' % os.getpid())
+        stop = threading.Event()
+
+        def write(text):
+            while not stop.is_set():
+                mconnector._write_metrics(folder, text)
+        writers = [threading.Thread(target=write, args=(text,)) for text in texts]
+        for writer in writers:
+            writer.start()
+        try:
+            seen = set()
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline:
+                try:
+                    with open(path, 'rb') as f:
+                        seen.add(f.read())
+                except FileNotFoundError:
+                    pass
+        finally:
+            stop.set()
+            for writer in writers:
+                writer.join()
+        self.assertTrue(seen)
+        self.assertLessEqual(seen, set(texts))
+        self.assertEqual([n for n in os.listdir(folder) if n.endswith('.tmp')], [])
 
     def test_one_scrape_of_a_service_of_workers_counts_them_all(self):
         import re
